@@ -1,0 +1,10 @@
+"""mergesmith: merge language models without training."""
+
+__version__ = "0.1.0"
+
+
+def merge(recipe, out_dir, **options):
+    """Merge the models a recipe names into ``out_dir``; see ``mergesmith.engine.merge``."""
+    from mergesmith.engine import merge as _merge
+
+    return _merge(recipe, out_dir, **options)
