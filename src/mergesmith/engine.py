@@ -1,0 +1,635 @@
+"""Plan a merge tensor by tensor, then stream it: read, merge, write, overlapped.
+
+``plan_merge`` turns a recipe into a ``MergePlan``: every output tensor with its
+inputs (model and tensor name), its resolved parameters and its layer position.
+Planning reads configs and checkpoint headers only, and reports every problem it
+finds at once; no weight is read before the whole plan is known to be sound.
+
+``execute_plan`` streams the plan. A reader thread converts input tensors to the
+compute dtype (zero-copy views of memory-mapped safetensors, released from
+resident memory right after conversion) and prefetches ahead of the math as long
+as the prefetched bytes stay under a budget; the main thread runs the method; a
+writer thread writes each result into its place in the pre-laid-out shards.
+Peak memory is about
+
+    (inputs of the largest tensor, in the compute dtype) x (1 + method workspace)
+    + prefetch budget + 2 x the largest output tensor
+
+which ``MergePlan.describe`` prints as the predicted peak. It does not grow with
+the model's size, only with its largest tensor and the number of inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from mergesmith.checkpoint.layout import (
+    is_pre_layer, is_skipped, is_vocab_tensor, num_layers, split_layer_name, tied_embedding_name, vocab_tokens,
+)
+from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
+from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
+from mergesmith.errors import InputError
+from mergesmith.methods import BasePolicy, TensorGroup
+from mergesmith.recipe import Recipe, Slice, load_recipe, resolve_param
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+GB = 1024 ** 3
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto
+    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
+    out_shard_size: int = 5 * 10 ** 9  # bytes per output shard, as mergekit's default
+    overwrite: bool = False
+    vocab_mismatch: str = "resize"  # resize (with a warning) or error
+    prefetch_bytes: int = GB // 2  # how far the reader may run ahead of the math
+    progress: bool = True
+    random_seed: Optional[int] = None  # overrides the recipe's random_seed
+
+
+@dataclass
+class ModelInfo:
+    ref: str  # as written in the recipe
+    path: Path
+    config: dict[str, Any]
+    checkpoint: Checkpoint
+    layers: int
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.checkpoint.infos)
+
+
+@dataclass
+class InputRef:
+    model: int  # index into MergePlan.models
+    name: str
+    rows: Optional[int] = None  # vocabulary rows to keep or pad to (vocab tensors only)
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    inputs: list[InputRef]
+    base_index: Optional[int]
+    params: dict[str, Any]
+    model_params: list[dict[str, Any]]
+    t: float
+    seed: int
+
+    def input_bytes(self, plan: "MergePlan") -> int:
+        return sum(plan.models[i.model].checkpoint.infos[i.name].nbytes for i in self.inputs)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    models: list[ModelInfo]
+    reference: int  # the model whose config, layout and tokenizer the output takes
+    tensors: list[TensorPlan]
+    out_config: dict[str, Any]
+    compute_dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(t.input_bytes(self) for t in self.tensors)
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(_numel(t.shape) * _itemsize(t.out_dtype) for t in self.tensors)
+
+    def predicted_peak_bytes(self, options: MergeOptions) -> int:
+        """The bound in the module docstring, with a method workspace of (inputs + 2) tensors."""
+        size = _itemsize(self.compute_dtype)
+        worst = 0
+        for t in self.tensors:
+            n = len(t.inputs)
+            worst = max(worst, (2 * n + 2) * _numel(t.shape) * size)
+        biggest_out = max((_numel(t.shape) * _itemsize(t.out_dtype) for t in self.tensors), default=0)
+        return worst + options.prefetch_bytes + 2 * biggest_out
+
+    def describe(self, options: MergeOptions, full: bool = True) -> str:
+        lines = []
+        if full:
+            lines.append(f"{'output tensor':60s} {'shape':>16s}  t     inputs")
+            for t in self.tensors:
+                ins = ", ".join(f"{self.models[i.model].ref}:{i.name}" + (f"[rows->{i.rows}]" if i.rows else "")
+                                for i in t.inputs)
+                lines.append(f"{t.name:60s} {str(list(t.shape)):>16s}  {t.t:.2f}  {ins}")
+            lines.append("")
+        m = self.recipe.method
+        lines += [
+            f"method:          {m.name}" + (f" (stochastic, random_seed {self._seed(options)})" if m.stochastic else ""),
+            f"models:          {', '.join(mi.ref for mi in self.models)}",
+            f"output tensors:  {len(self.tensors)}; layers: {self.out_config.get('num_hidden_layers', '?')}",
+            f"compute dtype:   {dtype_name(self.compute_dtype)}; output dtype: "
+            f"{', '.join(sorted({dtype_name(t.out_dtype) for t in self.tensors}))}",
+            f"bytes to read:   {_human(self.bytes_to_read)}",
+            f"bytes to write:  {_human(self.bytes_to_write)}",
+            f"predicted peak memory: {_human(self.predicted_peak_bytes(options))} "
+            f"(largest tensor's inputs and method workspace, plus {_human(options.prefetch_bytes)} prefetch, "
+            "plus 2 outputs in flight)",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _seed(self, options: MergeOptions) -> int:
+        return options.random_seed if options.random_seed is not None else self.recipe.random_seed
+
+
+@dataclass
+class MergeResult:
+    out_dir: Optional[Path]
+    plan: MergePlan
+    seconds: float = 0.0
+    tensors_written: int = 0
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, dry_run: bool = False,
+          options: Optional[MergeOptions] = None, **kwargs: Any) -> MergeResult:
+    """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
+
+    ``recipe`` is a mergekit-style YAML path, a dict, or a loaded ``Recipe``.
+    Keyword arguments override ``MergeOptions`` fields (``device``, ``threads``,
+    ``out_shard_size``, ``overwrite``, ...). With ``dry_run`` nothing is written.
+    Raises ``InputError`` listing every problem with the recipe or the models.
+    """
+    options = options or MergeOptions()
+    for key, value in kwargs.items():
+        if not hasattr(options, key):
+            raise TypeError(f"merge() got an unknown option {key!r}")
+        setattr(options, key, value)
+    out_dir = Path(out_dir)
+    if not dry_run and out_dir.exists() and not options.overwrite:
+        raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+    plan = plan_merge(recipe, options)
+    if dry_run:
+        return MergeResult(None, plan)
+    try:
+        return execute_plan(plan, out_dir, options)
+    finally:
+        for m in plan.models:
+            m.checkpoint.close()
+
+
+def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOptions] = None) -> MergePlan:
+    options = options or MergeOptions()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    where = recipe.source_name
+    if options.vocab_mismatch not in ("resize", "error"):
+        raise InputError(f"vocab_mismatch = {options.vocab_mismatch!r} must be resize or error")
+    models = _open_models(recipe)
+    by_ref = {m.ref: i for i, m in enumerate(models)}
+    first = recipe.slices[0].sources[0].model
+    reference = by_ref[recipe.base_model or first]
+    ref = models[reference]
+    problems: list[str] = []
+    notes: list[str] = []
+
+    compute_dtype = dtype_from_name(recipe.dtype) if recipe.dtype else torch.float32
+    forced_out = dtype_from_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
+    seed = options.random_seed if options.random_seed is not None else recipe.random_seed
+    method = recipe.method
+
+    # Layer ranges: the models: form takes every layer of each model.
+    for sl in recipe.slices:
+        for src in sl.sources:
+            n = models[by_ref[src.model]].layers
+            if src.layer_range is None:
+                src.layer_range = (0, n)
+            elif src.layer_range[1] > n:
+                problems.append(f"{where}: {src.field}.layer_range = {list(src.layer_range)} is out of bounds: "
+                                f"{src.model} has {n} layers")
+    if recipe.form == "models":
+        counts = {src.model: src.layer_range[1] for src in recipe.slices[0].sources}
+        if len(set(counts.values())) > 1:
+            problems.append(f"{where}: the models have different layer counts "
+                            f"({', '.join(f'{k}: {v}' for k, v in counts.items())}); use slices: to pick layers")
+    if problems:
+        raise InputError(problems)
+
+    tensors: list[TensorPlan] = []
+    vocab_warned: set[tuple[int, int]] = set()
+
+    def plan_tensor(out_name: str, sl: Slice, input_names: list[str], t: float) -> None:
+        srcs = sl.sources
+        idx = [by_ref[s.model] for s in srcs]
+        shapes = []
+        for mi, name, src in zip(idx, input_names, srcs):
+            info = models[mi].checkpoint.infos.get(name)
+            if info is None:
+                problems.append(f"{where}: {src.field}: {src.model} has no tensor {name} (needed for {out_name}); "
+                                "the models' architectures do not line up")
+                return
+            shapes.append(info.shape)
+        ref_pos = next((k for k, mi in enumerate(idx) if mi == reference), 0)
+        ref_name = input_names[ref_pos]
+        ref_info = models[idx[ref_pos]].checkpoint.infos[ref_name]
+        out_shape = tuple(shapes[ref_pos])
+        if ref_pos == 0 and reference not in idx:
+            ref_info_out = ref.checkpoint.infos.get(out_name)
+            if ref_info_out is not None and is_vocab_tensor(out_name):
+                out_shape = ref_info_out.shape
+        inputs = []
+        for k, (mi, name, shape, src) in enumerate(zip(idx, input_names, shapes, srcs)):
+            rows = None
+            if tuple(shape) != out_shape:
+                vocab_axis_only = (is_vocab_tensor(out_name) and len(shape) == len(out_shape)
+                                   and tuple(shape[1:]) == tuple(out_shape[1:]))
+                if not vocab_axis_only:
+                    problems.append(f"{where}: {src.field}: {src.model}:{name} has shape {list(shape)} but "
+                                    f"{ref.ref} has {list(out_shape)}; the models' architectures do not line up")
+                    continue
+                if options.vocab_mismatch == "error":
+                    problems.append(f"{where}: {src.field}: {src.model} has a vocabulary of {shape[0]} rows in {name}, "
+                                    f"the output has {out_shape[0]}; align the tokenizers or allow resizing "
+                                    "(vocab_mismatch=resize)")
+                    continue
+                rows = out_shape[0]
+                if (mi, shape[0]) not in vocab_warned:
+                    vocab_warned.add((mi, shape[0]))
+                    if shape[0] > out_shape[0]:
+                        dropped = list(range(out_shape[0], shape[0]))
+                        toks = vocab_tokens(models[mi].path, dropped)
+                        msg = (f"{src.model}: vocabulary has {shape[0]} rows, the output {out_shape[0]}: "
+                               f"rows {out_shape[0]}..{shape[0] - 1} ({len(dropped)} tokens"
+                               + (f", e.g. {', '.join(toks)}" if toks else "") + ") are dropped from its embeddings")
+                    else:
+                        msg = (f"{src.model}: vocabulary has {shape[0]} rows, the output {out_shape[0]}: rows "
+                               f"{shape[0]}..{out_shape[0] - 1} are taken from {ref.ref} for this model")
+                    warnings.warn(msg, stacklevel=3)
+                    notes.append(msg)
+            inputs.append(InputRef(mi, name, rows))
+        if len(inputs) != len(srcs):
+            return
+        base_index = None
+        if method.base is not BasePolicy.IGNORED and sl.base_model is not None:
+            base_index = next((k for k, s in enumerate(srcs) if s.model == sl.base_model), None)
+        shared_scopes = [sl.parameters, recipe.parameters]
+        try:
+            params = {p.name: resolve_param(p, shared_scopes, out_name, t) for p in method.params if not p.per_model}
+        except KeyError as err:
+            problems.append(f"{where}: {out_name}: parameters.{err.args[0]} matches no filter for this tensor; "
+                            "add an entry without a filter")
+            return
+        model_params = []
+        for k, (src, name) in enumerate(zip(srcs, input_names)):
+            scopes = [src.parameters, sl.parameters, recipe.parameters]
+            values = {}
+            for p in method.params:
+                if not p.per_model or (k == base_index and not p.on_base):
+                    continue
+                try:
+                    values[p.name] = resolve_param(p, scopes, name, t)
+                except KeyError:
+                    problems.append(f"{where}: {src.field}.parameters.{p.name} matches no filter for {name}; "
+                                    "add an entry without a filter")
+            model_params.append(values)
+        if method.check_params is not None and len(model_params) == len(srcs):
+            for msg in method.check_params(params, model_params):
+                problems.append(f"{where}: {out_name}: {msg}")
+        if not ref_info.dtype.is_floating_point:
+            notes.append(f"{out_name}: not a float tensor; copied from the first input")
+        out_dtype = forced_out or ref_info.dtype
+        tensors.append(TensorPlan(out_name, out_shape, out_dtype, inputs, base_index, params, model_params, t,
+                                  zlib.crc32(f"{seed}:{out_name}".encode())))
+
+    # Non-layer tensors: embeddings take the first slice's sources, the rest the last slice's; both at t = 0.
+    ref_names = [n for n in ref.checkpoint.infos if not is_skipped(n)]
+    non_layer = [n for n in ref_names if split_layer_name(n) is None]
+    pre = [n for n in non_layer if is_pre_layer(n)]
+    post = [n for n in non_layer if not is_pre_layer(n)]
+    for group, sl in ((pre, recipe.slices[0]), (post, recipe.slices[-1])):
+        for name in group:
+            plan_tensor(name, sl, [_input_name(models[by_ref[s.model]], name) for s in sl.sources], 0.0)
+
+    # Layers: layer i of an n-layer slice sits at t = i / (n - 1).
+    out_layer = 0
+    layer_types: list[Any] = []
+    ref_layer_prefix = next((split_layer_name(n).prefix for n in ref_names if split_layer_name(n)), None)
+    for sl in recipe.slices:
+        lead = sl.sources[0]
+        lead_model = models[by_ref[lead.model]]
+        lo, hi = lead.layer_range
+        n = hi - lo
+        for i in range(n):
+            t = i / (n - 1) if n > 1 else 1.0
+            suffixes = _layer_suffixes(lead_model, lo + i)
+            if not suffixes:
+                problems.append(f"{where}: {lead.field}: {lead.model} has no tensors for layer {lo + i}")
+            for suffix, prefix in suffixes:
+                input_names = []
+                for src in sl.sources:
+                    m = models[by_ref[src.model]]
+                    src_prefix = _layer_prefix(m) or prefix
+                    input_names.append(f"{src_prefix}.{src.layer_range[0] + i}.{suffix}")
+                plan_tensor(f"{ref_layer_prefix or prefix}.{out_layer}.{suffix}", sl, input_names, t)
+            types = lead_model.config.get("layer_types")
+            if isinstance(types, list) and lo + i < len(types):
+                layer_types.append(types[lo + i])
+            out_layer += 1
+
+    if problems:
+        raise InputError(_dedupe(problems))
+    out_config = _output_config(ref.config, out_layer, layer_types, tensors, forced_out)
+    return MergePlan(recipe, models, reference, tensors, out_config, compute_dtype, notes)
+
+
+def execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> MergeResult:
+    """Stream the plan into ``out_dir``; atomic: a failure or interrupt leaves no output directory."""
+    start = time.perf_counter()
+    device = _pick_device(options.device)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    method = plan.recipe.method
+    out_specs = [OutputTensor(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+    writer = CheckpointWriter(out_dir, out_specs, options.out_shard_size, overwrite=options.overwrite)
+    free = shutil.disk_usage(writer.tmp_dir.parent if writer.tmp_dir.parent.exists() else Path.cwd()).free
+    if free < writer.total_bytes:
+        raise InputError(f"{out_dir}: needs {_human(writer.total_bytes)} of disk, only {_human(free)} free")
+    writer.tmp_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    bar = tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc=f"merge ({method.name})",
+               disable=not options.progress, file=sys.stderr)
+    with writer, ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
+        loads: deque[tuple[TensorPlan, Future]] = deque()
+        writes: deque[Future] = deque()
+        in_flight = 0
+        queue = iter(plan.tensors)
+        done = False
+
+        def fill() -> None:
+            nonlocal in_flight, done
+            while not done and (not loads or in_flight < options.prefetch_bytes):
+                task = next(queue, None)
+                if task is None:
+                    done = True
+                    return
+                size = _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs)
+                in_flight += size
+                loads.append((task, reader.submit(_load_inputs, plan, task, device)))
+
+        fill()
+        while loads:
+            task, future = loads.popleft()
+            tensors = future.result()
+            in_flight -= _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs)
+            fill()
+            out = _run_method(plan, task, tensors, device)
+            del tensors
+            while len(writes) >= 2:
+                writes.popleft().result()
+            writes.append(write_pool.submit(writer.write, task.name, out))
+            bar.update(task.input_bytes(plan))
+        for w in writes:
+            w.result()
+        _write_side_files(plan, writer)
+        writer.commit()
+    bar.close()
+    return MergeResult(out_dir, plan, time.perf_counter() - start, len(plan.tensors))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device) -> list[torch.Tensor]:
+    out = []
+    for ref in task.inputs:
+        ckpt = plan.models[ref.model].checkpoint
+        stored = ckpt.read(ref.name)
+        if ref.rows is not None and stored.shape[0] > ref.rows:
+            stored = stored[: ref.rows]
+        if device.type == "cpu":
+            x = stored.to(dtype=plan.compute_dtype, copy=True)
+        else:
+            x = stored.to(device).to(plan.compute_dtype)
+        ckpt.release(ref.name)
+        if ref.rows is not None and x.shape[0] < ref.rows:
+            filler = _reference_rows(plan, task, x.shape[0], ref.rows).to(x)
+            x = torch.cat([x, filler])
+        out.append(x)
+    return out
+
+
+def _reference_rows(plan: MergePlan, task: TensorPlan, lo: int, hi: int) -> torch.Tensor:
+    ref = plan.models[plan.reference]
+    name = task.name if task.name in ref.checkpoint else _input_name(ref, task.name)
+    rows = ref.checkpoint.read(name)[lo:hi].to(plan.compute_dtype, copy=True)
+    ref.checkpoint.release(name)
+    return rows
+
+
+def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    method = plan.recipe.method
+    if not plan.models[task.inputs[0].model].checkpoint.infos[task.inputs[0].name].dtype.is_floating_point:
+        return tensors[0].to(task.out_dtype, copy=True).cpu()
+    generator = None
+    if method.stochastic:
+        generator = torch.Generator(device=device).manual_seed(task.seed)
+    group = TensorGroup(task.name, tensors, task.params, task.model_params, task.base_index, generator, task.t)
+    out = method.fn(group)
+    if tuple(out.shape) != task.shape:
+        raise RuntimeError(f"{task.name}: method {method.name} returned shape {list(out.shape)}, "
+                           f"expected {list(task.shape)}")
+    return out.to(device="cpu", dtype=task.out_dtype)
+
+
+def _write_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
+    ref = plan.models[plan.reference]
+    writer.write_file("config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+    if (ref.path / "generation_config.json").is_file():
+        writer.copy_file(ref.path / "generation_config.json")
+    tok_source = plan.recipe.tokenizer_source
+    tok_dir = ref.path if tok_source in (None, "base") else next(m.path for m in plan.models if m.ref == tok_source)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            writer.copy_file(tok_dir / name)
+    if plan.recipe.chat_template:
+        cfg_path = writer.tmp_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg["chat_template"] = plan.recipe.chat_template
+        writer.write_file("tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+    writer.write_file("mergesmith_recipe.yml", plan.recipe.to_yaml())
+    writer.write_file("README.md", _model_card(plan))
+
+
+def _model_card(plan: MergePlan) -> str:
+    from mergesmith import __version__
+
+    m = plan.recipe.method
+    models = "\n".join(f"- `{mi.ref}`" + (" (base)" if i == plan.reference and plan.recipe.base_model else "")
+                       for i, mi in enumerate(plan.models))
+    return (f"---\nlibrary_name: transformers\ntags:\n- mergesmith\n- merge\n---\n"
+            f"# {plan.recipe.raw.get('name') or 'Merged model'}\n\n"
+            f"Merged with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} using the "
+            f"**{m.name}** method" + (f" ({m.reference})" if m.reference else "") + ".\n\n"
+            f"## Models\n\n{models}\n\n## Recipe\n\n```yaml\n{plan.recipe.to_yaml()}```\n")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _open_models(recipe: Recipe) -> list[ModelInfo]:
+    """Resolve every model reference, read configs and headers; report all problems together."""
+    problems: list[str] = []
+    located: list[tuple[str, Path]] = []
+    for ref in recipe.models():
+        try:
+            located.append((ref, resolve_model_path(ref)))
+        except InputError as err:
+            problems.extend(f"{recipe.source_name}: {p}" for p in err.problems)
+    infos = []
+    for ref, path in located:
+        cfg_path = path / "config.json"
+        try:
+            config = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            problems.append(f"{recipe.source_name}: {ref}: no config.json in {path}; is it a Hugging Face model folder?")
+            continue
+        except json.JSONDecodeError as err:
+            problems.append(f"{recipe.source_name}: {cfg_path}: not valid JSON ({err})")
+            continue
+        try:
+            ckpt = Checkpoint.open(path)
+        except InputError as err:
+            problems.extend(f"{recipe.source_name}: {ref}: {p}" for p in err.problems)
+            continue
+        layers = num_layers(config)
+        if layers is None:
+            layers = len({split_layer_name(n).index for n in ckpt.infos if split_layer_name(n)})
+        infos.append(ModelInfo(ref, path, config, ckpt, layers))
+    if problems:
+        raise InputError(problems)
+    archs = {tuple(m.config.get("architectures") or [m.config.get("model_type", "?")]) for m in infos}
+    if len(archs) > 1:
+        warnings.warn(f"{recipe.source_name}: the models declare different architectures ({sorted(archs)}); "
+                      "merging proceeds where tensor names and shapes line up", stacklevel=3)
+    return infos
+
+
+def resolve_model_path(ref: str) -> Path:
+    """A local folder, or a Hugging Face Hub repo id downloaded through huggingface_hub."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_repo = ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_repo:
+        raise InputError(f"{ref}: no such model folder; check the path")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model",
+                                                           "*.txt", "*.jinja"]))
+    except Exception as err:  # offline, unknown repo, gated repo, ...
+        raise InputError(f"{ref}: not a local folder, and fetching it from the Hugging Face Hub failed "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); check the path, "
+                         "or go online, or point HF_HOME at a cache that has it") from None
+
+
+def _input_name(model: ModelInfo, name: str) -> str:
+    """``name`` in ``model``; a tied model's lm_head is its token embedding."""
+    if name in model.checkpoint.infos:
+        return name
+    if "lm_head" in name:
+        tied = tied_embedding_name(model.names)
+        if tied is not None:
+            return tied
+    return name
+
+
+def _layer_prefix(model: ModelInfo) -> Optional[str]:
+    for n in model.checkpoint.infos:
+        parts = split_layer_name(n)
+        if parts:
+            return parts.prefix
+    return None
+
+
+def _layer_suffixes(model: ModelInfo, index: int) -> list[tuple[str, str]]:
+    out = []
+    for n in model.checkpoint.infos:
+        parts = split_layer_name(n)
+        if parts and parts.index == index and not is_skipped(n):
+            out.append((parts.suffix, parts.prefix))
+    return out
+
+
+def _output_config(config: dict, layers: int, layer_types: list, tensors: list[TensorPlan],
+                   forced_out: Optional[torch.dtype]) -> dict:
+    cfg = json.loads(json.dumps(config))
+    target = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg else cfg
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(target.get(key), int):
+            target[key] = layers
+            break
+    if isinstance(target.get("layer_types"), list) and len(layer_types) == layers:
+        target["layer_types"] = layer_types
+    dtypes = {t.out_dtype for t in tensors if t.out_dtype.is_floating_point}
+    if forced_out is not None or len(dtypes) == 1:
+        name = dtype_name(forced_out or dtypes.pop())
+        keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
+        for k in keys:
+            cfg[k] = name
+    return cfg
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device = {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def _dedupe(problems: list[str], limit: int = 50) -> list[str]:
+    seen: dict[str, None] = {}
+    for p in problems:
+        seen.setdefault(p, None)
+    out = list(seen)
+    if len(out) > limit:
+        out = out[:limit] + [f"... and {len(out) - limit} more problems like these"]
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

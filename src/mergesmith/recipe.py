@@ -1,0 +1,411 @@
+"""The merge recipe: mergekit's YAML schema, validated whole, resolved per tensor.
+
+A recipe names a method, the models (``models:``) or layer slices (``slices:``),
+an optional ``base_model`` and parameters. A parameter setting is one of
+
+- a scalar: ``density: 0.5``
+- a gradient, a list interpolated across the layers of a slice:
+  ``t: [0, 0.5, 1]``. Layer ``i`` of an ``n``-layer slice sits at
+  ``t = i / (n - 1)`` (``t = 1`` for a one-layer slice); numeric values are
+  interpolated linearly between neighbouring entries, others are picked. Tensors
+  outside the layers (embeddings, final norm, lm_head) sit at ``t = 0``, so they
+  get the *first* value: the same rule as mergekit.
+- filtered values, a list of ``{filter: SUBSTRING, value: SETTING}``: the first
+  entry whose filter is a substring of the tensor name (or has no filter, or
+  ``"*"``) applies.
+
+Precedence, highest first: the slice source's (model's) own parameters, then the
+slice's, then the recipe's global ``parameters``; then the method's default.
+
+``load_recipe`` checks the whole recipe before any weights are read and raises
+one ``InputError`` listing every problem, each naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from mergesmith.errors import InputError
+from mergesmith.methods import BasePolicy, MethodSpec, Param, all_methods, get_method
+
+# ----------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _model_ref(value: Any) -> Any:
+    # mergekit also accepts {model: {path: X}} for a plain model reference.
+    if isinstance(value, dict) and set(value) <= {"model", "lora"} and isinstance(value.get("model"), dict):
+        if value.get("lora"):
+            raise ValueError("LoRA model references (model + lora) are not supported yet; "
+                             "merge the adapter into its base first (peft merge_and_unload)")
+        return value["model"].get("path")
+    if isinstance(value, str) and "+" in value:
+        raise ValueError(f"{value!r}: 'model+lora' references are not supported yet; "
+                         "merge the adapter into its base first (peft merge_and_unload)")
+    return value
+
+
+class ModelSpec(_Strict):
+    model: str
+    parameters: Optional[dict[str, Any]] = None
+
+    _ref = field_validator("model", mode="before")(_model_ref)
+
+
+class SliceSourceSpec(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[dict[str, Any]] = None
+
+    _ref = field_validator("model", mode="before")(_model_ref)
+
+
+class SliceSpec(_Strict):
+    sources: list[SliceSourceSpec]
+    base_model: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    residual_weight: Optional[float] = None
+
+    _ref = field_validator("base_model", mode="before")(_model_ref)
+
+
+class TokenizerSpec(_Strict):
+    source: Optional[str] = None
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+class RecipeSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[list[ModelSpec]] = None
+    slices: Optional[list[SliceSpec]] = None
+    modules: Optional[dict[str, Any]] = None
+    parameters: Optional[dict[str, Any]] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSpec] = None
+    chat_template: Optional[str] = None
+    random_seed: Optional[int] = None
+    name: Optional[str] = None
+
+    _ref = field_validator("base_model", mode="before")(_model_ref)
+
+
+# ----------------------------------------------------------------------------- normalised recipe
+
+
+@dataclass
+class Source:
+    """One input of a slice. ``layer_range`` None means all layers (the ``models:`` form)."""
+
+    model: str
+    parameters: dict[str, Any]
+    layer_range: Optional[tuple[int, int]] = None
+    field: str = ""  # where it came from in the recipe, for messages
+    implicit: bool = False  # the base model, added because the method needs it
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    parameters: dict[str, Any]
+    base_model: Optional[str]
+    field: str = ""
+
+
+@dataclass
+class Recipe:
+    method: MethodSpec
+    slices: list[Slice]
+    parameters: dict[str, Any]
+    base_model: Optional[str]
+    form: str  # "models" or "slices"
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+    random_seed: int = 0
+    source_name: str = "recipe"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def models(self) -> list[str]:
+        """Every model the recipe reads, in first-mention order."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for s in self.slices:
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
+            seen[self.tokenizer_source] = None
+        return list(seen)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str))
+
+
+def _is_conditional(v: Any) -> bool:
+    return isinstance(v, dict) and "value" in v and set(v) <= {"value", "filter"}
+
+
+def resolve_setting(setting: Any, tensor_name: str, t: float, param: Param) -> Any:
+    """Resolve one setting for one tensor at layer position ``t``; None if no filter matches."""
+    if _is_conditional(setting):
+        setting = [setting]
+    if _is_scalar(setting):
+        return param.coerce(setting)
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(_is_scalar(e) for e in setting):
+            values = [param.coerce(e) for e in setting]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if not numeric:
+                return values[int(t * (len(values) - 1))]
+            pos = t * (len(values) - 1)
+            i0 = int(pos)
+            i1 = min(len(values) - 1, i0 + 1)
+            frac = pos - i0
+            return param.coerce((1 - frac) * values[i0] + frac * values[i1])
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+                return resolve_setting(cond["value"], tensor_name, t, param)
+        return None
+    raise ValueError(f"unexpected setting {setting!r}")
+
+
+def resolve_param(param: Param, scopes: list[dict[str, Any]], tensor_name: str, t: float) -> Any:
+    """First value found in ``scopes`` (highest precedence first), else the default.
+
+    Raises KeyError when a required parameter resolves nowhere.
+    """
+    for scope in scopes:
+        if param.name in scope:
+            value = resolve_setting(scope[param.name], tensor_name, t, param)
+            if value is not None:
+                return value
+    if param.required:
+        raise KeyError(param.name)
+    return param.default
+
+
+# ----------------------------------------------------------------------------- loading and checks
+
+
+def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
+    """Parse and check a recipe (a YAML path or a dict). Raises InputError with every problem."""
+    if isinstance(recipe, dict):
+        raw, where = copy.deepcopy(recipe), "recipe"
+    else:
+        path = Path(recipe)
+        where = str(path)
+        if not path.is_file():
+            raise InputError(f"{where}: no such recipe file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise InputError(f"{where}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{where}: a recipe is a YAML mapping with at least merge_method and models or slices")
+    try:
+        spec = RecipeSpec.model_validate(raw)
+    except ValidationError as err:
+        raise InputError([_pydantic_problem(where, e) for e in err.errors()]) from None
+
+    problems: list[str] = []
+    for key in (spec.model_extra or {}):
+        warnings.warn(f"{where}: unknown top-level key {key!r} is ignored", stacklevel=2)
+    try:
+        method = get_method(spec.merge_method)
+    except KeyError:
+        raise InputError(f"{where}: merge_method = {spec.merge_method!r} is not a known method; "
+                         f"choose one of: {', '.join(all_methods())}") from None
+
+    forms = [k for k in ("models", "slices", "modules") if getattr(spec, k)]
+    if spec.modules:
+        problems.append(f"{where}: modules: is not supported yet; use models: or slices:")
+    if len(forms) != 1:
+        problems.append(f"{where}: give exactly one of models: or slices: (found {', '.join(forms) or 'neither'})")
+        raise InputError(problems)
+    if spec.tokenizer_source and spec.tokenizer:
+        problems.append(f"{where}: give tokenizer_source or tokenizer, not both")
+    tokenizer_source = spec.tokenizer_source or (spec.tokenizer.source if spec.tokenizer else None)
+    if tokenizer_source == "union":
+        problems.append(f"{where}: tokenizer_source = union is not supported yet; "
+                        "use base or a model path (vocabulary differences are resized with a warning)")
+    if spec.tokenizer and spec.tokenizer.tokens:
+        problems.append(f"{where}: tokenizer.tokens is not supported yet; remove it")
+    for key in ("dtype", "out_dtype"):
+        value = getattr(spec, key)
+        if value is not None and value not in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
+            problems.append(f"{where}: {key} = {value!r} must be float32, float16 or bfloat16")
+
+    global_params = dict(spec.parameters or {})
+    slices: list[Slice] = []
+    if spec.models:
+        sources = [Source(m.model, dict(m.parameters or {}), None, f"models[{i}]")
+                   for i, m in enumerate(spec.models)]
+        # As mergekit does: a base model not listed under models: is still an input.
+        if spec.base_model and spec.base_model not in [s.model for s in sources]:
+            sources.append(Source(spec.base_model, {}, None, "base_model", implicit=True))
+        slices.append(Slice(sources, {}, spec.base_model, "models"))
+    else:
+        for i, sl in enumerate(spec.slices or []):
+            sources = [Source(s.model, dict(s.parameters or {}), tuple(s.layer_range), f"slices[{i}].sources[{j}]")
+                       for j, s in enumerate(sl.sources)]
+            slices.append(Slice(sources, dict(sl.parameters or {}), sl.base_model or spec.base_model,
+                                f"slices[{i}]"))
+
+    _check_structure(where, method, slices, problems)
+    _check_settings(where, method, global_params, "parameters", problems)
+    for sl in slices:
+        if sl.parameters:
+            _check_settings(where, method, sl.parameters, f"{sl.field}.parameters", problems)
+        for src in sl.sources:
+            _check_settings(where, method, src.parameters, f"{src.field}.parameters", problems)
+    _check_required(where, method, slices, global_params, problems)
+    if problems:
+        raise InputError(problems)
+    return Recipe(method=method, slices=slices, parameters=global_params, base_model=spec.base_model,
+                  form="models" if spec.models else "slices", dtype=spec.dtype, out_dtype=spec.out_dtype,
+                  tokenizer_source=tokenizer_source, chat_template=spec.chat_template,
+                  random_seed=spec.random_seed or 0, source_name=where, raw=raw)
+
+
+def _pydantic_problem(where: str, error: dict[str, Any]) -> str:
+    loc = ""
+    for part in error["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = error["msg"]
+    if error["type"] == "missing":
+        msg = "is required"
+    elif error["type"] == "extra_forbidden":
+        msg = "is not a recipe field; check its spelling"
+    return f"{where}: {loc or 'recipe'} {msg}"
+
+
+def _check_structure(where: str, method: MethodSpec, slices: list[Slice], problems: list[str]) -> None:
+    for sl in slices:
+        non_base = [s for s in sl.sources if s.model != sl.base_model]
+        has_base = sl.base_model is not None and any(s.model == sl.base_model for s in sl.sources)
+        label = "models" if sl.field == "models" else sl.field
+        if method.base is BasePolicy.REQUIRED and not sl.base_model:
+            problems.append(f"{where}: merge_method {method.name} needs a base model; add base_model: "
+                            "(the model the others were fine-tuned from)")
+        elif method.base is BasePolicy.REQUIRED and not has_base:
+            problems.append(f"{where}: {label}: the base model {sl.base_model} must be one of the slice's sources "
+                            f"for {method.name}")
+        if method.passthrough:
+            if len(sl.sources) != 1:
+                problems.append(f"{where}: {label}: passthrough takes exactly one model per slice "
+                                f"(found {len(sl.sources)})")
+            continue
+        counted = non_base if method.base is not BasePolicy.IGNORED else sl.sources
+        what = "models besides the base" if method.base is not BasePolicy.IGNORED else "models"
+        if len(counted) < method.min_models:
+            problems.append(f"{where}: {label}: {method.name} needs at least {method.min_models} {what} "
+                            f"(found {len(counted)})")
+        if method.max_models is not None and len(counted) > method.max_models:
+            problems.append(f"{where}: {label}: {method.name} takes at most {method.max_models} {what} "
+                            f"(found {len(counted)})")
+        if sl.field != "models":
+            for s in sl.sources:
+                lo, hi = s.layer_range or (0, 0)
+                if lo < 0 or hi <= lo:
+                    problems.append(f"{where}: {s.field}.layer_range = [{lo}, {hi}] must satisfy 0 <= start < end")
+            lengths = {(s.layer_range[1] - s.layer_range[0]) for s in sl.sources if s.layer_range}
+            if len(lengths) > 1:
+                problems.append(f"{where}: {sl.field}: all sources of a slice need the same number of layers "
+                                f"(found {sorted(lengths)})")
+        models = [s.model for s in sl.sources]
+        dupes = {m for m in models if models.count(m) > 1}
+        if dupes and sl.field == "models":
+            problems.append(f"{where}: models: {', '.join(sorted(dupes))} listed more than once")
+
+
+def _leaves(setting: Any, path: str):
+    """Yield (path, scalar) for every scalar inside a setting, or (path, None) for a malformed part."""
+    if _is_scalar(setting):
+        yield path, setting
+    elif _is_conditional(setting):
+        yield from _leaves(setting["value"], f"{path}.value")
+    elif isinstance(setting, list):
+        for i, e in enumerate(setting):
+            yield from _leaves(e, f"{path}[{i}]")
+    else:
+        yield path, None
+
+
+def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], field_name: str,
+                    problems: list[str]) -> None:
+    for name, setting in params.items():
+        param = method.param(name)
+        if param is None:
+            known = ", ".join(p.name for p in method.params) or "none"
+            warnings.warn(f"{where}: {field_name}.{name} is not a parameter of {method.name} "
+                          f"(its parameters: {known}); it is ignored", stacklevel=3)
+            continue
+        if isinstance(setting, list) and setting and all(_is_conditional(c) for c in setting):
+            for i, c in enumerate(setting):
+                if "filter" in c and c["filter"] is not None and not isinstance(c["filter"], str):
+                    problems.append(f"{where}: {field_name}.{name}[{i}].filter must be a string")
+        for path, value in _leaves(setting, f"{field_name}.{name}"):
+            if value is None:
+                problems.append(f"{where}: {path} must be a value, a list of values (gradient) "
+                                "or a list of {filter, value}")
+                continue
+            try:
+                coerced = param.coerce(value)
+            except ValueError as err:
+                problems.append(f"{where}: {path} = {value!r} {err}")
+                continue
+            why = param.check(coerced)
+            if why:
+                problems.append(f"{where}: {path} = {value!r} {why}")
+
+
+def _check_required(where: str, method: MethodSpec, slices: list[Slice], global_params: dict[str, Any],
+                    problems: list[str]) -> None:
+    for param in method.params:
+        if not param.required:
+            continue
+        if not param.per_model:
+            if param.name not in global_params and not all(param.name in sl.parameters for sl in slices):
+                problems.append(f"{where}: parameters.{param.name} is required by {method.name}; "
+                                f"add it under parameters:")
+            continue
+        for sl in slices:
+            for src in sl.sources:
+                is_base = src.model == sl.base_model and method.base is not BasePolicy.IGNORED
+                if is_base and not param.on_base:
+                    continue
+                if not any(param.name in scope for scope in (src.parameters, sl.parameters, global_params)):
+                    fix = (f"add {src.field}.parameters.{param.name}" if not src.implicit else
+                           f"list the base model under models: with parameters.{param.name}, "
+                           f"or set a global parameters.{param.name}")
+                    problems.append(f"{where}: {src.field} ({src.model}): {param.name} is required by "
+                                    f"{method.name}; {fix}")
