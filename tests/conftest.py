@@ -12,10 +12,10 @@ ARCHS = ("llama", "mistral", "qwen2", "gemma")
 VOCAB = 64
 
 
-def tiny_config(arch: str, layers: int = 3, vocab: int = VOCAB, tied: bool | None = None):
+def tiny_config(arch: str, layers: int = 3, vocab: int = VOCAB, tied: bool | None = None, intermediate: int = 32):
     import transformers as tf
 
-    common = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     if arch == "llama":
         cfg = tf.LlamaConfig(**common, tie_word_embeddings=bool(tied))
@@ -45,12 +45,13 @@ def write_tokenizer(path: Path, vocab: int = VOCAB) -> None:
 
 def make_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3, vocab: int = VOCAB,
                tied: bool | None = None, dtype: torch.dtype = torch.float32, base: Path | None = None,
-               noise: float = 0.05, safe_serialization: bool = True, tokenizer: bool = True) -> Path:
+               noise: float = 0.05, safe_serialization: bool = True, tokenizer: bool = True,
+               intermediate: int = 32) -> Path:
     """Save a tiny model. With ``base``, its weights are the base's plus seeded noise (a 'fine-tune')."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = tiny_config(arch, layers, vocab, tied)
+    cfg = tiny_config(arch, layers, vocab, tied, intermediate)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     if base is not None:
         base_model = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -522,12 +522,12 @@ def _open_models(recipe: Recipe) -> list[ModelInfo]:
         if layers is None:
             layers = len({split_layer_name(n).index for n in ckpt.infos if split_layer_name(n)})
         infos.append(ModelInfo(ref, path, config, ckpt, layers))
+    archs = {m.ref: (m.config.get("architectures") or [m.config.get("model_type", "?")])[0] for m in infos}
+    if len(set(archs.values())) > 1:
+        problems.append(f"{recipe.source_name}: the models have different architectures "
+                        f"({', '.join(f'{k}: {v}' for k, v in archs.items())}); merge models of one architecture")
     if problems:
         raise InputError(problems)
-    archs = {tuple(m.config.get("architectures") or [m.config.get("model_type", "?")]) for m in infos}
-    if len(archs) > 1:
-        warnings.warn(f"{recipe.source_name}: the models declare different architectures ({sorted(archs)}); "
-                      "merging proceeds where tensor names and shapes line up", stacklevel=3)
     return infos
 
 

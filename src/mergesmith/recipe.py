@@ -231,14 +231,15 @@ def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
             raise InputError(f"{where}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise InputError(f"{where}: a recipe is a YAML mapping with at least merge_method and models or slices")
+    for key in raw:
+        if key not in RecipeSpec.model_fields:
+            warnings.warn(f"{where}: unknown top-level key {key!r} is ignored; check its spelling", stacklevel=2)
     try:
         spec = RecipeSpec.model_validate(raw)
     except ValidationError as err:
         raise InputError([_pydantic_problem(where, e) for e in err.errors()]) from None
 
     problems: list[str] = []
-    for key in (spec.model_extra or {}):
-        warnings.warn(f"{where}: unknown top-level key {key!r} is ignored", stacklevel=2)
     try:
         method = get_method(spec.merge_method)
     except KeyError:

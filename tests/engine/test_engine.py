@@ -1,0 +1,206 @@
+"""Engine behaviour: formats in and out, atomic finish, dry run, vocab resizing, dtypes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mergesmith
+from mergesmith import engine
+from mergesmith.cli import main
+from mergesmith.errors import InputError
+from conftest import load_state, make_model
+
+
+def linear(*paths, **extra) -> dict:
+    return {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths], **extra}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_merged_model_loads_and_runs(tmp_path, model_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, (a, b, _) = model_family()
+    mergesmith.merge(linear(a, b), tmp_path / "out", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = tok("t5 t6 t7", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, 3, 64)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "linear" in card and str(a) in card
+    assert json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+@pytest.mark.parametrize("when", ["exception", "interrupt"])
+def test_failure_midway_leaves_no_output(tmp_path, model_family, monkeypatch, when):
+    _, (a, b, _) = model_family()
+    calls = {"n": 0}
+    real = engine._run_method
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt if when == "interrupt" else RuntimeError("boom")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "_run_method", flaky)
+    with pytest.raises(KeyboardInterrupt if when == "interrupt" else RuntimeError):
+        mergesmith.merge(linear(a, b), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_the_old_model(tmp_path, model_family, monkeypatch):
+    _, (a, b, c) = model_family()
+    mergesmith.merge(linear(a, b), tmp_path / "out", progress=False)
+    before = load_state(tmp_path / "out")
+    monkeypatch.setattr(engine, "_write_side_files", lambda *a: (_ for _ in ()).throw(RuntimeError("disk")))
+    with pytest.raises(RuntimeError):
+        mergesmith.merge(linear(a, c), tmp_path / "out", progress=False, overwrite=True)
+    after = load_state(tmp_path / "out")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert leftovers(tmp_path) == []
+
+
+def test_killed_process_leaves_nothing_that_looks_finished(tmp_path, model_family):
+    """SIGKILL cannot be cleaned up after; the output path must still not exist."""
+    _, (a, b, _) = model_family()
+    import yaml
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(linear(a, b)))
+    script = (f"import time, mergesmith.engine as e\n"
+              f"real = e._run_method\n"
+              f"def slow(*a, **k):\n    time.sleep(0.2)\n    return real(*a, **k)\n"
+              f"e._run_method = slow\n"
+              f"from mergesmith.cli import main\nmain(['merge', {str(recipe)!r}, {str(tmp_path / 'out')!r}, '--no-progress'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    for _ in range(200):
+        if leftovers(tmp_path):
+            break
+        if proc.poll() is not None:
+            pytest.fail(proc.stderr.read().decode())
+        import time
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()
+    partial = leftovers(tmp_path)
+    assert partial and all(p.startswith(".out.partial-") for p in partial)
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, model_family, capsys):
+    import yaml
+    base, (a, b, _) = model_family()
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(a), "parameters": {"weight": 1, "density": 0.5}},
+        {"model": str(b), "parameters": {"weight": 1, "density": 0.5}}]}))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    for name in ("model.embed_tokens.weight", "model.layers.2.mlp.down_proj.weight", "lm_head.weight"):
+        assert name in out
+    assert "predicted peak memory" in out and "bytes to read" in out
+    assert out.count(f"{a}:model.layers.1.self_attn.q_proj.weight") == 1
+
+
+def test_bin_and_sharded_inputs_give_the_same_merge(tmp_path, model_family):
+    base, (a, b, _) = model_family()
+    from transformers import AutoModelForCausalLM
+    # The same weights, saved as PyTorch .bin and as several safetensors shards.
+    m = AutoModelForCausalLM.from_pretrained(b)
+    (tmp_path / "b_bin").mkdir()
+    torch.save({k: v.clone() for k, v in m.state_dict().items()}, tmp_path / "b_bin" / "pytorch_model.bin")
+    (tmp_path / "b_bin" / "config.json").write_text((b / "config.json").read_text())
+    m.save_pretrained(tmp_path / "b_sharded", max_shard_size="10KB")
+    assert list((tmp_path / "b_bin").glob("*.bin"))
+    assert len(list((tmp_path / "b_sharded").glob("*.safetensors"))) > 1
+    ref = mergesmith.merge(linear(a, b), tmp_path / "ref", progress=False)
+    mergesmith.merge(linear(a, tmp_path / "b_bin"), tmp_path / "from_bin", progress=False)
+    mergesmith.merge(linear(a, tmp_path / "b_sharded"), tmp_path / "from_shards", progress=False,
+                     out_shard_size=20_000)
+    want = load_state(tmp_path / "ref")
+    for other in ("from_bin", "from_shards"):
+        got = load_state(tmp_path / other)
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    assert len(list((tmp_path / "from_shards").glob("model-*.safetensors"))) > 1
+    assert ref.tensors_written == len(want)
+
+
+def test_vocab_mismatch_resizes_with_warning_naming_tokens(tmp_path, model_family):
+    base, (a, _, _) = model_family()
+    big = make_model(tmp_path / "big", "llama", seed=5, base=base, vocab=70)
+    with pytest.warns(UserWarning) as record:
+        mergesmith.merge(linear(a, big), tmp_path / "out", progress=False)
+    text = " ".join(str(w.message) for w in record)
+    assert "rows 64..69" in text and "'t64'" in text and "dropped" in text
+    out, sa, sb = load_state(tmp_path / "out"), load_state(a), load_state(big)
+    emb = "model.embed_tokens.weight"
+    assert out[emb].shape == (64, 16)
+    assert torch.allclose(out[emb], (sa[emb] + sb[emb][:64]) / 2)
+    with pytest.raises(InputError, match="vocabulary of 70 rows"):
+        mergesmith.merge(linear(a, big), tmp_path / "out2", progress=False, vocab_mismatch="error")
+
+
+def test_smaller_vocab_padded_from_reference(tmp_path, model_family):
+    base, (a, _, _) = model_family()
+    small = make_model(tmp_path / "small", "llama", seed=6, base=base, vocab=60)
+    with pytest.warns(UserWarning, match="rows 60..63 are taken from"):
+        mergesmith.merge(linear(a, small), tmp_path / "out", progress=False)
+    out, sa, ss = load_state(tmp_path / "out"), load_state(a), load_state(small)
+    emb = "lm_head.weight"
+    assert torch.allclose(out[emb][:60], (sa[emb][:60] + ss[emb]) / 2)
+    assert torch.allclose(out[emb][60:], sa[emb][60:])
+
+
+def test_dtypes_and_config(tmp_path, model_family):
+    _, (a, b, _) = model_family()
+    bf = make_model(tmp_path / "bf", "llama", seed=3, dtype=torch.bfloat16)
+    bf2 = make_model(tmp_path / "bf2", "llama", seed=4, dtype=torch.bfloat16)
+    # No dtype: compute in float32, write in the inputs' dtype.
+    mergesmith.merge({"merge_method": "linear", "models": [{"model": str(bf), "parameters": {"weight": 1.0}},
+                                                            {"model": str(bf2), "parameters": {"weight": 1.0}}]},
+                     tmp_path / "o1", progress=False)
+    o1, s1, s2 = load_state(tmp_path / "o1"), load_state(bf), load_state(bf2)
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert o1[k].dtype == torch.bfloat16
+    assert torch.equal(o1[k], ((s1[k].float() + s2[k].float()) / 2).to(torch.bfloat16))
+    mergesmith.merge(linear(a, b, out_dtype="bfloat16"), tmp_path / "o2", progress=False)
+    assert load_state(tmp_path / "o2")[k].dtype == torch.bfloat16
+    cfg = json.loads((tmp_path / "o2" / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+
+
+def test_tokenizer_source_and_slices_config(tmp_path, model_family):
+    _, (a, b, _) = model_family()
+    (b / "tokenizer.json").read_text()
+    other_tok = make_model(tmp_path / "tok", "llama", seed=9, vocab=64)
+    (other_tok / "tokenizer_config.json").write_text(json.dumps({"marker": "from-tok-model"}))
+    r = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": str(other_tok),
+         "slices": [{"sources": [{"model": str(a), "layer_range": [0, 3]}]},
+                    {"sources": [{"model": str(b), "layer_range": [1, 3]}]}]}
+    mergesmith.merge(r, tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["marker"] == "from-tok-model"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 5
+    out, sb = load_state(tmp_path / "out"), load_state(b)
+    assert torch.equal(out["model.layers.4.self_attn.o_proj.weight"], sb["model.layers.2.self_attn.o_proj.weight"])
+
+
+def test_cuda_request_without_cuda_is_an_input_error(tmp_path, model_family):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, (a, b, _) = model_family()
+    with pytest.raises(InputError, match="CUDA is not available"):
+        mergesmith.merge(linear(a, b), tmp_path / "out", progress=False, device="cuda")
+    assert not (tmp_path / "out").exists()
