@@ -80,13 +80,24 @@ def test_matches_mergekit(method, arch, model_family, tmp_path):
     base, fts = model_family(arch, 3)
     r = recipe(method, base, fts)
     mergesmith.merge(r, tmp_path / "ours", progress=False)
-    run_mergekit(r, tmp_path / "theirs")
+    try:
+        run_mergekit(r, tmp_path / "theirs")
+        their_config_bug = False
+    except Exception as err:
+        # mergekit 0.1.5 changes num_hidden_layers for slices but keeps the input's layer_types, which
+        # transformers rejects when saving the config (Qwen2 has layer_types). Its tensors are already
+        # written by then, so they are still compared; our config must be the valid one.
+        if "layer_types" not in str(err):
+            raise
+        their_config_bug = True
     assert compare(load_state(tmp_path / "ours"), load_state(tmp_path / "theirs")) < 1e-5
-    # The written config agrees on what transformers needs to rebuild the model.
-    import json
-    ours_cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
-    theirs_cfg = json.loads((tmp_path / "theirs" / "config.json").read_text())
-    assert ours_cfg["num_hidden_layers"] == theirs_cfg["num_hidden_layers"]
+    from transformers import AutoConfig
+    ours_cfg = AutoConfig.from_pretrained(tmp_path / "ours")
+    if their_config_bug:
+        assert arch == "qwen2" and method == "passthrough"
+        assert len(ours_cfg.layer_types) == ours_cfg.num_hidden_layers == 4
+    else:
+        assert ours_cfg.num_hidden_layers == AutoConfig.from_pretrained(tmp_path / "theirs").num_hidden_layers
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
