@@ -450,7 +450,8 @@ def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], 
     generator = None
     if method.stochastic:
         generator = torch.Generator(device=device).manual_seed(task.seed)
-    group = TensorGroup(task.name, tensors, task.params, task.model_params, task.base_index, generator, task.t)
+    group = TensorGroup(task.name, tensors, task.params, task.model_params, task.base_index, generator, task.t,
+                        disposable=True)
     out = method.fn(group)
     if tuple(out.shape) != task.shape:
         raise RuntimeError(f"{task.name}: method {method.name} returned shape {list(out.shape)}, "

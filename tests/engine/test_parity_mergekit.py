@@ -40,6 +40,10 @@ def recipe(method: str, base, fts) -> dict:
                 "parameters": {"select_topk": 0.5}},
         "nearswap": {"base_model": b, "models": [{"model": b}, {"model": a}], "parameters": {"t": 0.02}},
         "arcee_fusion": {"base_model": b, "models": [{"model": b}, {"model": a}]},
+        "ram": {"base_model": b, "models": [{"model": a}, {"model": c}, {"model": d}],
+                "parameters": {"epsilon": 0.02}},
+        "ramplus_tl": {"base_model": b, "models": [{"model": a}, {"model": c}, {"model": d}],
+                       "parameters": {"epsilon": 0.02, "r": [0.1, 0.3], "alpha": 0.4}},
         "passthrough": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": c, "layer_range": [1, 3]}],
                                     "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
@@ -59,7 +63,7 @@ def recipe(method: str, base, fts) -> dict:
 
 
 DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp",
-                 "multislerp", "karcher", "model_stock", "sce", "nearswap", "arcee_fusion", "passthrough",
+                 "multislerp", "karcher", "model_stock", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough",
                  "ties_slices"]
 
 

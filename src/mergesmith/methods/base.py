@@ -109,6 +109,7 @@ class TensorGroup:
     base is an input; ``base_index`` points at it (None when there is no base).
     ``model_params[i]`` holds the per-model parameters of ``tensors[i]`` (for the
     base only those with ``on_base``). ``params`` holds the global ones.
+    A method must not modify ``tensors`` unless ``disposable`` is set.
     """
 
     name: str
@@ -119,6 +120,10 @@ class TensorGroup:
     generator: Optional[torch.Generator] = None
     # Layer position in [0, 1] as used for gradients; methods rarely need it.
     t: float = 0.0
+    # True when the caller (the engine) owns ``tensors`` and drops them after the call:
+    # the method may then overwrite them (e.g. form task vectors in place) to save memory.
+    # Otherwise inputs must be left untouched.
+    disposable: bool = False
 
     @property
     def base(self) -> torch.Tensor:
