@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register
-from mergesmith.methods.task_arithmetic import task_vectors
+from mergesmith.methods.task_arithmetic import stacked_task_vectors
 
 # Floors shared with mergekit's model_stock so degenerate tensors land the same way.
 _NORM_FLOOR = 1e-6
@@ -56,7 +56,7 @@ def model_stock(group: TensorGroup) -> torch.Tensor:
     k = len(others)
     if k < 2:
         raise ValueError(f"{group.name}: model_stock needs at least two models besides the base")
-    offsets = task_vectors(base, others)
+    offsets = stacked_task_vectors(base, others)
     if group.params["filter_wise"]:
         rows = offsets.reshape(k, 1, -1) if base.dim() <= 1 else offsets
     else:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register
-from mergesmith.methods.task_arithmetic import task_vectors
+from mergesmith.methods.task_arithmetic import stacked_task_vectors
 
 
 def change_masks(deltas: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def overlap_rescale(changed: torch.Tensor, counts: torch.Tensor, r: float,
 
 def _deltas(group: TensorGroup) -> torch.Tensor | None:
     others, _ = group.others()
-    return task_vectors(group.base, others) if others else None
+    return stacked_task_vectors(group.base, others) if others else None
 
 
 def ram(group: TensorGroup) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register
 from mergesmith.methods.sparsify import smallest_mask
-from mergesmith.methods.task_arithmetic import elect_sign, task_vectors
+from mergesmith.methods.task_arithmetic import elect_sign, stacked_task_vectors
 
 # mergekit's floors: below these the coefficients fall back to uniform and the
 # per-entry denominator is clamped.
@@ -78,7 +78,7 @@ def sce(group: TensorGroup) -> torch.Tensor:
     others, _ = group.others()
     if not others:
         return base.clone()
-    deltas = task_vectors(base, others)
+    deltas = stacked_task_vectors(base, others)
     if group.params["select_topk"] < 1:
         deltas *= top_variance_mask(deltas, group.params["select_topk"])
     eta = magnitude_coefficients(deltas)

@@ -57,6 +57,11 @@ def task_vectors(base: torch.Tensor, models: list[torch.Tensor], *,
     return [torch.sub(model, base) for model in models]
 
 
+def stacked_task_vectors(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    """tau_t = theta_t - theta_0 stacked along a new first axis, shape (T, *base.shape)."""
+    return torch.stack(models).sub_(base)
+
+
 def elect_sign(deltas: list[torch.Tensor]) -> torch.Tensor:
     """TIES "elect": the sign with the larger total mass, gamma = sgn(sum_t tau_t).
 
