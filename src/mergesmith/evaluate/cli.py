@@ -1,5 +1,101 @@
-"""Subcommands of this area (placeholder until the area's work lands)."""
+"""``mergesmith evaluate`` and ``mergesmith compete``.
+
+Exit codes: 0 done; 2 bad input (an ``InputError``, raised by the library and
+printed by the main CLI); 3 (compete only) the budget ran out before everything
+was scored: the outputs are written and say what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+BUDGET_EXCEEDED = 3
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", nargs="+", required=True, metavar="FILE",
+                   help="task files: .jsonl (mergesmith items), .csv (LLM Merging Competition format) "
+                        "or .yaml (a task config)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the outputs")
+    p.add_argument("--batch-size", type=int, default=8, help="items per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, bfloat16 or float16")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed task rows (and count them) instead of stopping")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the 95%% confidence intervals (0: none; default 1000)")
+    p.add_argument("--mc-metric", choices=("acc", "acc_norm_chars", "acc_norm_tokens"), default=None,
+                   help="headline metric of multiple-choice tasks that do not set one (default acc)")
+    p.add_argument("--gen-metric", choices=("exact_match", "f1", "rougeL"), default=None,
+                   help="headline metric of generation tasks that do not set one (default exact_match)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _metric_defaults(args: argparse.Namespace) -> dict[str, str]:
+    out = {}
+    if args.mc_metric:
+        out["multiple_choice"] = args.mc_metric
+    if args.gen_metric:
+        out["generation"] = args.gen_metric
+    return out
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from mergesmith.evaluate.runner import evaluate
+    from mergesmith.evaluate.tasks import load_tasks
+
+    tasks = load_tasks(args.tasks, skip_bad_rows=args.skip_bad_rows, limit=args.limit,
+                       metric=_metric_defaults(args))
+    result = evaluate(args.model, tasks, tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
+                      dtype=args.dtype, max_length=args.max_length, bootstrap=args.bootstrap,
+                      progress=not args.no_progress)
+    results, predictions = result.save(args.out)
+    print(result.table())
+    print(f"wrote {results} and {predictions}")
+    return 0
+
+
+def run_compete(args: argparse.Namespace) -> int:
+    from mergesmith.evaluate.compete import compete
+
+    result = compete(args.recipe, args.tasks, args.out, budget=args.budget, device=args.device, dtype=args.dtype,
+                     batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
+                     isolate_merge=not args.inline_merge, dummy_field=args.dummy_field, bootstrap=args.bootstrap,
+                     progress=not args.no_progress)
+    print(result.evaluation.table())
+    print(result.summary())
+    print("wrote " + ", ".join(str(p) for p in result.submissions) + f" and {args.out}/compete.json")
+    if not result.complete:
+        print("the budget ran out before everything was scored (see above)", file=sys.stderr)
+        return BUDGET_EXCEEDED
+    return 0
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("evaluate", help="score a model on tasks",
+                              description="Score a model on multiple-choice and generation tasks; write "
+                                          "DIR/results.json and DIR/predictions.jsonl.")
+    p.add_argument("model", metavar="MODEL_DIR", help="a model folder (with its tokenizer), or a hub id")
+    _common(p)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder, if not beside the model")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context window in tokens (default: the model's); longer prompts lose their start")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each file (smoke tests)")
+    p.set_defaults(func=run_evaluate)
+
+    c = subparsers.add_parser("compete", help="merge and evaluate under a wall-clock budget",
+                              description="Run a merge recipe and the evaluation as one job within a budget; "
+                                          "write the scores and the competition's submission file. "
+                                          f"Exit code {BUDGET_EXCEEDED}: the budget ran out before everything "
+                                          "was scored.")
+    c.add_argument("recipe", metavar="RECIPE.yml", help="the merge recipe (mergekit YAML)")
+    _common(c)
+    c.add_argument("--budget", required=True, help="wall-clock budget for the whole job: 1h, 45m, 90s, 1h30m")
+    c.add_argument("--overwrite", action="store_true", help="replace DIR/model if it exists")
+    c.add_argument("--inline-merge", action="store_true",
+                   help="merge in this process (it then cannot be stopped at the budget, only found late)")
+    c.add_argument("--dummy-field", action="store_true",
+                   help="add the starter kit's constant dummy_field column to the submission")
+    c.set_defaults(func=run_compete)

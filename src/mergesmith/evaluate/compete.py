@@ -1,0 +1,292 @@
+"""Competition mode: merge, then evaluate, as one job under a wall-clock budget.
+
+Phases, each timed against the one budget: ``load_tasks`` (every task file checked
+before any compute is spent), ``check_recipe`` (a dry-run plan: configs and
+headers only), ``merge``, ``load_model``, ``evaluate``, ``write``.
+
+The merge runs in a child process by default, so that it can be stopped when the
+budget runs out; the evaluation stops before a batch whose estimated time would
+overrun the deadline (see ``Pacer``). What was not scored is listed by task in
+``compete.json`` and on the terminal. Outputs, in ``OUT``:
+
+- ``model/``: the merged model;
+- ``results.json`` and ``predictions.jsonl``: as ``mergesmith evaluate`` writes them,
+  scores computed where targets exist;
+- ``submission.csv`` (one per input file when there are several:
+  ``submission-<stem>.csv``): the competition's format, ``id,prediction`` for every
+  input row in input order, the chosen index for multiple choice and the generated
+  text for generation; an empty prediction for a row that was not run (or was a
+  skipped bad row);
+- ``compete.json``: the budget, each phase's seconds and status, what was not scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import queue as queue_module
+import re
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from mergesmith.errors import InputError
+
+_BUDGET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+DONE, STOPPED, SKIPPED, FAILED = "done", "stopped_at_budget", "skipped", "failed"
+
+
+def parse_budget(text: Union[str, float, int]) -> float:
+    """'1h', '45m', '90s', '1h30m', '3600' (seconds) -> seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        m = _BUDGET_RE.match(text.strip().lower().replace(" ", ""))
+        if not text.strip() or not m or not any(m.groups()):
+            raise InputError(f"--budget {text!r} is not a duration; write e.g. 1h, 45m, 90s or 1h30m")
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s
+    if seconds <= 0:
+        raise InputError(f"--budget {text!r} must be more than zero")
+    return seconds
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    status: str
+    detail: str = ""
+
+
+@dataclass
+class CompeteResult:
+    budget_s: float
+    phases: list[Phase] = field(default_factory=list)
+    evaluation: Any = None  # EvalResult (every item not_run when the merge used up the budget)
+    submissions: list[Path] = field(default_factory=list)
+    not_scored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def used_s(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    @property
+    def complete(self) -> bool:
+        return not self.not_scored and all(p.status == DONE for p in self.phases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_s": self.budget_s, "used_s": self.used_s, "complete": self.complete,
+                "phases": [asdict(p) for p in self.phases], "not_scored": self.not_scored,
+                "submissions": [str(p) for p in self.submissions],
+                "macro_average": self.evaluation.macro if self.evaluation else None}
+
+    def summary(self) -> str:
+        lines = [f"budget {self.budget_s:.0f}s, used {self.used_s:.1f}s"]
+        lines += [f"  {p.name:<12} {p.seconds:8.1f}s  {p.status}" + (f"  ({p.detail})" if p.detail else "")
+                  for p in self.phases]
+        if self.not_scored:
+            total = sum(self.not_scored.values())
+            lines.append(f"NOT SCORED within the budget: {total} item(s): "
+                         + ", ".join(f"{k} ({v})" for k, v in self.not_scored.items()))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- merge phase
+
+
+def default_merge(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
+    from mergesmith.engine import merge
+
+    merge(recipe, out_dir, device=device, overwrite=overwrite, progress=False)
+
+
+def check_recipe(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
+    from mergesmith.engine import merge
+
+    merge(recipe, out_dir, dry_run=True, device=device, overwrite=overwrite, progress=False)
+
+
+def _merge_child(send: Any, merge_fn: Callable, recipe: Any, out_dir: str, kwargs: dict) -> None:
+    try:
+        merge_fn(recipe, Path(out_dir), **kwargs)
+        send.put(("ok", ""))
+    except InputError as err:
+        send.put(("input_error", err.problems))
+    except BaseException:  # reported to the parent, which decides
+        send.put(("error", traceback.format_exc()))
+
+
+def run_merge_isolated(merge_fn: Callable, recipe: Any, out_dir: Path, kwargs: dict,
+                       timeout: float) -> tuple[str, str]:
+    """Run the merge in a child process; stop it if it outlives ``timeout`` seconds.
+
+    Returns (status, detail). InputError in the child is raised again here.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_merge_child, args=(results, merge_fn, recipe, str(out_dir), kwargs), daemon=True)
+    child.start()
+    deadline = time.monotonic() + timeout
+    outcome = None
+    while outcome is None:
+        try:
+            outcome = results.get(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
+        except queue_module.Empty:
+            if time.monotonic() >= deadline:
+                child.terminate()
+                child.join(5)
+                if child.is_alive():
+                    child.kill()
+                    child.join()
+                return STOPPED, "the merge did not finish within the budget and was stopped"
+            if not child.is_alive() and results.empty():
+                child.join()
+                return FAILED, f"the merge process died (exit code {child.exitcode})"
+    child.join()
+    kind, payload = outcome
+    if kind == "input_error":
+        raise InputError(payload)
+    if kind == "error":
+        raise RuntimeError(f"the merge failed:\n{payload}")
+    return DONE, ""
+
+
+def run_merge_inline(merge_fn: Callable, recipe: Any, out_dir: Path, kwargs: dict, timeout: float) -> tuple[str, str]:
+    """Run the merge here; it cannot be stopped, only found over budget afterwards."""
+    merge_fn(recipe, out_dir, **kwargs)
+    return DONE, ""
+
+
+# ----------------------------------------------------------------------------- submission
+
+
+def _submission_rows(tasks: Sequence, predictions: Sequence) -> dict[str, list[tuple[int, str, str]]]:
+    """Per source file, (position, id, prediction) for every input row."""
+    by_source: dict[str, dict[int, tuple[int, str, str]]] = {}
+    for task in tasks:
+        rows = by_source.setdefault(task.source, {})
+        for item in task.items:
+            rows[item.position] = (item.position, item.id, "")
+        for bad in task.skipped:
+            rows[bad.position] = (bad.position, bad.id, "")
+    for p in predictions:
+        if p.prediction is not None:
+            rows = by_source[p.source]
+            rows[p.position] = (p.position, p.id, str(p.prediction))
+    return {src: [rows[k] for k in sorted(rows)] for src, rows in by_source.items()}
+
+
+def write_submissions(tasks: Sequence, predictions: Sequence, out_dir: Union[str, Path], *,
+                      dummy_field: bool = False) -> list[Path]:
+    """Write the competition's submission file(s): ``id,prediction`` per input row, input order.
+
+    ``dummy_field`` adds the constant ``dummy_field`` column (0) that the starter
+    kit's evaluation script writes for Kaggle.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_source = _submission_rows(tasks, predictions)
+    paths = []
+    used: set[str] = set()
+    for source, rows in per_source.items():
+        if len(per_source) == 1:
+            name = "submission.csv"
+        else:
+            stem, n = Path(source).stem, 1
+            name = f"submission-{stem}.csv"
+            while name in used:
+                n += 1
+                name = f"submission-{stem}-{n}.csv"
+        used.add(name)
+        path = out / name
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["id", "prediction"] + (["dummy_field"] if dummy_field else []))
+            for _, row_id, prediction in rows:
+                writer.writerow([row_id, prediction] + ([0] if dummy_field else []))
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[str, Path], *,
+            budget: Union[str, float], device: str = "cpu", dtype: Any = "auto", batch_size: int = 8,
+            skip_bad_rows: bool = False, overwrite: bool = False, isolate_merge: bool = True,
+            merge_fn: Optional[Callable] = None, check_fn: Optional[Callable] = None,
+            dummy_field: bool = False, bootstrap: int = 1000, progress: bool = True,
+            write_reserve: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> CompeteResult:
+    """Merge ``recipe`` and evaluate the result on ``task_paths`` within ``budget``.
+
+    ``merge_fn(recipe, out_dir, device=..., overwrite=...)`` does the merge (default:
+    ``mergesmith.merge``); ``check_fn`` validates the recipe first (default: a dry
+    run; pass ``lambda *a, **k: None`` to skip). ``write_reserve`` seconds are kept
+    for writing the outputs (default: 2% of the budget, at most 30s). ``clock`` is
+    the time source of the budget (tests pass a fake one).
+    """
+    from mergesmith.evaluate.model import load_model
+    from mergesmith.evaluate.runner import Pacer, evaluate, unrun_result
+    from mergesmith.evaluate.tasks import load_tasks
+
+    budget_s = parse_budget(budget)
+    start = clock()
+    deadline = start + budget_s
+    reserve = min(30.0, 0.02 * budget_s) if write_reserve is None else write_reserve
+    out = Path(out_dir)
+    model_dir = out / "model"
+    result = CompeteResult(budget_s)
+    merge_kwargs = {"device": device, "overwrite": overwrite}
+
+    def phase(name: str, fn: Callable) -> tuple[Any, Phase]:
+        t = clock()
+        value = fn()
+        record = Phase(name, clock() - t, DONE)
+        result.phases.append(record)
+        return value, record
+
+    tasks, _ = phase("load_tasks", lambda: load_tasks(task_paths, skip_bad_rows=skip_bad_rows))
+    if model_dir.exists() and not overwrite:
+        raise InputError(f"{model_dir}: already exists; choose another --out or pass --overwrite")
+    if check_fn is None and merge_fn is None:
+        check_fn = check_recipe
+    if check_fn is not None:
+        phase("check_recipe", lambda: check_fn(recipe, model_dir, **merge_kwargs))
+    out.mkdir(parents=True, exist_ok=True)
+    runner = run_merge_isolated if isolate_merge else run_merge_inline
+    (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, recipe, model_dir,
+                                                             merge_kwargs, deadline - clock()))
+    if status == DONE and clock() >= deadline:
+        status, detail = STOPPED, "the merge finished after the budget ran out"
+    merged.status, merged.detail = status, detail
+    if status == FAILED:
+        raise RuntimeError(detail)
+    evaluation = None
+    if status == DONE and clock() < deadline - reserve:
+        lm, _ = phase("load_model", lambda: load_model(str(model_dir), device=device, dtype=dtype))
+        evaluation, evaluated = phase("evaluate", lambda: evaluate(
+            lm.model, tasks, tokenizer=lm.tokenizer, batch_size=batch_size, max_length=lm.max_length,
+            bootstrap=bootstrap, progress=progress, pacer=Pacer(deadline - reserve, clock=clock)))
+        evaluation.model = str(model_dir)
+        if not evaluation.complete:
+            evaluated.status = STOPPED
+            evaluated.detail = "stopped before a batch that would overrun the budget"
+    else:
+        reason = "no time left after the merge"
+        result.phases.append(Phase("evaluate", 0.0, SKIPPED, reason))
+        evaluation = unrun_result(tasks, str(model_dir), reason)
+    result.evaluation = evaluation
+
+    def write() -> None:
+        evaluation.save(out)
+        result.not_scored = {k: len(v) for k, v in evaluation.not_run.items()}
+        result.submissions = write_submissions(tasks, evaluation.predictions, out, dummy_field=dummy_field)
+
+    phase("write", write)
+    (out / "compete.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return result
