@@ -30,8 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the math (default: torch's)")
     p.add_argument("--out-shard-size", type=parse_size, default="5GB", help="max bytes per output shard (default 5GB)")
-    p.add_argument("--prefetch", type=parse_size, default="512MiB",
-                   help="how many bytes of inputs may be read ahead of the math (default 512MiB)")
+    p.add_argument("--prefetch", type=parse_size, default="128MiB",
+                   help="how many bytes of inputs may be read ahead of the math (default 128MiB; the next tensor is always read ahead)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and print the plan (every output tensor, its inputs, memory and bytes), write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
