@@ -1,6 +1,7 @@
 """The ``mergesmith`` command. Thin: parse arguments, call the library, print.
 
-Exit codes: 0 done, 2 bad recipe or input (an ``InputError``), 1 anything else.
+Exit codes: 0 done, 2 bad recipe or input (an ``InputError``), 3 ``compete`` ran out of
+budget before everything was scored (its outputs are still written), 1 anything else.
 Each area registers its own subcommands through a ``register(subparsers)`` function.
 """
 
