@@ -30,6 +30,7 @@ import yaml
 
 from mergesmith.checkpoint.reader import Checkpoint
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
+from mergesmith.methods.sparsify import kth_smallest, magnitude_keep_count
 
 BIN = Path(sys.executable).parent
 
@@ -113,17 +114,34 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
     return time.perf_counter() - start
 
 
-def compare(a: Path, b: Path) -> tuple[float, float]:
-    """(max |a-b| relative to max |b|, fraction of elements that differ) over all tensors."""
-    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
-    worst, differ, total = 0.0, 0, 0
+def compare(a: Path, b: Path, base: Path, fts: list[Path], density: float) -> tuple[float, float, int]:
+    """Where the two outputs differ, and whether only at TIES threshold ties.
+
+    Returns (max |a-b| relative to max |b|, fraction of elements that differ, number of
+    differing elements at positions where no model's |delta| equals its trim threshold).
+    The two tools keep the same number of entries per task vector but break ties between
+    equal magnitudes differently (mergekit: an unstable argsort), so differences are
+    expected exactly at tied positions and nowhere else.
+    """
+    ca, cb, c0 = Checkpoint.open(a), Checkpoint.open(b), Checkpoint.open(base)
+    cfs = [Checkpoint.open(p) for p in fts]
+    worst, differ, total, untied = 0.0, 0, 0, 0
     for name in cb.infos:
         x, y = ca.read(name).float(), cb.read(name).float()
         worst = max(worst, ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item())
-        differ += (x != y).sum().item()
+        mask = x != y
+        differ += int(mask.sum())
         total += y.numel()
-        ca.release(name), cb.release(name)
-    return worst, differ / max(total, 1)
+        if mask.any():
+            b0 = c0.read(name).float()
+            tied = torch.zeros_like(mask)
+            for cf in cfs:
+                mag = (cf.read(name).float() - b0).abs().reshape(-1)
+                k = magnitude_keep_count(density, mag.numel())
+                threshold = kth_smallest(mag, mag.numel() - k + 1)
+                tied |= (mag == threshold).reshape(mask.shape)
+            untied += int((mask & ~tied).sum())
+    return worst, differ / max(total, 1), untied
 
 
 def main() -> None:
@@ -172,10 +190,11 @@ def main() -> None:
     print(f"\nTIES, density 0.5, 3 models + base, {params / 1e9:.2f}B parameters, bf16 in/out, "
           f"dtype {args.dtype}, {n_threads} cores")
     if theirs:
-        worst, frac = compare(ours_out, theirs_out)
-        print(f"speed-up: {theirs[0] / ours[0]:.1f}x   memory: {theirs[1] / ours[1]:.1f}x less")
-        print(f"outputs: max relative difference {worst:.2e}; {frac:.2e} of elements differ "
-              "(bf16 rounding of float32 results)")
+        print(f"speed-up: {theirs[0] / ours[0]:.1f}x   memory: {theirs[1] / ours[1]:.1f}x less", flush=True)
+        worst, frac, untied = compare(ours_out, theirs_out, base, fts, 0.5)
+        print(f"outputs: {frac:.2e} of elements differ (max relative difference {worst:.2e}); "
+              f"{untied} of them where no task vector has a tie at its trim threshold "
+              "(0 means every difference is tie-breaking between equal magnitudes)")
 
 
 if __name__ == "__main__":
