@@ -225,3 +225,21 @@ def test_cuda_merge_matches_cpu(tmp_path, model_family, method):
         return
     for k in cpu:
         assert torch.allclose(cpu[k], gpu[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_tied_input_contributes_its_embedding_as_lm_head(tmp_path, model_family):
+    _, (a, _, _) = model_family()  # untied llama
+    tied = make_model(tmp_path / "tied", "llama", seed=11, tied=True)
+    assert "lm_head.weight" not in load_state(tied)
+    mergesmith.merge(linear(a, tied), tmp_path / "out", progress=False)
+    out, sa, st = load_state(tmp_path / "out"), load_state(a), load_state(tied)
+    assert torch.allclose(out["lm_head.weight"], (sa["lm_head.weight"] + st["model.embed_tokens.weight"]) / 2)
+
+
+def test_folder_without_weights_is_named(tmp_path, model_family):
+    _, (a, _, _) = model_family()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((a / "config.json").read_text())
+    with pytest.raises(InputError, match="no model weights found"):
+        mergesmith.merge(linear(a, empty), tmp_path / "out", progress=False)
