@@ -1,5 +1,59 @@
-"""Subcommands of this area (placeholder until the area's work lands)."""
+"""``mergesmith zoo build`` and ``mergesmith bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mergesmith.zoo.model import SIZES
+
+
+def _add_zoo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="default", choices=sorted(SIZES),
+                   help="test: seconds, for the test suite; default: about ten minutes on two CPU "
+                        "cores; large: for a GPU (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="world and base seed (default: 0)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache folder (default: $MERGESMITH_CACHE/zoo or ~/.cache/mergesmith/zoo)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the size's own)")
 
 
 def register(subparsers) -> None:
-    pass
+    zoo = subparsers.add_parser("zoo", help="the model zoo: a base, experts and task files we train ourselves")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    build = zoo_sub.add_parser("build", help="build the zoo, or reuse the cached one, and print where it is")
+    _add_zoo_options(build)
+    build.add_argument("--finetune-seed", type=int, default=None,
+                       help="seed of the fine-tuning only (default: --seed); same base and tasks")
+    build.add_argument("--rebuild", action="store_true", help="delete this zoo's cache entry first")
+    build.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    build.set_defaults(func=run_build)
+
+    from mergesmith.zoo.bench import add_bench_parser
+
+    add_bench_parser(subparsers, _add_zoo_options)
+
+
+def run_build(args) -> int:
+    from mergesmith.zoo.build import build_zoo
+
+    start = time.time()
+    zoo = build_zoo(args.size, args.seed, args.cache, finetune_seed=args.finetune_seed,
+                    device=args.device, rebuild=args.rebuild)
+    if args.json:
+        print(json.dumps(zoo.manifest, indent=2))
+        return 0
+    print(f"zoo ({zoo.size}, seed {zoo.seed}, fine-tune seed {zoo.finetune_seed}) ready in "
+          f"{time.time() - start:.0f}s at {zoo.root}")
+    print(f"  base       {zoo.base}")
+    for skill, path in zoo.experts.items():
+        print(f"  expert     {skill:12s} {path}")
+    for skill, path in zoo.lora.items():
+        print(f"  lora       {skill:12s} {path}")
+    print(f"  multitask  {zoo.multitask}")
+    print(f"  tasks      {zoo.tasks['test']['mc'][zoo.trained[0]].parent.parent.parent}"
+          "/<split>/<mc|gen>/<skill>.jsonl")
+    print(f"  held-out skills: {', '.join(zoo.heldout)}")
+    return 0

@@ -1,0 +1,483 @@
+"""``mergesmith bench``: merge the zoo's experts with every method and tabulate.
+
+For each fine-tune seed: build (or reuse) the zoo, evaluate the base, every
+expert and the multitask model, then for every method pick its hyperparameters
+on the validation split (multiple-choice accuracy averaged over the trained
+skills; test data is never looked at), merge with the chosen ones and evaluate
+on every test task, in multiple-choice and generation form.
+
+Outputs in ``--out``: ``table.md`` (both tables, mean ± spread over seeds, the
+chosen hyperparameters, the timings), ``table.csv`` (multiple-choice accuracy),
+``table_generation.csv`` (exact match), ``accuracy.png`` and ``results.json``
+(every number per seed). Evaluations are cached under ``--out``/work, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from itertools import product
+from pathlib import Path
+from typing import Callable, Optional
+
+from tqdm.auto import tqdm
+
+from mergesmith.errors import InputError
+
+GEN_MAX_NEW_TOKENS = 16  # the longest answer (six spaced letters) is 12 tokens
+
+
+def _grid(**axes: list) -> list[dict]:
+    """Every combination of the axes, as recipe parameters."""
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in product(*(axes[k] for k in keys))]
+
+
+# Validation grids. Each point holds the recipe's global parameters plus
+# ``density`` (per model, the same for every expert). The first point of a grid
+# wins ties. ``lambda`` scales the summed task vectors; for TIES-style methods
+# (normalize: true) the sum is already a mean, hence the larger values. The
+# ranges were widened once, when validation kept choosing their end points.
+TA_LAMBDAS = [0.3, 0.5, 0.8, 1.0]
+TIES_LAMBDAS = [0.7, 1.0, 1.5, 2.0]
+GRIDS: dict[str, list[dict]] = {
+    "linear": [{}],
+    "task_arithmetic": _grid(**{"lambda": TA_LAMBDAS}),
+    "ties": _grid(density=[0.2, 0.5], **{"lambda": TIES_LAMBDAS}),
+    "dare_ties": _grid(density=[0.2, 0.5], **{"lambda": TIES_LAMBDAS}),
+    "dare_linear": _grid(density=[0.2, 0.5], **{"lambda": TA_LAMBDAS}),
+    "breadcrumbs_ties": _grid(density=[0.2, 0.5], **{"lambda": TIES_LAMBDAS}),
+    "della": _grid(density=[0.2, 0.5], **{"lambda": TIES_LAMBDAS}),
+    "consensus_ties": _grid(density=[0.2, 0.5], **{"lambda": TIES_LAMBDAS}),
+    "consensus_ta": _grid(**{"lambda": TA_LAMBDAS}),
+    "model_stock": [{}],
+    "sce": _grid(select_topk=[0.1, 0.5, 1.0]),
+    "ram": [{}],
+    "karcher": [{}],
+}
+PER_MODEL = ("density",)
+ALL_METHODS = tuple(GRIDS)
+DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+
+
+@dataclass
+class SeedResult:
+    """One fine-tune seed: scores[row][form][skill], chosen hyperparameters, timings."""
+
+    seed: int
+    zoo_root: str
+    scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    chosen: dict[str, dict] = field(default_factory=dict)
+    validation: dict[str, list] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def recipe_for(zoo, method: str, point: dict, seed: int) -> dict:
+    """A mergekit-style recipe merging every full expert of ``zoo`` with ``method``."""
+    from mergesmith.methods import BasePolicy, get_method
+
+    spec = get_method(method)
+    per_model = {k: v for k, v in point.items() if k in PER_MODEL}
+    params = {k: v for k, v in point.items() if k not in PER_MODEL}
+    needs_weight = spec.param("weight") is not None
+    models = []
+    for skill in zoo.trained:
+        parameters = dict(per_model)
+        if needs_weight:
+            parameters["weight"] = 1.0
+        models.append({"model": str(zoo.experts[skill]), "parameters": parameters})
+    recipe = {"merge_method": method, "models": models, "dtype": "float32", "random_seed": seed}
+    if spec.base != BasePolicy.IGNORED:
+        recipe["base_model"] = str(zoo.base)
+    if params:
+        recipe["parameters"] = params
+    return recipe
+
+
+def merge_into(recipe: dict, out_dir: Path, device: str) -> float:
+    from mergesmith import merge
+
+    start = time.time()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    merge(recipe, out_dir, device=device, progress=False, overwrite=True)
+    return time.time() - start
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def load_task_set(files: list[Path], form: str, limit: Optional[int]):
+    """Tasks named by skill; generation capped at a few tokens (answers are short)."""
+    from mergesmith.evaluate import load_tasks
+
+    tasks = load_tasks(files, limit=limit)
+    if form == "gen":
+        for task in tasks:
+            task.settings = replace(task.settings, max_new_tokens=GEN_MAX_NEW_TOKENS)
+    return tasks
+
+
+def score(model: Path, tasks, device: str, batch_size: int) -> dict[str, float]:
+    """Headline score per task: accuracy (multiple choice) or exact match (generation)."""
+    from mergesmith.evaluate import evaluate
+
+    result = evaluate(str(model), tasks, batch_size=batch_size, device=device, progress=False,
+                      bootstrap=0)
+    return {t.name: float(t.score) for t in result.tasks}
+
+
+class EvalCache:
+    """Scores keyed by model folder and task set, so a rerun skips finished work."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def get_or_run(self, key: str, run: Callable[[], dict]) -> dict:
+        path = self._path(key)
+        if path.exists():
+            return json.loads(path.read_text())["value"]
+        value = run()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "value": value}))
+        tmp.replace(path)
+        return value
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class BenchConfig:
+    out: Path
+    size: str = "default"
+    zoo_seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] = ALL_METHODS
+    cache: Optional[Path] = None
+    device: str = "cpu"
+    limit: Optional[int] = None  # test items per task (None: all)
+    val_limit: Optional[int] = None  # validation items per task (None: all)
+    batch_size: int = 32
+    generation: bool = True
+    progress: bool = True
+    command: str = ""
+
+
+def check_methods(methods: tuple[str, ...]) -> None:
+    from mergesmith.methods import all_methods
+
+    known = all_methods()
+    problems = [f"--methods: {m!r} has no validation grid here; choose from {', '.join(GRIDS)}"
+                for m in methods if m not in GRIDS]
+    problems += [f"--methods: {m!r} is not a registered merge method" for m in methods
+                 if m in GRIDS and m not in known]
+    if problems:
+        raise InputError(problems)
+
+
+def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]) -> SeedResult:
+    from mergesmith.zoo.build import build_zoo
+
+    start = time.time()
+    zoo = build_zoo(cfg.size, cfg.zoo_seed, cfg.cache, finetune_seed=seed, device=cfg.device,
+                    progress=cfg.progress)
+    result = SeedResult(seed=seed, zoo_root=str(zoo.root))
+    result.seconds["zoo"] = round(time.time() - start, 1)
+    log(f"seed {seed}: zoo ready at {zoo.root} ({result.seconds['zoo']:.0f}s)")
+    cache = EvalCache(work / "evals")
+    test = {"mc": load_task_set(zoo.task_files("test", "mc"), "mc", cfg.limit)}
+    if cfg.generation:
+        test["gen"] = load_task_set(zoo.task_files("test", "gen"), "gen", cfg.limit)
+    val = load_task_set(zoo.task_files("validation", "mc", list(zoo.trained)), "mc", cfg.val_limit)
+    limits = f"limit={cfg.limit}"
+    eval_seconds = 0.0
+
+    def evaluate_row(name: str, path: Path, key: str) -> None:
+        nonlocal eval_seconds
+        t0 = time.time()
+        result.scores[name] = {
+            form: cache.get_or_run(f"{key}|test|{form}|{limits}",
+                                   lambda tasks=tasks: score(path, tasks, cfg.device, cfg.batch_size))
+            for form, tasks in test.items()}
+        eval_seconds += time.time() - t0
+
+    rows = list(zoo.models().items())
+    for name, path in tqdm(rows, desc=f"seed {seed}: zoo models", disable=not cfg.progress):
+        evaluate_row(name, path, str(path))
+    merge_seconds = select_seconds = 0.0
+    merges = work / "merges" / f"seed{seed}"
+    for method in cfg.methods:
+        t0 = time.time()
+        best, trials = select(cfg, zoo, method, seed, val, cache, merges, log)
+        select_seconds += time.time() - t0
+        recipe = recipe_for(zoo, method, best, seed)
+        key = f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}"
+        out_dir = merges / method
+        needed = any(not cache._path(f"{key}|test|{form}|{limits}").exists() for form in test)
+        if needed:
+            merge_seconds += merge_into(recipe, out_dir, cfg.device)
+        evaluate_row(f"merge:{method}", out_dir, key)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        result.chosen[method] = best
+        result.validation[method] = trials
+        avg = mean(result.scores[f"merge:{method}"]["mc"][s] for s in zoo.trained)
+        log(f"seed {seed}: {method:16s} chose {best or '-'}; test avg over trained skills "
+            f"{avg:.3f} ({time.time() - t0:.0f}s)")
+    result.seconds["evaluate"] = round(eval_seconds, 1)
+    result.seconds["merge"] = round(merge_seconds, 1)
+    result.seconds["select"] = round(select_seconds, 1)
+    result.seconds["total"] = round(time.time() - start, 1)
+    return result
+
+
+def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache, merges: Path,
+           log: Callable[[str], None]) -> tuple[dict, list]:
+    """The grid point with the best validation accuracy over the trained skills."""
+    grid = GRIDS[method]
+    if len(grid) == 1:
+        return grid[0], []
+    trials = []
+    for i, point in enumerate(grid):
+        recipe = recipe_for(zoo, method, point, seed)
+        key = f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}|validation|limit={cfg.val_limit}"
+
+        def run(recipe=recipe, i=i) -> dict:
+            out_dir = merges / f"{method}-val{i}"
+            merge_into(recipe, out_dir, cfg.device)
+            try:
+                return score(out_dir, val, cfg.device, cfg.batch_size)
+            finally:
+                shutil.rmtree(out_dir, ignore_errors=True)
+
+        scores = cache.get_or_run(key, run)
+        trials.append({"params": point, "validation": round(mean(scores.values()), 4)})
+    best = max(range(len(trials)), key=lambda i: (trials[i]["validation"], -i))
+    return grid[best], trials
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def row_order(names: list[str]) -> list[str]:
+    def rank(name: str) -> tuple:
+        kind = name.split(":")[0]
+        return ({"base": 0, "expert": 1, "multitask": 2, "merge": 3}[kind],)
+    return sorted(names, key=rank)  # stable: experts and merges keep their order
+
+
+def summarize(results: list[SeedResult], trained: tuple[str, ...],
+              heldout: tuple[str, ...], form: str) -> dict[str, dict]:
+    """Per row: mean and spread over seeds of every skill and of the averages."""
+    rows = {}
+    names = row_order(list(results[0].scores))
+    for name in names:
+        per_seed = []
+        for r in results:
+            s = r.scores[name][form]
+            values = dict(s)
+            values["avg_trained"] = mean(s[k] for k in trained)
+            values["avg_heldout"] = mean(s[k] for k in heldout)
+            own = {k: r.scores[f"expert:{k}"][form][k] for k in trained}
+            values["normalized"] = mean(s[k] / own[k] for k in trained if own[k] > 0)
+            per_seed.append(values)
+        keys = list(per_seed[0])
+        rows[name] = {k: (mean(v[k] for v in per_seed),
+                          statistics.stdev([v[k] for v in per_seed]) if len(per_seed) > 1 else 0.0)
+                      for k in keys}
+    return rows
+
+
+def write_csv(path: Path, rows: dict[str, dict], skills: tuple[str, ...]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", *skills, "avg_trained", "avg_heldout"])
+        for name, values in rows.items():
+            writer.writerow([name] + [f"{values[k][0]:.4f}" for k in (*skills, "avg_trained",
+                                                                       "avg_heldout")])
+
+
+def markdown_table(rows: dict[str, dict], skills: tuple[str, ...], spread: bool) -> str:
+    cols = [*skills, "avg_trained", "avg_heldout", "normalized"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, values in rows.items():
+        cells = []
+        for c in cols:
+            m, s = values[c]
+            show_spread = spread and c in ("avg_trained", "avg_heldout", "normalized")
+            cells.append(f"{m:.3f} ± {s:.3f}" if show_spread else f"{m:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    y = list(range(len(names)))
+    for offset, key, label in ((-0.2, "avg_trained", "trained skills"),
+                               (0.2, "avg_heldout", "held-out skills")):
+        ax.barh([i + offset for i in y], [rows[n][key][0] for n in names], height=0.38,
+                xerr=[rows[n][key][1] for n in names], label=label, capsize=2)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("multiple-choice accuracy (test), mean over seeds")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[str, ...],
+                  heldout: tuple[str, ...], seconds: dict) -> str:
+    skills = (*trained, *heldout)
+    out = cfg.out
+    mc = summarize(results, trained, heldout, "mc")
+    write_csv(out / "table.csv", mc, skills)
+    plot(out / "accuracy.png", mc)
+    spread = len(results) > 1
+    seeds = ", ".join(str(r.seed) for r in results)
+    parts = [
+        "# mergesmith bench",
+        "",
+        f"Command: `{cfg.command}`" if cfg.command else "",
+        f"Zoo: size `{cfg.size}`, world seed {cfg.zoo_seed}, fine-tune seeds {seeds}. "
+        f"Test items per task: {cfg.limit or 'all'}. Hyperparameters chosen on the validation "
+        "split (multiple-choice accuracy over the trained skills).",
+        "Cells are means over seeds" + (" (± standard deviation)" if spread else "") +
+        "; `normalized` is accuracy divided by the expert's own accuracy, averaged over the "
+        "trained skills. Chance: 0.25 with four choices, 0.5 for yes/no and up/down.",
+        "",
+        "## Multiple-choice accuracy (test)",
+        "",
+        markdown_table(mc, skills, spread),
+    ]
+    if cfg.generation:
+        gen = summarize(results, trained, heldout, "gen")
+        write_csv(out / "table_generation.csv", gen, skills)
+        parts += ["", "## Greedy generation, exact match (test)", "",
+                  markdown_table(gen, skills, spread)]
+    parts += ["", "## Ranking of merge methods (multiple choice, trained skills)", ""]
+    merges = sorted((n for n in mc if n.startswith("merge:")), key=lambda n: -mc[n]["avg_trained"][0])
+    best_expert = max((n for n in mc if n.startswith("expert:")), key=lambda n: mc[n]["avg_trained"][0])
+    for i, name in enumerate(merges, 1):
+        m, s = mc[name]["avg_trained"]
+        parts.append(f"{i}. {name[6:]}: {m:.3f}" + (f" ± {s:.3f}" if spread else ""))
+    if merges:
+        top = mc[merges[0]]["avg_trained"][0]
+        parts += ["", f"Best merge {merges[0][6:]} {top:.3f}; best single expert "
+                      f"({best_expert[7:]}) {mc[best_expert]['avg_trained'][0]:.3f}; multitask "
+                      f"{mc['multitask']['avg_trained'][0]:.3f}; gap to multitask "
+                      f"{mc['multitask']['avg_trained'][0] - top:.3f}."]
+    parts += ["", "## Chosen hyperparameters", "", "| method | " +
+              " | ".join(f"seed {r.seed}" for r in results) + " |",
+              "|---" * (len(results) + 1) + "|"]
+    for method in cfg.methods:
+        cells = [json.dumps(r.chosen.get(method, {})) for r in results]
+        parts.append(f"| {method} | " + " | ".join(cells) + " |")
+    parts += ["", "## Timings (seconds, this run; cached work counts as zero)", "",
+              "| seed | zoo build | validation search (merges + evaluation) | final merges "
+              "| test evaluation | total |", "|---|---|---|---|---|---|"]
+    for r in results:
+        s = r.seconds
+        parts.append(f"| {r.seed} | {s['zoo']:.0f} | {s['select']:.0f} | {s['merge']:.0f} | "
+                     f"{s['evaluate']:.0f} | {s['total']:.0f} |")
+    parts.append(f"\nWhole run: {seconds['total']:.0f}s.")
+    text = "\n".join(p for p in parts if p is not None) + "\n"
+    (out / "table.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()},
+        "trained": trained, "heldout": heldout, "seconds": seconds,
+        "seeds": [r.__dict__ for r in results]}, indent=1, default=str))
+    return text
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> str:
+    """Run the benchmark; returns the markdown table (also written to ``cfg.out``)."""
+    from mergesmith.zoo import skills as S
+
+    check_methods(cfg.methods)
+    if not cfg.seeds:
+        raise InputError("--seeds: give at least one fine-tune seed")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    results = []
+    for seed in cfg.seeds:
+        work = cfg.out / "work" / f"{cfg.size}-s{cfg.zoo_seed}"
+        results.append(run_seed(cfg, seed, work, log))
+    seconds = {"total": round(time.time() - start, 1)}
+    return write_outputs(cfg, results, S.TRAINED, S.HELDOUT, seconds)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
+    p = subparsers.add_parser("bench", help="merge the zoo's experts with every method and "
+                                            "tabulate accuracy per task")
+    add_zoo_options(p)
+    p.add_argument("--out", type=Path, default=Path("runs/bench"),
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="fine-tune seeds of the zoo; the spread over them is reported "
+                        "(default: 0; use three or more for the ranking's uncertainty)")
+    p.add_argument("--methods", default="all",
+                   help=f"comma-separated merge methods, 'all' ({', '.join(ALL_METHODS)}) or "
+                        f"'demo' ({', '.join(DEMO_METHODS)}) (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
+    p.add_argument("--val-limit", type=int, default=None,
+                   help="validation items per task for choosing hyperparameters (default: all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-generation", action="store_true",
+                   help="skip the generation table (multiple choice only)")
+    p.set_defaults(func=run_bench_cli)
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    if text == "all":
+        return ALL_METHODS
+    if text == "demo":
+        return DEMO_METHODS
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods:
+        raise InputError("--methods: name at least one method")
+    return methods
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    from mergesmith.zoo.model import get_size
+
+    cfg = BenchConfig(out=args.out, size=args.size, zoo_seed=args.seed, seeds=tuple(args.seeds),
+                      methods=parse_methods(args.methods), cache=args.cache,
+                      device=get_size(args.size, args.device).device, limit=args.limit, val_limit=args.val_limit,
+                      batch_size=args.batch_size, generation=not args.no_generation,
+                      command="mergesmith " + " ".join(sys.argv[1:]))
+    text = run_bench(cfg)
+    print(text)
+    print(f"wrote {cfg.out}/table.md, table.csv, table_generation.csv, accuracy.png, results.json")
+    return 0
