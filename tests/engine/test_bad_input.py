@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import yaml
 import mergesmith
 from mergesmith.cli import main
 from mergesmith.errors import InputError
-from conftest import make_model
+from tiny_models import make_model
 
 
 def write(tmp_path: Path, recipe: dict) -> Path:

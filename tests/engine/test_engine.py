@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import mergesmith
 from mergesmith import engine
 from mergesmith.cli import main
 from mergesmith.errors import InputError
-from conftest import load_state, make_model
+from tiny_models import load_state, make_model
 
 
 def linear(*paths, **extra) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mergesmith
-from conftest import ARCHS, load_state
+from tiny_models import ARCHS, load_state
 from mergekit_ref import run_mergekit
 
 # A gradient and a filter in most recipes, so resolution is exercised with every method.

@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from conftest import GEN_ROWS, MC_ROWS, build_model, write_jsonl
+from eval_data import GEN_ROWS, MC_ROWS, build_model, write_jsonl
 from merge_helpers import copy_merge, slow_merge
 from mergesmith.cli import main
 from mergesmith.errors import InputError

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import GEN_ROWS
+from eval_data import GEN_ROWS
 from mergesmith.evaluate import evaluate
 from mergesmith.evaluate.tasks import Item, Task, TaskSettings
 

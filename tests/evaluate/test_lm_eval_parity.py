@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import GEN_ROWS, MC_ROWS
+from eval_data import GEN_ROWS, MC_ROWS
 from mergesmith.evaluate import evaluate
 from mergesmith.evaluate.lm_eval_adapter import lm_eval_task_config, run_lm_eval
 from mergesmith.evaluate.prompts import plain_context

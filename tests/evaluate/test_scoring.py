@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import CHAT_TEMPLATE, MC_ROWS, build_model, write_jsonl
+from eval_data import MC_ROWS, build_model
 from mergesmith.evaluate import evaluate, load_tasks
 from mergesmith.evaluate.metrics import mc_choices
 from mergesmith.evaluate.tasks import FewShot, Item, Task, TaskSettings

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from conftest import GEN_ROWS, MC_ROWS, write_jsonl
+from eval_data import GEN_ROWS, MC_ROWS, write_jsonl
 from mergesmith.errors import InputError
 from mergesmith.evaluate.tasks import load_tasks, parse_answer_choices, task_from_dataset
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -253,10 +252,3 @@ def dtype_from_name(name: str) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
-
-def free_bytes_hint(path: Path) -> int:
-    try:
-        st = os.statvfs(path)
-        return st.f_bavail * st.f_frsize
-    except OSError:
-        return -1
