@@ -156,3 +156,10 @@ def test_stale_temp_of_a_dead_build_is_removed(tmp_path):
     with B.atomic_dir(tmp_path / "part"):
         pass
     assert not stale.exists() and mine.exists()  # only temps of the folder being built
+
+
+def test_cli_size_names_match_the_sizes():
+    from mergesmith.zoo.cli import SIZE_NAMES
+    from mergesmith.zoo.model import SIZES
+
+    assert set(SIZE_NAMES) == set(SIZES)

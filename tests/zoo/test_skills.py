@@ -1,6 +1,5 @@
 """The synthetic world and its skills: correct answers, disjoint splits, determinism."""
 
-import random
 import re
 
 import pytest

@@ -68,7 +68,7 @@ SIZES: dict[str, ZooSize] = {
         lora_skills=("strings",), lora_steps=30,
         n_validation=24, n_test=40,
     ),
-    # The demo and the benchmark: about ten minutes on two CPU cores.
+    # The demo and the benchmark: about 15 minutes on two CPU cores (887 s with one thread).
     "default": ZooSize(name="default"),
     # For a GPU: a bigger model trained longer.
     "large": ZooSize(
