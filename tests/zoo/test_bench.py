@@ -22,8 +22,8 @@ def bench_out(zoo, zoo_cache, tmp_path_factory):
 def test_outputs_have_the_promised_shape(bench_out):
     for name in ("table.md", "table.csv", "table_generation.csv", "accuracy.png", "results.json"):
         assert (bench_out / name).stat().st_size > 0, name
-    want_rows = ["base", *[f"expert:{s}" for s in S.TRAINED], "multitask", "merge:linear",
-                 "merge:ties"]
+    want_rows = ["base", *[f"expert:{s}" for s in S.TRAINED], "lora:strings", "multitask",
+                 "merge:linear", "merge:ties"]
     for name in ("table.csv", "table_generation.csv"):
         rows = list(csv.reader((bench_out / name).open()))
         assert rows[0] == ["model", *S.TRAINED, *S.HELDOUT, "avg_trained", "avg_heldout"]
@@ -84,17 +84,19 @@ def test_summary_math():
             "expert:a": {"mc": {"a": 0.8, "b": 0.2, "h": 0.5}},
             "expert:b": {"mc": {"a": 0.2, "b": 0.6, "h": 0.5}},
             "multitask": {"mc": {"a": 0.8, "b": 0.6, "h": 0.5}},
+            "lora:a": {"mc": {"a": 0.4, "b": 0.2, "h": 0.5}},
             "merge:x": {"mc": {"a": merged_a, "b": 0.3, "h": 0.7}},
         }
         return r
 
     rows = BN.summarize([seed_result(0, 0.4), seed_result(1, 0.6)], trained, heldout, "mc")
-    assert list(rows) == ["base", "expert:a", "expert:b", "multitask", "merge:x"]
+    assert list(rows) == ["base", "expert:a", "expert:b", "lora:a", "multitask", "merge:x"]
     mean, spread = rows["merge:x"]["avg_trained"]
     assert mean == pytest.approx((0.35 + 0.45) / 2) and spread == pytest.approx(0.0707, abs=1e-3)
     # normalized: (0.4/0.8 + 0.3/0.6)/2 = 0.5 and (0.6/0.8 + 0.5)/2 = 0.625
     assert rows["merge:x"]["normalized"][0] == pytest.approx(0.5625)
     assert rows["multitask"]["normalized"][0] == pytest.approx(1.0)
+    assert rows["lora:a"]["normalized"][0] == pytest.approx((0.4 / 0.8 + 0.2 / 0.6) / 2)
 
 
 def test_unknown_method_is_an_input_error():

@@ -52,6 +52,36 @@ def test_lora_adapter_loads_with_peft(zoo):
     assert changed and all("proj" in k for k in changed)
 
 
+def test_materialized_lora_is_base_plus_scaled_low_rank_product(zoo, tmp_path):
+    """W' = W + (alpha / r) B A for every adapted weight, everything else unchanged."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mergesmith.zoo.lora import materialize_lora
+
+    skill, adapter = next(iter(zoo.lora.items()))
+    out = materialize_lora(adapter, zoo.base, tmp_path / "merged")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    lora = load_file(adapter / "adapter_model.safetensors")
+    base, merged = load_file(zoo.base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(merged) == set(base)
+    adapted = 0
+    for name, weight in base.items():
+        a_key = "base_model.model." + name.replace(".weight", ".lora_A.weight")
+        if a_key in lora:
+            b = lora[a_key.replace("lora_A", "lora_B")]
+            assert b.abs().max() > 0, "training moved B away from its zero init"
+            torch.testing.assert_close(merged[name], weight + scale * b @ lora[a_key],
+                                       rtol=1e-5, atol=1e-6)
+            adapted += 1
+        else:
+            assert torch.equal(merged[name], weight), name
+    assert adapted == 7 * zoo.manifest["settings"]["layers"]
+    assert (out / "tokenizer.json").exists()
+
+
 def test_task_files_load_in_the_evaluation_harness(zoo):
     from mergesmith.evaluate import load_tasks
 

@@ -222,9 +222,21 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
             for form, tasks in test.items()}
         eval_seconds += time.time() - t0
 
+    def scored(key: str) -> bool:
+        return all(cache._path(f"{key}|test|{form}|{limits}").exists() for form in test)
+
     rows = list(zoo.models().items())
     for name, path in tqdm(rows, desc=f"seed {seed}: zoo models", disable=not cfg.progress):
         evaluate_row(name, path, str(path))
+    for skill, adapter in zoo.lora.items():  # row lora:<skill>: the adapter folded into the base
+        key, folder = f"{adapter}|lora", work / "lora" / f"seed{seed}" / skill
+        if not scored(key):
+            from mergesmith.zoo.lora import materialize_lora
+
+            shutil.rmtree(folder, ignore_errors=True)
+            materialize_lora(adapter, zoo.base, folder)
+        evaluate_row(f"lora:{skill}", folder, key)
+        shutil.rmtree(folder, ignore_errors=True)
     merge_seconds = select_seconds = 0.0
     merges = work / "merges" / f"seed{seed}"
     for method in cfg.methods:
@@ -234,8 +246,7 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
         recipe = recipe_for(zoo, method, best, seed)
         key = f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}"
         out_dir = merges / method
-        needed = any(not cache._path(f"{key}|test|{form}|{limits}").exists() for form in test)
-        if needed:
+        if not scored(key):
             merge_seconds += merge_into(recipe, out_dir, cfg.device)
         evaluate_row(f"merge:{method}", out_dir, key)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -282,7 +293,7 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
 def row_order(names: list[str]) -> list[str]:
     def rank(name: str) -> tuple:
         kind = name.split(":")[0]
-        return ({"base": 0, "expert": 1, "multitask": 2, "merge": 3}[kind],)
+        return ({"base": 0, "expert": 1, "lora": 2, "multitask": 3, "merge": 4}[kind],)
     return sorted(names, key=rank)  # stable: experts and merges keep their order
 
 
@@ -384,14 +395,15 @@ def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[st
                   markdown_table(gen, skills, spread)]
     parts += ["", "## Ranking of merge methods (multiple choice, trained skills)", ""]
     merges = sorted((n for n in mc if n.startswith("merge:")), key=lambda n: -mc[n]["avg_trained"][0])
-    best_expert = max((n for n in mc if n.startswith("expert:")), key=lambda n: mc[n]["avg_trained"][0])
+    best_expert = max((n for n in mc if n.startswith(("expert:", "lora:"))),
+                      key=lambda n: mc[n]["avg_trained"][0])
     for i, name in enumerate(merges, 1):
         m, s = mc[name]["avg_trained"]
         parts.append(f"{i}. {name[6:]}: {m:.3f}" + (f" ± {s:.3f}" if spread else ""))
     if merges:
         top = mc[merges[0]]["avg_trained"][0]
         parts += ["", f"Best merge {merges[0][6:]} {top:.3f}; best single expert "
-                      f"({best_expert[7:]}) {mc[best_expert]['avg_trained'][0]:.3f}; multitask "
+                      f"({best_expert}) {mc[best_expert]['avg_trained'][0]:.3f}; multitask "
                       f"{mc['multitask']['avg_trained'][0]:.3f}; gap to multitask "
                       f"{mc['multitask']['avg_trained'][0] - top:.3f}."]
     parts += ["", "## Chosen hyperparameters", "", "| method | " +

@@ -7,7 +7,9 @@ linear layer of the blocks.
 
 from __future__ import annotations
 
-from peft import LoraConfig, get_peft_model
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from mergesmith.zoo.model import ZooSize
 from mergesmith.zoo.skills import Example
@@ -25,3 +27,20 @@ def train_lora(model, tokenizer, examples: list[Example], size: ZooSize, *, seed
     log = finetune(peft_model, tokenizer, examples, steps=size.lora_steps, batch=size.ft_batch,
                    lr=size.lora_lr, seed=seed, desc="lora", device=size.device, progress=progress)
     return peft_model, log
+
+
+def materialize_lora(adapter: Path, base: Path, out: Path) -> Path:
+    """Save ``base`` with the adapter folded into its weights (W + scale * B @ A).
+
+    The result is an ordinary checkpoint, so the evaluation harness and the merge
+    engine read it like any full expert. Uses PEFT's own ``merge_and_unload``: the
+    reference for what the adapter means.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    return out
