@@ -1,10 +1,11 @@
 """``mergesmith bench``: merge the zoo's experts with every method and tabulate.
 
 For each fine-tune seed: build (or reuse) the zoo, evaluate the base, every
-expert and the multitask model, then for every method pick its hyperparameters
-on the validation split (multiple-choice accuracy averaged over the trained
-skills; test data is never looked at), merge with the chosen ones and evaluate
-on every test task, in multiple-choice and generation form.
+expert (LoRA ones folded into the base) and the multitask model, then for every
+method pick its hyperparameters on the validation split (multiple-choice
+accuracy averaged over the trained skills; test data is never looked at), merge
+the full experts with the chosen ones and evaluate on every test task, in
+multiple-choice and generation form.
 
 Outputs in ``--out``: ``table.md`` (both tables, mean ± spread over seeds, the
 chosen hyperparameters, the timings), ``table.csv`` (multiple-choice accuracy),

@@ -70,7 +70,7 @@ SIZES: dict[str, ZooSize] = {
         lora_skills=("strings",), lora_steps=30,
         n_validation=24, n_test=40,
     ),
-    # The demo and the benchmark: about 15 minutes on two CPU cores (887 s with one thread).
+    # The demo and the benchmark: 584 s on two idle CPU cores (docs/zoo.md, Sizes).
     "default": ZooSize(name="default"),
     # For a GPU: a bigger model trained longer.
     "large": ZooSize(
