@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from mergesmith.checkpoint.layout import (
     is_pre_layer, is_skipped, is_vocab_tensor, num_layers, split_layer_name, tied_embedding_name, vocab_tokens,
 )
+from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
 from mergesmith.errors import InputError
@@ -69,7 +70,7 @@ class ModelInfo:
     ref: str  # as written in the recipe
     path: Path
     config: dict[str, Any]
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | LoraCheckpoint
     layers: int
 
     @property
@@ -549,12 +550,15 @@ def _open_models(recipe: Recipe) -> list[ModelInfo]:
     problems: list[str] = []
     located: list[tuple[str, Path]] = []
     for ref in recipe.models():
+        model_ref, lora_ref = split_lora_ref(ref)
         try:
-            located.append((ref, resolve_model_path(ref)))
+            path = resolve_model_path(model_ref)
+            adapter = resolve_model_path(lora_ref) if lora_ref else None
+            located.append((ref, path, adapter))
         except InputError as err:
             problems.extend(f"{recipe.source_name}: {p}" for p in err.problems)
     infos = []
-    for ref, path in located:
+    for ref, path, adapter in located:
         cfg_path = path / "config.json"
         try:
             config = json.loads(cfg_path.read_text())
@@ -566,6 +570,8 @@ def _open_models(recipe: Recipe) -> list[ModelInfo]:
             continue
         try:
             ckpt = Checkpoint.open(path)
+            if adapter is not None:
+                ckpt = LoraCheckpoint.open(ckpt, adapter)
         except InputError as err:
             problems.extend(f"{recipe.source_name}: {ref}: {p}" for p in err.problems)
             continue

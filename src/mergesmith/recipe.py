@@ -43,15 +43,21 @@ class _Strict(BaseModel):
 
 
 def _model_ref(value: Any) -> Any:
-    # mergekit also accepts {model: {path: X}} for a plain model reference.
+    # mergekit also accepts {model: {path: X}, lora: {path: Y}}; we keep the string form X+Y.
     if isinstance(value, dict) and set(value) <= {"model", "lora"} and isinstance(value.get("model"), dict):
-        if value.get("lora"):
-            raise ValueError("LoRA model references (model + lora) are not supported yet; "
-                             "merge the adapter into its base first (peft merge_and_unload)")
-        return value["model"].get("path")
+        path = value["model"].get("path")
+        lora = value.get("lora")
+        if lora:
+            lora_path = lora.get("path") if isinstance(lora, dict) else lora
+            if not isinstance(path, str) or not isinstance(lora_path, str):
+                raise ValueError("a LoRA model reference needs model.path and lora.path")
+            return f"{path}+{lora_path}"
+        return path
     if isinstance(value, str) and "+" in value:
-        raise ValueError(f"{value!r}: 'model+lora' references are not supported yet; "
-                         "merge the adapter into its base first (peft merge_and_unload)")
+        from mergesmith.checkpoint.lora import split_lora_ref
+
+        model, lora = split_lora_ref(value)
+        return f"{model}+{lora}"
     return value
 
 

@@ -6,7 +6,8 @@ import warnings
 from pathlib import Path
 
 
-def run_mergekit(recipe: dict, out: Path, seed: int | None = None) -> Path:
+def run_mergekit(recipe: dict, out: Path, seed: int | None = None,
+                 lora_merge_cache: Path | None = None) -> Path:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -15,5 +16,6 @@ def run_mergekit(recipe: dict, out: Path, seed: int | None = None) -> Path:
         warnings.simplefilter("ignore")
         cfg = MergeConfiguration.model_validate(recipe)
         run_merge(cfg, str(out), options=MergeOptions(random_seed=seed, quiet=True, copy_tokenizer=True,
-                                                      write_model_card=False))
+                                                      write_model_card=False,
+                                                      lora_merge_cache=str(lora_merge_cache) if lora_merge_cache else None))
     return out
