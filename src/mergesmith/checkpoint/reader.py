@@ -5,17 +5,23 @@ shard (validated: a truncated or corrupt file is reported before any weight is
 read) or, for PyTorch ``.bin`` files, the pickle's tensor metadata through a
 memory-mapped ``torch.load``. ``read(name)`` then returns one tensor.
 
-safetensors tensors are zero-copy views of a memory-mapped file. Mapped pages
+safetensors tensors are zero-copy views of a memory-mapped file, and so are
+``.bin`` tensors (``torch.load(mmap=True)`` maps the whole file). Mapped pages
 count towards the process's resident memory while they stay mapped, so after
 converting a tensor the engine calls ``release(name)``, which tells the kernel
 to drop those pages from this process (the data stays in the page cache and is
-faulted back in if the view is touched again, so the view stays valid).
+faulted back in if the view is touched again, so the view stays valid). For
+``.bin`` files this is done only where ``/proc/self/maps`` shows the tensor's
+bytes inside a mapping of that very file: dropping pages of ordinary memory
+would zero them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -111,6 +117,7 @@ class Checkpoint:
         self.format = fmt
         self._maps: dict[Path, mmap.mmap] = {}
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
+        self._bin_ranges: dict[Path, list[tuple[int, int]]] = {}
 
     @classmethod
     def open(cls, directory: str | Path) -> "Checkpoint":
@@ -155,6 +162,11 @@ class Checkpoint:
     def release(self, name: str) -> None:
         """Drop the mapped pages of one tensor from this process's resident memory."""
         info = self.infos[name]
+        if self.format == "bin":
+            state = self._bin.get(info.file)
+            if state is not None and name in state:
+                _release_file_pages(state[name], self._bin_ranges.get(info.file, []))
+            return
         mm = self._maps.get(info.file)
         if mm is None or not hasattr(mm, "madvise"):
             return
@@ -178,10 +190,12 @@ class Checkpoint:
         if state is None:
             state = _load_bin(path)
             self._bin[path] = state
+            self._bin_ranges[path] = file_mappings(path)
         return state
 
     def close(self) -> None:
         self._bin.clear()
+        self._bin_ranges.clear()
         for mm in self._maps.values():
             try:
                 mm.close()
@@ -231,6 +245,53 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` (Linux; elsewhere none)."""
+    target = str(Path(path).resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        return []
+    return ranges
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def _madvise():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise() if os.name == "posix" and mmap.PAGESIZE > 0 else None
+
+
+def _release_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Drop the whole pages of ``tensor``'s storage, if they lie in one of ``ranges``."""
+    if _MADVISE is None or not ranges:
+        return
+    storage = tensor.untyped_storage()
+    begin, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if not any(lo <= begin and end <= hi for lo, hi in ranges):
+        return
+    start = -(-begin // PAGE) * PAGE  # whole pages only: neighbours keep theirs
+    stop = end // PAGE * PAGE
+    if stop > start:
+        _MADVISE(start, stop - start, _MADV_DONTNEED)
 
 
 def _read_bin_header(path: Path) -> dict[str, TensorInfo]:
