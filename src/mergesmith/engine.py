@@ -502,7 +502,7 @@ def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], 
     if method.stochastic:
         generator = torch.Generator(device=device).manual_seed(task.seed)
     group = TensorGroup(task.name, tensors, task.params, task.model_params, task.base_index, generator, task.t,
-                        disposable=True)
+                        disposable=True, vocab=is_vocab_tensor(task.name))
     out = method.fn(group)
     if tuple(out.shape) != task.shape:
         raise RuntimeError(f"{task.name}: method {method.name} returned shape {list(out.shape)}, "

@@ -124,6 +124,9 @@ class TensorGroup:
     # the method may then overwrite them (e.g. form task vectors in place) to save memory.
     # Otherwise inputs must be left untouched.
     disposable: bool = False
+    # True for the token embeddings and the LM head (tied or not): tensors indexed by the
+    # vocabulary, which subspace methods leave out of their decomposition by default.
+    vocab: bool = False
 
     @property
     def base(self) -> torch.Tensor:
