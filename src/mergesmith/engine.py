@@ -44,9 +44,10 @@ from mergesmith.checkpoint.layout import (
 from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
-from mergesmith.errors import InputError
+from mergesmith.errors import InputError, ResourceError
 from mergesmith.methods import BasePolicy, TensorGroup
-from mergesmith.recipe import Recipe, Slice, load_recipe, resolve_param
+from mergesmith.paths import OutputLock, output_problems
+from mergesmith.recipe import Recipe, Slice, load_recipe, model_refs_of, read_recipe_raw, resolve_param
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -63,6 +64,8 @@ class MergeOptions:
     prefetch_bytes: int = 128 * 1024 ** 2  # how far the reader may run ahead (one tensor always may)
     progress: bool = True
     random_seed: Optional[int] = None  # overrides the recipe's random_seed
+    # NaN/Inf in an input or output tensor stop the merge unless this carries them through (with a warning).
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -191,26 +194,77 @@ def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, 
             raise TypeError(f"merge() got an unknown option {key!r}")
         setattr(options, key, value)
     out_dir = Path(out_dir)
-    if not dry_run and out_dir.exists() and not options.overwrite:
-        raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
-    plan = plan_merge(recipe, options)
-    if dry_run:
-        return MergeResult(None, plan)
+    plan = plan_merge(recipe, options, out_dir=out_dir, writing=not dry_run)
     try:
-        return execute_plan(plan, out_dir, options)
+        if dry_run:
+            return MergeResult(None, plan)
+        # Planning read only headers; the lock comes before any weight is read, so a second run on
+        # this output stops here, at once.
+        with OutputLock(out_dir):
+            if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
+                raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+            return execute_plan(plan, out_dir, options)
     finally:
         for m in plan.models:
             m.checkpoint.close()
 
 
-def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOptions] = None) -> MergePlan:
-    options = options or MergeOptions()
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    where = recipe.source_name
+def option_problems(options: MergeOptions) -> list[str]:
+    """What is wrong with the merge options (the CLI flags), before any work."""
+    problems = []
+    try:
+        _pick_device(options.device)
+    except InputError as err:
+        problems += err.problems
     if options.vocab_mismatch not in ("resize", "error"):
-        raise InputError(f"vocab_mismatch = {options.vocab_mismatch!r} must be resize or error")
-    models = _open_models(recipe)
+        problems.append(f"vocab_mismatch = {options.vocab_mismatch!r} must be resize or error")
+    if options.threads is not None and options.threads < 1:
+        problems.append(f"--threads {options.threads} must be at least 1 (or left out for torch's default)")
+    if options.out_shard_size < 1:
+        problems.append(f"--out-shard-size {options.out_shard_size} must be at least one byte, e.g. 5GB")
+    if options.prefetch_bytes < 0:
+        problems.append(f"--prefetch {options.prefetch_bytes} must not be negative")
+    return problems
+
+
+def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOptions] = None, *,
+               out_dir: Optional[Union[str, Path]] = None, writing: bool = False) -> MergePlan:
+    """Check everything that can be checked without reading a weight, then plan every output tensor.
+
+    Problems with the options, the recipe, the model folders and the output path are
+    gathered and raised together as one ``InputError``: the recipe is checked, and the
+    model folders it names are opened, even when the other one has problems. With
+    ``out_dir``, an output that is, contains or lies inside an input is refused
+    (``--overwrite`` or not); with ``writing``, so is an existing one without ``--overwrite``.
+    """
+    options = options or MergeOptions()
+    problems = option_problems(options)
+    if isinstance(recipe, Recipe):
+        refs, where = recipe.models(), recipe.source_name
+    else:
+        try:
+            recipe = load_recipe(recipe)
+            refs, where = recipe.models(), recipe.source_name
+        except InputError as err:
+            problems += err.problems
+            try:
+                raw, where = read_recipe_raw(recipe)
+                refs = model_refs_of(raw)
+            except InputError:
+                refs, where = [], "recipe"
+            recipe = None
+    models, model_problems, input_paths = _open_models(refs, where)
+    problems += model_problems
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        problems += output_problems(out_dir, input_paths)
+        if writing and out_dir.exists() and not options.overwrite:
+            problems.append(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+    if problems:
+        for m in models:
+            m.checkpoint.close()
+        raise InputError(_dedupe(problems))
+    assert recipe is not None
     by_ref = {m.ref: i for i, m in enumerate(models)}
     first = recipe.slices[0].sources[0].model
     reference = by_ref[recipe.base_model or first]
@@ -420,7 +474,8 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
     writer = CheckpointWriter(out_dir, out_specs, options.out_shard_size, overwrite=options.overwrite)
     free = shutil.disk_usage(writer.tmp_dir.parent if writer.tmp_dir.parent.exists() else Path.cwd()).free
     if free < writer.total_bytes:
-        raise InputError(f"{out_dir}: needs {_human(writer.total_bytes)} of disk, only {_human(free)} free")
+        raise ResourceError(f"{out_dir}: the merged model needs {_human(writer.total_bytes)} of disk, only "
+                            f"{_human(free)} is free there; free some space or choose another output path")
     writer.tmp_dir.parent.mkdir(parents=True, exist_ok=True)
 
     bar = tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc=f"merge ({method.name})",
@@ -442,7 +497,7 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
                     return
                 size = _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs)
                 in_flight += size
-                loads.append((task, reader.submit(_load_inputs, plan, task, device)))
+                loads.append((task, reader.submit(_load_inputs, plan, task, device, options.allow_nonfinite)))
 
         fill()
         while loads:
@@ -450,7 +505,7 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
             tensors = future.result()
             in_flight -= _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs)
             fill()
-            out = _run_method(plan, task, tensors, device)
+            out = _run_method(plan, task, tensors, device, options.allow_nonfinite)
             del tensors
             while len(writes) >= 2:
                 writes.popleft().result()
@@ -467,10 +522,12 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 # ----------------------------------------------------------------------------- steps
 
 
-def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device) -> list[torch.Tensor]:
+def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device,
+                 allow_nonfinite: bool = False) -> list[torch.Tensor]:
     out = []
     for ref in task.inputs:
-        ckpt = plan.models[ref.model].checkpoint
+        model = plan.models[ref.model]
+        ckpt = model.checkpoint
         stored = ckpt.read(ref.name)
         if ref.rows is not None and stored.shape[0] > ref.rows:
             stored = stored[: ref.rows]
@@ -479,11 +536,41 @@ def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device) -> lis
         else:
             x = stored.to(device).to(plan.compute_dtype)
         ckpt.release(ref.name)
+        counts = nonfinite_counts(x)
+        if counts:
+            _nonfinite_found(f"{model.ref}: tensor {ref.name} holds {_counts_text(counts)}; the checkpoint "
+                             "is damaged: re-download or re-save it", allow_nonfinite)
         if ref.rows is not None and x.shape[0] < ref.rows:
             filler = _reference_rows(plan, task, x.shape[0], ref.rows).to(x)
             x = torch.cat([x, filler])
         out.append(x)
     return out
+
+
+def nonfinite_counts(x: torch.Tensor) -> Optional[tuple[int, int]]:
+    """(NaN count, Inf count) of ``x``, or None when every value is finite.
+
+    A finite sum proves every term finite (a NaN or an Inf anywhere makes it NaN or
+    infinite), so the common case costs one reduction and no temporary; only a
+    non-finite sum, which a huge finite tensor could also overflow to, gets counted.
+    """
+    if not x.dtype.is_floating_point or x.numel() == 0:
+        return None
+    if torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)):
+        return None
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    return (nan, inf) if nan or inf else None
+
+
+def _counts_text(counts: tuple[int, int]) -> str:
+    return f"{counts[0]} NaN and {counts[1]} infinite values"
+
+
+def _nonfinite_found(message: str, allow: bool) -> None:
+    if allow:
+        warnings.warn(message.split("; ")[0] + "; carried through (allow_nonfinite)", stacklevel=2)
+        return
+    raise InputError(message + "; or pass --allow-nonfinite to carry non-finite values through")
 
 
 def _reference_rows(plan: MergePlan, task: TensorPlan, lo: int, hi: int) -> torch.Tensor:
@@ -494,7 +581,8 @@ def _reference_rows(plan: MergePlan, task: TensorPlan, lo: int, hi: int) -> torc
     return rows
 
 
-def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], device: torch.device,
+                allow_nonfinite: bool = False) -> torch.Tensor:
     method = plan.recipe.method
     if not plan.models[task.inputs[0].model].checkpoint.infos[task.inputs[0].name].dtype.is_floating_point:
         return tensors[0].to(task.out_dtype, copy=True).cpu()
@@ -507,7 +595,15 @@ def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], 
     if tuple(out.shape) != task.shape:
         raise RuntimeError(f"{task.name}: method {method.name} returned shape {list(out.shape)}, "
                            f"expected {list(task.shape)}")
-    return out.to(device="cpu", dtype=task.out_dtype)
+    result = out.to(device="cpu", dtype=task.out_dtype)
+    counts = nonfinite_counts(result)
+    if counts:
+        overflow = nonfinite_counts(out) is None
+        cause = (f"values beyond the range of {dtype_name(task.out_dtype)}; choose a wider out_dtype"
+                 if overflow else "e.g. a division by a zero norm; check the method's parameters")
+        _nonfinite_found(f"{task.name}: method {method.name} produced {_counts_text(counts)} "
+                         f"({cause})", allow_nonfinite)
+    return result
 
 
 def _write_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
@@ -545,35 +641,43 @@ def _model_card(plan: MergePlan) -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _open_models(recipe: Recipe) -> list[ModelInfo]:
-    """Resolve every model reference, read configs and headers; report all problems together."""
+def _open_models(refs: list[str], where: str) -> tuple[list["ModelInfo"], list[str], dict[str, Path]]:
+    """Resolve every model reference, read configs and headers.
+
+    Returns the models that opened, every problem found, and every input path
+    (model folders and LoRA adapter folders, by the reference that names them).
+    """
     problems: list[str] = []
-    located: list[tuple[str, Path]] = []
-    for ref in recipe.models():
+    located: list[tuple[str, Path, Optional[Path]]] = []
+    input_paths: dict[str, Path] = {}
+    for ref in refs:
         model_ref, lora_ref = split_lora_ref(ref)
         try:
             path = resolve_model_path(model_ref)
+            input_paths[model_ref] = path
             adapter = resolve_model_path(lora_ref) if lora_ref else None
+            if adapter is not None:
+                input_paths[lora_ref] = adapter
             located.append((ref, path, adapter))
         except InputError as err:
-            problems.extend(f"{recipe.source_name}: {p}" for p in err.problems)
+            problems.extend(f"{where}: {p}" for p in err.problems)
     infos = []
     for ref, path, adapter in located:
         cfg_path = path / "config.json"
         try:
             config = json.loads(cfg_path.read_text())
         except FileNotFoundError:
-            problems.append(f"{recipe.source_name}: {ref}: no config.json in {path}; is it a Hugging Face model folder?")
+            problems.append(f"{where}: {ref}: no config.json in {path}; is it a Hugging Face model folder?")
             continue
         except json.JSONDecodeError as err:
-            problems.append(f"{recipe.source_name}: {cfg_path}: not valid JSON ({err})")
+            problems.append(f"{where}: {cfg_path}: not valid JSON ({err})")
             continue
         try:
             ckpt = Checkpoint.open(path)
             if adapter is not None:
                 ckpt = LoraCheckpoint.open(ckpt, adapter)
         except InputError as err:
-            problems.extend(f"{recipe.source_name}: {ref}: {p}" for p in err.problems)
+            problems.extend(f"{where}: {ref}: {p}" for p in err.problems)
             continue
         layers = num_layers(config)
         if layers is None:
@@ -581,11 +685,9 @@ def _open_models(recipe: Recipe) -> list[ModelInfo]:
         infos.append(ModelInfo(ref, path, config, ckpt, layers))
     archs = {m.ref: (m.config.get("architectures") or [m.config.get("model_type", "?")])[0] for m in infos}
     if len(set(archs.values())) > 1:
-        problems.append(f"{recipe.source_name}: the models have different architectures "
+        problems.append(f"{where}: the models have different architectures "
                         f"({', '.join(f'{k}: {v}' for k, v in archs.items())}); merge models of one architecture")
-    if problems:
-        raise InputError(problems)
-    return infos
+    return infos, problems, input_paths
 
 
 def resolve_model_path(ref: str) -> Path:
@@ -657,7 +759,12 @@ def _output_config(config: dict, layers: int, layer_types: list, tensors: list[T
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError(f"device = {name!r} is not a device; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device = {name}: CUDA is not available on this machine; use --device cpu or auto")
     return device

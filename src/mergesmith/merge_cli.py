@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--vocab-mismatch", choices=("resize", "error"), default="resize",
                    help="models with different vocabulary sizes: resize to the output's with a warning, or stop")
     p.add_argument("--random-seed", type=int, default=None, help="overrides the recipe's random_seed")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="carry NaN/Inf values in inputs or outputs through with a warning (default: stop with an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_merge)
 
@@ -59,7 +61,7 @@ def run_merge(args: argparse.Namespace) -> int:
     options = MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
                            overwrite=args.overwrite, vocab_mismatch=args.vocab_mismatch,
                            prefetch_bytes=args.prefetch, progress=not args.no_progress,
-                           random_seed=args.random_seed)
+                           random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite)
     result = merge(args.recipe, args.out_dir, dry_run=args.dry_run, options=options)
     if args.dry_run:
         print(result.plan.describe(options))

@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from mergesmith.errors import InputError
+from mergesmith.errors import InputError, read_text
 from mergesmith.methods import BasePolicy, MethodSpec, Param, all_methods, get_method
 
 # ----------------------------------------------------------------------------- schema
@@ -222,21 +222,54 @@ def resolve_param(param: Param, scopes: list[dict[str, Any]], tensor_name: str, 
 # ----------------------------------------------------------------------------- loading and checks
 
 
+def read_recipe_raw(recipe: Union[str, Path, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The recipe as a plain dict and the name to cite it by. Raises InputError."""
+    if isinstance(recipe, dict):
+        return copy.deepcopy(recipe), "recipe"
+    path = Path(recipe)
+    where = str(path)
+    if not path.is_file():
+        raise InputError(f"{where}: no such recipe file" if not path.exists() else f"{where}: not a file")
+    try:
+        raw = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        raise InputError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: a recipe is a YAML mapping with at least merge_method and models or slices")
+    return raw, where
+
+
+def model_refs_of(raw: dict[str, Any]) -> list[str]:
+    """Every model reference a raw recipe names, found even when the recipe is invalid.
+
+    Used to check the model folders in the same round as the recipe itself, so that
+    every problem is reported at once. Entries of the wrong shape are skipped (the
+    recipe check reports them).
+    """
+    def dicts(value: Any) -> list[dict]:
+        return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+    found: list[Any] = [raw.get("base_model")]
+    found += [entry.get("model") for entry in dicts(raw.get("models"))]
+    for sl in dicts(raw.get("slices")):
+        found.append(sl.get("base_model"))
+        found += [src.get("model") for src in dicts(sl.get("sources"))]
+    tok = raw.get("tokenizer")
+    found.append(raw.get("tokenizer_source") or (tok.get("source") if isinstance(tok, dict) else None))
+    refs: dict[str, None] = {}
+    for ref in found:
+        try:
+            ref = _model_ref(ref)
+        except (ValueError, AttributeError, TypeError, InputError):
+            continue
+        if isinstance(ref, str) and ref and ref not in ("base", "union"):
+            refs.setdefault(ref, None)
+    return list(refs)
+
+
 def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
     """Parse and check a recipe (a YAML path or a dict). Raises InputError with every problem."""
-    if isinstance(recipe, dict):
-        raw, where = copy.deepcopy(recipe), "recipe"
-    else:
-        path = Path(recipe)
-        where = str(path)
-        if not path.is_file():
-            raise InputError(f"{where}: no such recipe file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise InputError(f"{where}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{where}: a recipe is a YAML mapping with at least merge_method and models or slices")
+    raw, where = read_recipe_raw(recipe)
     for key in raw:
         if key not in RecipeSpec.model_fields:
             warnings.warn(f"{where}: unknown top-level key {key!r} is ignored; check its spelling", stacklevel=2)
@@ -246,11 +279,12 @@ def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
         raise InputError([_pydantic_problem(where, e) for e in err.errors()]) from None
 
     problems: list[str] = []
+    method: Optional[MethodSpec] = None
     try:
         method = get_method(spec.merge_method)
     except KeyError:
-        raise InputError(f"{where}: merge_method = {spec.merge_method!r} is not a known method; "
-                         f"choose one of: {', '.join(all_methods())}") from None
+        problems.append(f"{where}: merge_method = {spec.merge_method!r} is not a known method; "
+                        f"choose one of: {', '.join(all_methods())}")
 
     forms = [k for k in ("models", "slices", "modules") if getattr(spec, k)]
     if spec.modules:
@@ -287,6 +321,8 @@ def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
             slices.append(Slice(sources, dict(sl.parameters or {}), sl.base_model or spec.base_model,
                                 f"slices[{i}]"))
 
+    if method is None:
+        raise InputError(problems)
     _check_structure(where, method, slices, problems)
     _check_settings(where, method, global_params, "parameters", problems)
     for sl in slices:
@@ -393,6 +429,8 @@ def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], fiel
             why = param.check(coerced)
             if why:
                 problems.append(f"{where}: {path} = {value!r} {why}")
+            elif param.unusual(coerced):
+                warnings.warn(f"{where}: {path} = {value!r} {param.unusual(coerced)}", stacklevel=3)
 
 
 def _check_required(where: str, method: MethodSpec, slices: list[Slice], global_params: dict[str, Any],

@@ -44,7 +44,9 @@ def test_every_problem_reported_at_once_with_file_and_field(tmp_path, model_fami
     assert f"{path}: models[0].parameters.density = 1.4 must be in (0, 1]" in text
     assert "models[1].parameters.density[1] = -0.1 must be in (0, 1]" in text
     assert "models[1]" in text and "weight is required by ties" in text
-    assert len(found) == 3  # the missing folder is only looked for once the recipe itself is sound
+    # Principle 5: the model folders are checked in the same round as the recipe.
+    assert f"{tmp_path / 'nowhere'}: no such model folder" in text
+    assert len(found) == 4
 
 
 def test_missing_model_folder_named(tmp_path, model_family):

@@ -9,13 +9,23 @@ held in memory, never a shard.
 All files go to a temporary directory beside the output (``.NAME.partial-PID``).
 ``commit()`` renames it into place; until then no directory at the output path
 looks like a finished model, and ``abort()`` (or an exception inside the ``with``
-block) removes the temporary directory.
+block) removes the temporary directory. A temporary directory left by a process
+that was killed outright (SIGKILL, power loss) is removed by the next run on the
+same output, once its process is gone.
+
+Each shard's full size is reserved on disk up front (``fallocate``), so a disk too
+small for the model fails at the start, not after an hour of merging. Any write
+error (full disk, read-only file system, permission) becomes a ``ResourceError``
+naming the output, after the temporary directory is removed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +34,7 @@ from typing import Iterable
 import torch
 
 from mergesmith.checkpoint.reader import DTYPE_NAMES
+from mergesmith.errors import ResourceError
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -98,22 +109,36 @@ class CheckpointWriter:
         return sum(t.nbytes for s in self.shards for t in s.tensors)
 
     def __enter__(self) -> "CheckpointWriter":
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir(parents=True)
-        for i, shard in enumerate(self.shards):
-            fd = os.open(self.tmp_dir / shard.filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, shard.header, 0)
-            os.ftruncate(fd, shard.size)
-            for t in shard.tensors:
-                begin, _ = shard.offsets[t.name]
-                self._where[t.name] = (fd, len(shard.header) + begin, t)
+        try:
+            remove_stale_partials(self.out_dir)
+            if self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir)
+            self.tmp_dir.mkdir(parents=True)
+            for shard in self.shards:
+                fd = os.open(self.tmp_dir / shard.filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _reserve(fd, shard.size)
+                _pwrite_all(fd, shard.header, 0)
+                for t in shard.tensors:
+                    begin, _ = shard.offsets[t.name]
+                    self._where[t.name] = (fd, len(shard.header) + begin, t)
+        except OSError as err:
+            self.abort()
+            raise self._fault(err, "cannot create the output") from err
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+    def _fault(self, err: OSError, doing: str) -> ResourceError:
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}.get(err.errno, err.strerror or str(err))
+        return ResourceError(f"{self.out_dir}: {doing}: {what}"
+                             + (f" ({err.filename})" if getattr(err, "filename", None) else "")
+                             + "; nothing was written there (inputs untouched); free space, fix the "
+                               "permissions or choose another output path")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor to its byte range. Thread-safe for distinct names."""
@@ -122,20 +147,25 @@ class CheckpointWriter:
             raise RuntimeError(f"{name}: planned {spec.dtype} {list(spec.shape)}, "
                                f"got {tensor.dtype} {list(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
+        try:
+            _pwrite_all(fd, memoryview(data), offset)
+        except OSError as err:
+            raise self._fault(err, f"writing {name} failed") from err
         self._written.add(name)
 
     def write_file(self, relative: str, content: str | bytes) -> None:
         path = self.tmp_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+        except OSError as err:
+            raise self._fault(err, f"writing {relative} failed") from err
 
     def copy_file(self, source: Path, relative: str | None = None) -> None:
-        shutil.copyfile(source, self.tmp_dir / (relative or source.name))
+        try:
+            shutil.copyfile(source, self.tmp_dir / (relative or source.name))
+        except OSError as err:
+            raise self._fault(err, f"copying {source.name} failed") from err
 
     def commit(self) -> Path:
         missing = [n for n in self._where if n not in self._written]
@@ -144,17 +174,25 @@ class CheckpointWriter:
         weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         self.write_file(INDEX_NAME, json.dumps(index, indent=2) + "\n")
-        for fd in self._fds:
-            os.fsync(fd)
-            os.close(fd)
-        self._fds.clear()
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+        except OSError as err:
+            raise self._fault(err, "flushing the shards failed") from err
         old = None
         if self.out_dir.exists():
             if not self.overwrite:
                 raise FileExistsError(f"{self.out_dir} exists; pass --overwrite to replace it")
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
             os.rename(self.out_dir, old)
-        os.rename(self.tmp_dir, self.out_dir)
+        try:
+            os.rename(self.tmp_dir, self.out_dir)
+        except OSError:
+            if old is not None:  # put the previous model back: a failed overwrite loses nothing
+                os.rename(old, self.out_dir)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out_dir
@@ -167,3 +205,73 @@ class CheckpointWriter:
                 pass
         self._fds.clear()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _fallocate():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _fallocate() if os.name == "posix" else None
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its full size, with its blocks allocated where the file system can.
+
+    ``fallocate(2)`` reserves the space, so ENOSPC comes now; where the file system
+    cannot (EOPNOTSUPP), the file is extended sparsely and a full disk is found while
+    writing instead. (glibc's ``posix_fallocate`` would instead write zeros over the
+    whole file on such file systems, which costs as much as the merge's own writes.)
+    """
+    if size > 0 and _FALLOCATE is not None:
+        if _FALLOCATE(fd, 0, 0, size) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+    os.ftruncate(fd, size)
+
+
+_PARTIAL_RE = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)$")
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` folders of ``out_dir`` whose process is gone."""
+    out_dir = Path(out_dir)
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for entry in out_dir.parent.iterdir():
+        m = _PARTIAL_RE.match(entry.name)
+        if not m or m["name"] != out_dir.name or not entry.is_dir() or _alive(int(m["pid"])):
+            continue
+        if m.group(0).rsplit("-", 1)[0].endswith(".old") and not out_dir.exists():
+            continue  # the previous model, moved aside by an overwrite that died before its rename: keep it
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -51,6 +51,10 @@ class Param:
     high_open: bool = False
     choices: Optional[tuple[str, ...]] = None
     doc: str = ""
+    # A range outside which a value still works but is probably a mistake (e.g. slerp's t
+    # extrapolates beyond the two models): mergekit accepts such values, so a recipe keeps
+    # running, with a warning naming the field.
+    usual: Optional[tuple[float, float]] = None
 
     @property
     def required(self) -> bool:
@@ -86,6 +90,15 @@ class Param:
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+    def unusual(self, value: Any) -> Optional[str]:
+        """Why ``value`` (already coerced and in range) deserves a warning, or None."""
+        if self.usual is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        lo, hi = self.usual
+        if lo <= value <= hi:
+            return None
+        return f"is outside [{lo:g}, {hi:g}], the usual range of {self.name}; kept as given"
 
     def check(self, value: Any) -> Optional[str]:
         """Return why ``value`` (already coerced) is out of range, or None."""

@@ -216,6 +216,19 @@ def normalized_weights(weights: list[float], normalize: bool, name: str) -> torc
     return w / total
 
 
+def weighted_rows(vectors: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
+    """Σ_i c_i · vectors[i], each product rounded before it is added.
+
+    A matrix product may fuse multiply and add, so rows that cancel exactly (a and -a
+    with equal weights) would leave rounding noise on some CPUs; this sums to exactly 0
+    on every platform.
+    """
+    total = vectors[0] * coefficients[0]
+    for row, c in zip(vectors[1:], coefficients[1:]):
+        total.add_(row * c)
+    return total
+
+
 def multislerp_vectors(vectors: torch.Tensor, weights: torch.Tensor,
                        eps: float, name: str) -> torch.Tensor:
     """mergekit's multislerp of the rows of ``vectors`` (shape [n, numel]).
@@ -233,14 +246,14 @@ def multislerp_vectors(vectors: torch.Tensor, weights: torch.Tensor,
     Σ w_i x_i for two models and raises otherwise.
     """
     norms = row_norms(vectors)
-    direction = (weights / (norms + eps)) @ vectors
+    direction = weighted_rows(vectors, (weights / (norms + eps)).tolist())
     direction_norm = norm(direction)
     if direction_norm < eps:
         # Deliberate difference: mergekit raises for three or more models even
         # when every task vector is zero (all models equal the base for this
         # tensor); the linear fallback then gives the only sensible answer, 0.
         if vectors.shape[0] == 2 or not bool(norms.any()):
-            return weights @ vectors
+            return weighted_rows(vectors, weights.tolist())
         raise ValueError(f"{name}: the weighted directions of the models cancel out "
                          "(e.g. task vectors a and -a with equal weights), so "
                          "multislerp has no direction to follow; change a model's weight")
@@ -308,8 +321,12 @@ def karcher_direction(vectors: torch.Tensor, norms: torch.Tensor, alphas: torch.
         cos_theta = (row_dots(vectors, mean) * inv_norms).clamp(-1.0, 1.0)
         far = (kept & (cos_theta < NEAR_ANTIPODE_COS)).nonzero().flatten().tolist()
         far_units = {i: vectors[i] / norms[i] for i in far}
+        # Dividing by <m, m> (1 up to rounding) makes an exact antipode u = -m give
+        # c = -1 exactly, whatever order the platform's dot sums in, so its tangent
+        # u - c m below is exactly zero.
+        mean_sq = dot(mean, mean) if far_units else 1.0
         for i, unit in far_units.items():
-            cos_theta[i] = min(1.0, max(-1.0, dot(mean, unit)))
+            cos_theta[i] = min(1.0, max(-1.0, dot(mean, unit) / mean_sq))
         theta = torch.acos(cos_theta)
         pull = torch.where(theta < tol, 0.0, weights * theta / torch.sin(theta))
         near_pull = pull.clone()
@@ -358,7 +375,7 @@ def karcher(group: TensorGroup) -> torch.Tensor:
 register(MethodSpec(
     name="slerp",
     fn=slerp,
-    params=(Param("t", float, doc="interpolation factor: 0 gives the base model, "
+    params=(Param("t", float, usual=(0.0, 1.0), doc="interpolation factor: 0 gives the base model, "
                   "1 the other model"),),
     base=BasePolicy.REQUIRED,
     min_models=1,
