@@ -44,7 +44,7 @@ from mergesmith.checkpoint.layout import (
 from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
-from mergesmith.errors import InputError, ResourceError
+from mergesmith.errors import InputError, ResourceError, read_text
 from mergesmith.methods import BasePolicy, TensorGroup
 from mergesmith.paths import OutputLock, output_problems
 from mergesmith.recipe import Recipe, Slice, load_recipe, model_refs_of, read_recipe_raw, resolve_param
@@ -260,6 +260,8 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
         problems += output_problems(out_dir, input_paths)
         if writing and out_dir.exists() and not options.overwrite:
             problems.append(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+    if recipe is not None and not model_problems:
+        problems += _tokenizer_config_problems(recipe, models)
     if problems:
         for m in models:
             m.checkpoint.close()
@@ -611,8 +613,7 @@ def _write_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
     writer.write_file("config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
     if (ref.path / "generation_config.json").is_file():
         writer.copy_file(ref.path / "generation_config.json")
-    tok_source = plan.recipe.tokenizer_source
-    tok_dir = ref.path if tok_source in (None, "base") else next(m.path for m in plan.models if m.ref == tok_source)
+    tok_dir = _tokenizer_dir(plan.recipe, plan.models)
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             writer.copy_file(tok_dir / name)
@@ -623,6 +624,32 @@ def _write_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
         writer.write_file("tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
     writer.write_file("mergesmith_recipe.yml", plan.recipe.to_yaml())
     writer.write_file("README.md", _model_card(plan))
+
+
+def _tokenizer_dir(recipe: Recipe, models: list[ModelInfo]) -> Path:
+    """The folder the output's tokenizer files come from: tokenizer_source, else the reference model."""
+    source = recipe.tokenizer_source
+    if source in (None, "base"):
+        source = recipe.base_model or recipe.slices[0].sources[0].model
+    return next(m.path for m in models if m.ref == source)
+
+
+def _tokenizer_config_problems(recipe: Recipe, models: list[ModelInfo]) -> list[str]:
+    """A chat_template is written into tokenizer_config.json: check that file now, not after the merge."""
+    if not recipe.chat_template:
+        return []
+    path = _tokenizer_dir(recipe, models) / "tokenizer_config.json"
+    if not path.is_file():
+        return []
+    try:
+        config = json.loads(read_text(path))
+    except InputError as err:
+        return err.problems
+    except json.JSONDecodeError as err:
+        return [f"{path}: not valid JSON ({err}); chat_template cannot be added to it"]
+    if not isinstance(config, dict):
+        return [f"{path}: must hold a JSON object, not {type(config).__name__}; chat_template cannot be added to it"]
+    return []
 
 
 def _model_card(plan: MergePlan) -> str:

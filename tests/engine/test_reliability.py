@@ -516,3 +516,14 @@ def test_p9_slerp_t_outside_0_1_is_a_warning_not_an_error(tmp_path, family):
 
 def test_resource_error_is_not_an_input_error():
     assert not issubclass(ResourceError, InputError)
+
+
+def test_p4_bad_tokenizer_config_is_found_before_the_merge_not_after(tmp_path, family):
+    base, a, b = family
+    (a / "tokenizer_config.json").write_bytes(b'{"x": "\xff"}')
+    with pytest.raises(InputError, match=r"tokenizer_config.json: not UTF-8 text \(byte 7"):
+        mergesmith.merge(linear(a, b, chat_template="{{ messages }}"), tmp_path / "out", progress=False)
+    (a / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="must hold a JSON object"):
+        mergesmith.merge(linear(a, b, chat_template="{{ messages }}"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
