@@ -97,27 +97,40 @@ def keep_largest_entries(x: torch.Tensor, density: float) -> torch.Tensor:
     return x.mul_(magnitudes >= threshold)
 
 
-def drm_vertical(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """DRM-V on task vectors of shape (T, n, m); returns the merged n x m task vector."""
-    t, n, m = deltas.shape
-    u, s, vh = torch.linalg.svd(deltas.reshape(t * n, m), full_matrices=False)
-    rank = int((s > s.max().item() * RANK_RTOL).sum())
-    if rank == 0:
-        return deltas.new_zeros(n, m)
-    u, s, vh = u[:, :rank].reshape(t, n, rank), s[:rank], vh[:rank]
-    norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)  # (T, 1, r)
+def merge_in_shared_basis(blocks: torch.Tensor, s: torch.Tensor, density: float) -> torch.Tensor:
+    """The merged coordinates from each task's block (T, k, r) of the shared singular vectors.
+
+    Renormalize each block's columns (the norm moves into that task's singular values),
+    prune, elect signs and take the disjoint mean; returns k x r.
+    """
+    norms = torch.linalg.vector_norm(blocks, dim=1, keepdim=True)  # (T, 1, r)
     # A task with no component along a shared direction has a zero block column: it stays
     # zero (and so does its singular value) rather than becoming 0/0.
-    u = u.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
-    coords = keep_largest_entries(u, density).mul_(s * norms)
-    return disjoint_mean(resolve_sign_conflicts(coords)) @ vh
+    blocks = blocks.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
+    coords = keep_largest_entries(blocks, density).mul_(s * norms)
+    return disjoint_mean(resolve_sign_conflicts(coords))
 
 
 def drm_merge_matrix(deltas: torch.Tensor, density: float, stack: str) -> torch.Tensor:
-    """The merged task vector of one weight matrix; ``stack`` is vertical or horizontal."""
+    """The merged n x m task vector from task vectors of shape (T, n, m).
+
+    vertical:   [tau_1; ...; tau_T] = U S V^T, blocks of U (n x r), result C V^T
+    horizontal: [tau_1 ... tau_T] = U S V^T, blocks of V (m x r), result U C^T
+    """
+    t, n, m = deltas.shape
     if stack == "vertical":
-        return drm_vertical(deltas, density)
-    return drm_vertical(deltas.transpose(1, 2), density).T.contiguous()
+        u, s, vh = torch.linalg.svd(deltas.reshape(t * n, m), full_matrices=False)
+    else:
+        u, s, vh = torch.linalg.svd(deltas.permute(1, 0, 2).reshape(n, t * m), full_matrices=False)
+    rank = int((s > s.max().item() * RANK_RTOL).sum())
+    if rank == 0:
+        return deltas.new_zeros(n, m)
+    s = s[:rank]
+    if stack == "vertical":
+        blocks = u[:, :rank].reshape(t, n, rank)
+        return merge_in_shared_basis(blocks, s, density) @ vh[:rank]
+    blocks = vh[:rank].reshape(rank, t, m).permute(1, 2, 0)  # (T, m, r)
+    return u[:, :rank] @ merge_in_shared_basis(blocks, s, density).T
 
 
 def drm(group: TensorGroup) -> torch.Tensor:
