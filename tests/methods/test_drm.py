@@ -239,3 +239,11 @@ def test_whole_checkpoint_through_a_recipe(tmp_path, model_family):
         matrix = ref_base.dim() == 2 and name not in ("model.embed_tokens.weight", "lm_head.weight")
         ref = ref_drm_tensor(ref_base, [m[name] for m in ms], 0.3, "horizontal", matrix=matrix)
         assert rel_diff(ours[name], ref) < 1e-5, name
+
+
+def test_bfloat16_inputs_are_decomposed_in_float32():
+    base, models = finetunes((8, 6), 3, seed=11)
+    out = merge(base.bfloat16(), [m.bfloat16() for m in models], density=0.5)
+    assert out.dtype == torch.bfloat16
+    ref = ref_drm_tensor(base.bfloat16().float(), [m.bfloat16().float() for m in models], 0.5)
+    assert rel_diff(out.float(), ref) < 1e-2

@@ -176,3 +176,15 @@ def test_runs_on_the_inputs_device():
     ours = wudi_task_vector([d.cuda() for d in deltas], 50)
     assert ours.device.type == "cuda"
     assert rel_diff(ours.cpu(), fusion_bench(deltas, 50)) < 1e-5
+
+
+def test_bfloat16_inputs_are_optimized_in_float32():
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(8, 4, generator=g).bfloat16()
+    models = [base + d.bfloat16() for d in task_vectors((8, 4), 3, seed=13, scale=0.1)]
+    out = merge(base, models, iterations=50, learning_rate=1e-3)
+    assert out.dtype == torch.bfloat16
+    deltas = [(m - base).float() for m in models]
+    ref = base.float() + wudi_task_vector(deltas, 50, 1e-3)
+    assert rel_diff(out.float(), ref) < 1e-2
+    assert (ref - (base.float() + sum(deltas))).abs().max() > 1e-2  # it did move

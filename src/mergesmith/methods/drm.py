@@ -65,6 +65,11 @@ def weighted_task_vectors(group: TensorGroup) -> torch.Tensor:
     return deltas
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a 16-bit float type, otherwise ``x`` itself."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def resolve_sign_conflicts(stacked: torch.Tensor) -> torch.Tensor:
     """Zero the entries whose sign disagrees with the sign of the sum over the first axis.
 
@@ -137,7 +142,9 @@ def drm(group: TensorGroup) -> torch.Tensor:
     """theta_0 + DRM(w_1 tau_1, ..., w_T tau_T); see the module docstring."""
     deltas = weighted_task_vectors(group)
     if is_decomposed(group):
-        merged = drm_merge_matrix(deltas, group.params["density"], group.params["stack"])
+        # The SVD has no half-precision kernels; decompose in float32 and round once at the end.
+        merged = drm_merge_matrix(at_least_float32(deltas), group.params["density"],
+                                  group.params["stack"]).to(deltas.dtype)
     else:
         merged = disjoint_mean(resolve_sign_conflicts(deltas))
     return merged.add_(group.base)

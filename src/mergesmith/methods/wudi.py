@@ -30,7 +30,12 @@ from __future__ import annotations
 import torch
 
 from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register, weight_param
-from mergesmith.methods.drm import include_embeddings_param, is_decomposed, weighted_task_vectors
+from mergesmith.methods.drm import (
+    at_least_float32,
+    include_embeddings_param,
+    is_decomposed,
+    weighted_task_vectors,
+)
 
 ITERATIONS = 300
 LEARNING_RATE = 1e-5
@@ -87,8 +92,10 @@ def wudi(group: TensorGroup) -> torch.Tensor:
     if not is_decomposed(group):
         # sum / T rather than mean: the same rounding as FusionBench.
         return deltas.sum(dim=0).div_(deltas.shape[0]).add_(group.base)
-    merged = wudi_task_vector(list(deltas), group.params["iterations"], group.params["learning_rate"])
-    return merged.add_(group.base)
+    # Steps of lr = 1e-5 vanish in 16-bit floats: optimize in float32, round once at the end.
+    merged = wudi_task_vector(list(at_least_float32(deltas)), group.params["iterations"],
+                              group.params["learning_rate"])
+    return merged.to(deltas.dtype).add_(group.base)
 
 
 register(MethodSpec(
