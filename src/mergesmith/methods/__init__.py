@@ -10,6 +10,9 @@ from mergesmith.methods import (  # noqa: F401  (imported for registration)
     arcee_fusion,
     ram,
     passthrough,
+    drm,
+    pcb,
+    wudi,
 )
 from mergesmith.methods.base import (
     REQUIRED,
