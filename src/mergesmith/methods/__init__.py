@@ -12,6 +12,7 @@ from mergesmith.methods import (  # noqa: F401  (imported for registration)
     passthrough,
     drm,
     pcb,
+    subspace,
     wudi,
 )
 from mergesmith.methods.base import (

@@ -208,3 +208,15 @@ def weight_param(on_base: bool = False, default: Any = REQUIRED) -> Param:
 def density_param(default: float = 1.0) -> Param:
     return Param("density", float, default, per_model=True, low=0.0, high=1.0, low_open=True,
                  doc="fraction of the task vector's entries kept")
+
+
+def include_embeddings_param() -> Param:
+    """The subspace methods' switch for the vocabulary tensors (token embeddings, lm_head)."""
+    return Param("include_embeddings", bool, False,
+                 doc="decompose the token embeddings and lm_head too (otherwise they get the "
+                     "method's fallback)")
+
+
+def is_decomposed(group: TensorGroup) -> bool:
+    """Subspace methods decompose 2-D tensors; vocabulary tensors only with ``include_embeddings``."""
+    return group.base.dim() == 2 and (not group.vocab or group.params["include_embeddings"])

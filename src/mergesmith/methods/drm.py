@@ -40,6 +40,8 @@ from mergesmith.methods.base import (
     MethodSpec,
     Param,
     TensorGroup,
+    include_embeddings_param,
+    is_decomposed,
     register,
     weight_param,
 )
@@ -48,11 +50,6 @@ from mergesmith.methods.task_arithmetic import stacked_task_vectors
 
 # Singular values below this fraction of the largest are dropped as null space (authors' code).
 RANK_RTOL = 1e-2
-
-
-def is_decomposed(group: TensorGroup) -> bool:
-    """Matrices get the subspace treatment; vocabulary tensors only with include_embeddings."""
-    return group.base.dim() == 2 and (not group.vocab or group.params["include_embeddings"])
 
 
 def weighted_task_vectors(group: TensorGroup) -> torch.Tensor:
@@ -148,11 +145,6 @@ def drm(group: TensorGroup) -> torch.Tensor:
     else:
         merged = disjoint_mean(resolve_sign_conflicts(deltas))
     return merged.add_(group.base)
-
-
-def include_embeddings_param() -> Param:
-    return Param("include_embeddings", bool, False,
-                 doc="also decompose the token embeddings and lm_head")
 
 
 register(MethodSpec(

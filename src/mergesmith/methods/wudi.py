@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register, weight_param
-from mergesmith.methods.drm import (
-    at_least_float32,
-    include_embeddings_param,
-    is_decomposed,
-    weighted_task_vectors,
+from mergesmith.methods.base import (
+    BasePolicy, MethodSpec, Param, TensorGroup, include_embeddings_param, is_decomposed, register, weight_param,
 )
+from mergesmith.methods.drm import at_least_float32, weighted_task_vectors
 
 ITERATIONS = 300
 LEARNING_RATE = 1e-5
