@@ -145,9 +145,9 @@ def _tensor_entry(name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...
     if missing:
         return f"the entry has no {' or '.join(missing)}"
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         known = ", ".join(sorted(SAFETENSORS_DTYPES))
-        if code in OTHER_SAFETENSORS_DTYPES:
+        if isinstance(code, str) and code in OTHER_SAFETENSORS_DTYPES:
             return (f"dtype {code} is a safetensors dtype mergesmith does not merge (it reads {known}); "
                     "dequantize or convert the model first")
         return f"unknown dtype {_show(code)} (safetensors dtypes mergesmith reads: {known})"
