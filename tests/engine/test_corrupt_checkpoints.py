@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +266,18 @@ def test_zero_size_tensor_inside_another_is_an_overlap(tmp_path):
         read_safetensors_header(f)
     with pytest.raises(Exception):
         library_loads(f)
+
+
+def test_a_tensor_read_before_close_stays_valid(tmp_path):
+    """close() must not unmap pages under a live view: that access would crash the process."""
+    save_file({"x": torch.arange(1024, dtype=torch.float32)}, tmp_path / "model.safetensors")
+    script = (f"import gc, torch; from mergesmith.checkpoint.reader import Checkpoint\n"
+              f"ckpt = Checkpoint.open({str(tmp_path)!r}); view = ckpt.read('x'); ckpt.close(); del ckpt\n"
+              "gc.collect(); assert view.sum().item() == 1023 * 512, view.sum()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(mergesmith.__file__).parents[1]),
+                                                                    os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
 
 
 # ----------------------------------------------------------------------------- index files

@@ -286,13 +286,15 @@ class Checkpoint:
         return state
 
     def close(self) -> None:
+        """Forget the mapped files; each is unmapped once the last tensor viewing it is collected.
+
+        Not ``mmap.close()``: ``torch.frombuffer`` keeps a reference to the map
+        but no buffer export, so closing would unmap the pages under live views
+        and the next access would crash the process (say, a worker thread still
+        reading when a merge is interrupted).
+        """
         self._bin.clear()
         self._bin_ranges.clear()
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a view is still alive; the map closes when it is collected
         self._maps.clear()
 
 
