@@ -190,6 +190,7 @@ DAMAGES: dict[str, Damage] = {
                                        ["hold 64 bytes, but shape [15] of F32 needs 60"]),
     "offsets not a pair": Damage(_set(0, "data_offsets", [0, 64, 64]), ["is not a pair [begin, end]"]),
     "negative offset": Damage(_set(0, "data_offsets", [-4, 60]), ["is not a pair [begin, end]"]),
+    "offset beyond any file": Damage(_set(0, "data_offsets", [0, 2**70]), ["point beyond any file"]),
     "5000-digit offset": Damage(_huge_offset, ["cannot be parsed"]),
     "offsets end before they begin": Damage(_set(0, "data_offsets", [64, 0]), ["end before they begin"]),
     "overlapping tensors": Damage(_overlap, ["'model.layers.1.input_layernorm.weight'", "overlaps tensor"]),

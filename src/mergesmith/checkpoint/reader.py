@@ -1,9 +1,11 @@
 """Lazy, per-tensor reading of Hugging Face checkpoints.
 
 Opening a checkpoint reads only headers: the safetensors JSON header of each
-shard (validated: a truncated or corrupt file is reported before any weight is
-read) or, for PyTorch ``.bin`` files, the pickle's tensor metadata through a
-memory-mapped ``torch.load``. ``read(name)`` then returns one tensor.
+shard or, for PyTorch ``.bin`` files, the pickle's tensor metadata through a
+memory-mapped ``torch.load``. ``read(name)`` then returns one tensor. Headers
+and index files are validated completely first (``read_safetensors_header``,
+``_from_index``): a truncated, corrupt or hostile file is refused, with every
+problem named, before any weight is read.
 
 safetensors tensors are zero-copy views of a memory-mapped file, and so are
 ``.bin`` tensors (``torch.load(mmap=True)`` maps the whole file). Mapped pages
@@ -116,11 +118,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             problems.append(_refusal(path, f"tensor name {name!r} is not valid Unicode"))
             continue
         if name == "__metadata__":
-            if not (isinstance(entry, dict) and all(isinstance(v, str) and not _SURROGATE.search(k + v)
-                                                    for k, v in entry.items())):
-                problems.append(_refusal(path, "__metadata__ must map strings to strings"))
+            if not isinstance(entry, dict):
+                problems.append(_refusal(path, f"__metadata__ is {type_name(entry)}; it must map strings to strings"))
+                continue
+            bad = [k for k, v in entry.items() if not isinstance(v, str) or _SURROGATE.search(k + v)]
+            if bad:
+                problems.append(_refusal(path, f"__metadata__[{bad[0]!r}] = {_show(entry[bad[0]])} is not a "
+                                               "string; __metadata__ must map strings to strings"))
             continue
-        parsed = _tensor_entry(name, entry)
+        parsed = _tensor_entry(entry)
         if isinstance(parsed, str):
             problems.append(_refusal(path, f"tensor {name!r}: {parsed}"))
             continue
@@ -137,7 +143,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _tensor_entry(name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int] | str:
+def _tensor_entry(entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int] | str:
     """(dtype, shape, begin, end) of one header entry, or what is wrong with it."""
     if not isinstance(entry, dict):
         return f"the entry is {type_name(entry)}, not an object with dtype, shape and data_offsets"
@@ -155,6 +161,8 @@ def _tensor_entry(name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...
         return f"shape {_show(shape)} is not a list of non-negative integers"
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(x) and x >= 0 for x in offsets)):
         return f"data_offsets {_show(offsets)} is not a pair [begin, end] of non-negative integers"
+    if offsets[1] > _MAX_BYTES:
+        return f"data_offsets {_show(offsets)} point beyond any file"
     begin, end = offsets
     if end < begin:
         return f"data_offsets {offsets} end before they begin"
