@@ -54,12 +54,14 @@ def llama_tensors(hidden: int, inter: int, layers: int, vocab: int, heads: int, 
 
 
 def build_checkpoints(workdir: Path, args) -> tuple[Path, list[Path]]:
+    """A base and three variants; ``args.dtype`` (default bfloat16) is the stored dtype."""
+    dtype = getattr(args, "dtype", torch.bfloat16)
     shapes = llama_tensors(args.hidden, args.intermediate, args.layers, args.vocab, args.heads, args.kv_heads)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
               "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
               "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab,
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-              "torch_dtype": "bfloat16", "hidden_act": "silu", "rope_theta": 10000.0}
+              "torch_dtype": str(dtype).removeprefix("torch."), "hidden_act": "silu", "rope_theta": 10000.0}
     names = ["base", "ft1", "ft2", "ft3"]
     paths = [workdir / n for n in names]
     if all((p / "model.safetensors.index.json").exists() for p in paths):
@@ -67,7 +69,7 @@ def build_checkpoints(workdir: Path, args) -> tuple[Path, list[Path]]:
     print(f"building 4 checkpoints of {sum(torch.Size(s).numel() for _, s in shapes) / 1e9:.2f}B parameters "
           f"in {workdir} ...", flush=True)
     for seed, path in enumerate(paths):
-        specs = [OutputTensor(n, torch.bfloat16, s) for n, s in shapes]
+        specs = [OutputTensor(n, dtype, s) for n, s in shapes]
         with CheckpointWriter(path, specs, 2 * 10 ** 9, overwrite=True) as w:
             for name, shape in shapes:
                 # Same base for everyone (seeded by name); variants add their own noise.
@@ -75,7 +77,7 @@ def build_checkpoints(workdir: Path, args) -> tuple[Path, list[Path]]:
                 t = torch.randn(shape, generator=g) * 0.02
                 if seed:
                     t += torch.randn(shape, generator=torch.Generator().manual_seed(seed * 7919 + len(name))) * 0.002
-                w.write(name, t.to(torch.bfloat16))
+                w.write(name, t.to(dtype))
             w.write_file("config.json", json.dumps(config, indent=2))
             w.commit()
     return paths[0], paths[1:]

@@ -38,6 +38,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from mergesmith.checkpoint.config import read_config
 from mergesmith.checkpoint.layout import (
     is_pre_layer, is_skipped, is_vocab_tensor, num_layers, split_layer_name, tied_embedding_name, vocab_tokens,
 )
@@ -690,21 +691,20 @@ def _open_models(refs: list[str], where: str) -> tuple[list["ModelInfo"], list[s
             problems.extend(f"{where}: {p}" for p in err.problems)
     infos = []
     for ref, path, adapter in located:
-        cfg_path = path / "config.json"
+        config = None
         try:
-            config = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            problems.append(f"{where}: {ref}: no config.json in {path}; is it a Hugging Face model folder?")
-            continue
-        except json.JSONDecodeError as err:
-            problems.append(f"{where}: {cfg_path}: not valid JSON ({err})")
-            continue
+            config = read_config(path / "config.json")
+        except InputError as err:  # still open the weights below: their problems are reported too
+            problems.extend(f"{where}: {ref}: {p}" for p in err.problems)
         try:
             ckpt = Checkpoint.open(path)
             if adapter is not None:
                 ckpt = LoraCheckpoint.open(ckpt, adapter)
         except InputError as err:
             problems.extend(f"{where}: {ref}: {p}" for p in err.problems)
+            continue
+        if config is None:
+            ckpt.close()
             continue
         layers = num_layers(config)
         if layers is None:

@@ -329,7 +329,7 @@ def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
         if sl.parameters:
             _check_settings(where, method, sl.parameters, f"{sl.field}.parameters", problems)
         for src in sl.sources:
-            _check_settings(where, method, src.parameters, f"{src.field}.parameters", problems)
+            _check_settings(where, method, src.parameters, f"{src.field}.parameters", problems, model_scope=True)
     _check_required(where, method, slices, global_params, problems)
     if problems:
         raise InputError(problems)
@@ -404,7 +404,7 @@ def _leaves(setting: Any, path: str):
 
 
 def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], field_name: str,
-                    problems: list[str]) -> None:
+                    problems: list[str], model_scope: bool = False) -> None:
     for name, setting in params.items():
         param = method.param(name)
         if param is None:
@@ -412,6 +412,10 @@ def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], fiel
             warnings.warn(f"{where}: {field_name}.{name} is not a parameter of {method.name} "
                           f"(its parameters: {known}); it is ignored", stacklevel=3)
             continue
+        if model_scope and not param.per_model:
+            # As in mergekit, a model's own parameters only hold per-model ones.
+            warnings.warn(f"{where}: {field_name}.{name} is a global parameter of {method.name}, so a model's "
+                          f"value is ignored; set it under parameters: (or a slice's parameters:)", stacklevel=3)
         if isinstance(setting, list) and setting and all(_is_conditional(c) for c in setting):
             for i, c in enumerate(setting):
                 if "filter" in c and c["filter"] is not None and not isinstance(c["filter"], str):

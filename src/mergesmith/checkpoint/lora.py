@@ -19,7 +19,6 @@ module is a weight of the model and that the shapes agree.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from mergesmith.checkpoint.jsonfile import read_json_file, type_name
 from mergesmith.checkpoint.reader import Checkpoint, read_safetensors_header
 from mergesmith.errors import InputError
 
@@ -124,15 +124,42 @@ class LoraCheckpoint:
 
 
 def _read_config(adapter_dir: Path) -> dict:
+    """``adapter_config.json``, strictly: the fields we compute with must have their types."""
     path = adapter_dir / "adapter_config.json"
+    fix = "fix adapter_config.json or re-save the adapter with PEFT"
     try:
-        config = json.loads(path.read_text())
+        config = read_json_file(path, "adapter config", fix=fix)
     except FileNotFoundError:
         raise InputError(f"no adapter_config.json in {adapter_dir}; is it a PEFT LoRA adapter?") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
-        raise InputError(f"{path}: not a JSON object")
+        raise InputError(f"{path}: the adapter config is {type_name(config)}, not a JSON object; {fix}")
+    problems = []
+
+    def wrong(key: str, value, expected: str) -> None:
+        problems.append(f"{path}: {key} = {value!r} ({type_name(value)}) must be {expected}; {fix}")
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(config.get("peft_type", "LORA"), str):
+        wrong("peft_type", config["peft_type"], "a string")
+    if "lora_alpha" in config and not is_number(config["lora_alpha"]):
+        wrong("lora_alpha", config["lora_alpha"], "a number")
+    if config.get("use_rslora") is not None and not isinstance(config["use_rslora"], bool):
+        wrong("use_rslora", config["use_rslora"], "true or false")
+    patterns = config.get("alpha_pattern")
+    if patterns is not None:
+        if not isinstance(patterns, dict):
+            wrong("alpha_pattern", patterns, "an object mapping module patterns to numbers")
+        for key, value in (patterns.items() if isinstance(patterns, dict) else ()):
+            if not is_number(value):
+                wrong(f"alpha_pattern[{key!r}]", value, "a number")
+            try:
+                re.compile(key)
+            except re.error as err:
+                problems.append(f"{path}: alpha_pattern key {key!r} is not a regular expression ({err}); {fix}")
+    if problems:
+        raise InputError(problems)
     return config
 
 

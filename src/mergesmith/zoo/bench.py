@@ -42,13 +42,14 @@ def _grid(**axes: list) -> list[dict]:
     return [dict(zip(keys, values)) for values in product(*(axes[k] for k in keys))]
 
 
-# Validation grids. Each point holds the recipe's global parameters plus
-# ``density`` (per model, the same for every expert). The first point of a grid
+# Validation grids. Each point holds the recipe's parameters; those the method declares
+# per model (``density`` of the TIES family) are set for every expert. The first point of a grid
 # wins ties. ``lambda`` scales the summed task vectors; for TIES-style methods
 # (normalize: true) the sum is already a mean, hence the larger values. The
 # ranges were widened once, when validation kept choosing their end points.
 TA_LAMBDAS = [0.3, 0.5, 0.8, 1.0]
 TIES_LAMBDAS = [0.7, 1.0, 1.5, 2.0]
+SUBSPACE_LAMBDAS = [0.3, 0.5, 0.8, 1.0]
 GRIDS: dict[str, list[dict]] = {
     "linear": [{}],
     "task_arithmetic": _grid(**{"lambda": TA_LAMBDAS}),
@@ -63,8 +64,18 @@ GRIDS: dict[str, list[dict]] = {
     "sce": _grid(select_topk=[0.1, 0.5, 1.0]),
     "ram": [{}],
     "karcher": [{}],
+    # Subspace methods (docs/methods/subspace.md, interference.md). Their merged task vector is
+    # a sum over the experts (TSV-M, Iso-C/CTS, STAR's rescaled parts) or a mean (CART's
+    # centre), so lambda spans both scales.
+    "tsv_m": _grid(**{"lambda": SUBSPACE_LAMBDAS}),
+    "iso_c": _grid(**{"lambda": SUBSPACE_LAMBDAS}),
+    "iso_cts": _grid(common_space_fraction=[0.8], **{"lambda": SUBSPACE_LAMBDAS}),
+    "star": _grid(eta=[40], **{"lambda": TA_LAMBDAS}),
+    "cart": _grid(rank_ratio=[0.12], **{"lambda": [1.0, 2.0, 3.0]}),
+    "drm": _grid(stack=["vertical", "horizontal"], density=[0.2, 0.5]),
+    "pcb": _grid(density=[0.1, 0.2], **{"lambda": TA_LAMBDAS}),
+    "wudi": [{}],
 }
-PER_MODEL = ("density",)
 ALL_METHODS = tuple(GRIDS)
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
@@ -89,8 +100,8 @@ def recipe_for(zoo, method: str, point: dict, seed: int) -> dict:
     from mergesmith.methods import BasePolicy, get_method
 
     spec = get_method(method)
-    per_model = {k: v for k, v in point.items() if k in PER_MODEL}
-    params = {k: v for k, v in point.items() if k not in PER_MODEL}
+    per_model = {k: v for k, v in point.items() if spec.param(k) is not None and spec.param(k).per_model}
+    params = {k: v for k, v in point.items() if k not in per_model}
     needs_weight = spec.param("weight") is not None
     models = []
     for skill in zoo.trained:
