@@ -84,11 +84,11 @@ def output_dir_problems(out: PathLike, inputs: Union[Mapping[str, PathLike], Ite
     """
     problems = output_problems(out, inputs, what=flag)
     if problems:
-        return problems
+        return [f"{flag} {p}" for p in problems]
     target = Path(os.path.realpath(Path(out).expanduser()))
     existing = next(p for p in [target, *target.parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{out}: cannot write in {existing} (permission denied or a read-only file system); "
+        return [f"{flag} {out}: cannot write in {existing} (permission denied or a read-only file system); "
                 f"choose another {flag}"]
     return []
 
@@ -105,7 +105,7 @@ def overwritten_inputs(out: PathLike, names: Iterable[str], inputs: Iterable[Pat
     for path in inputs:
         real = Path(os.path.realpath(Path(path).expanduser()))
         if real.parent == folder and any(p.fullmatch(real.name) for p in patterns):
-            problems.append(f"{out}: writing {real.name} there would overwrite the input {path}; "
+            problems.append(f"{flag} {out}: writing {real.name} there would overwrite the input {path}; "
                             f"choose another {flag}")
     return problems
 
@@ -126,7 +126,7 @@ def prepare_output_dir(out: PathLike, flag: str = "--out") -> bool:
     except OSError as err:
         if created:
             shutil.rmtree(target, ignore_errors=True)
-        raise InputError(f"{out}: cannot write there ({err.strerror or err}); choose another {flag}") from None
+        raise InputError(f"{flag} {out}: cannot write there ({err.strerror or err}); choose another {flag}") from None
     return created
 
 

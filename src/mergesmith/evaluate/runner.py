@@ -54,7 +54,7 @@ def evaluate_output_problems(out: Union[str, Path], model: Any, tokenizer: Any =
     An input is never written to: ``out`` may not be, contain or lie inside the
     evaluated model or tokenizer folder, nor hold a task file named like an output.
     """
-    inputs = {f"{label} {path}": path for label, path in (("model", model), ("tokenizer", tokenizer))
+    inputs = {label: path for label, path in (("model", model), ("tokenizer", tokenizer))
               if isinstance(path, (str, Path)) and Path(path).expanduser().exists()}
     return output_dir_problems(out, inputs) + overwritten_inputs(out, RESULT_FILES, task_paths)
 

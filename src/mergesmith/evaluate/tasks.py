@@ -167,6 +167,9 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
 
 def _make_item(raw: dict, kind: str, position: int, row: str) -> Item:
     """Validate one row (already in the JSONL field names) into an Item, or raise ValueError."""
+    row_id = raw.get("id")
+    if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int))):
+        raise ValueError(f"field 'id' must be a string or a whole number, not {type(row_id).__name__}")
     try:
         if kind == MULTIPLE_CHOICE:
             parsed = _MCRow.model_validate(raw)
@@ -660,13 +663,18 @@ def _limit(items: list[Item], limit: Optional[int]) -> list[Item]:
     return items if limit is None else items[:limit]
 
 
-def _check_limit(limit: Any) -> None:
+def _limit_problems(limit: Any) -> list[str]:
     """A limit keeps the first N items; zero or a negative N would silently score other items."""
-    if limit is None:
-        return
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InputError(f"--limit {limit!r}: must be a whole number of at least 1 (the first N items of each "
-                         "task file are kept); leave it out to use every item")
+    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        return []
+    return [f"--limit {limit!r}: must be a whole number of at least 1 (the first N items of each task file are "
+            "kept); leave it out to use every item"]
+
+
+def _check_limit(limit: Any) -> None:
+    problems = _limit_problems(limit)
+    if problems:
+        raise InputError(problems)
 
 
 def load_tasks(paths: Union[str, Path, Iterable[Union[str, Path]]], *, skip_bad_rows: bool = False,
@@ -679,9 +687,10 @@ def load_tasks(paths: Union[str, Path, Iterable[Union[str, Path]]], *, skip_bad_
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    _check_limit(limit)
+    problems: list[str] = _limit_problems(limit)
+    if problems:
+        limit = None  # still read every file, so that their problems are reported in the same round
     tasks: list[Task] = []
-    problems: list[str] = []
     for path in paths:
         try:
             tasks.extend(load_task(path, skip_bad_rows=skip_bad_rows, limit=limit, metric=metric))
