@@ -13,7 +13,6 @@ from mergesmith.checks import (at_least, choice_problems, device_problems, outpu
                                resolve_device)
 from mergesmith.evaluate.generation import encode_gen, generate
 from mergesmith.errors import InputError
-from mergesmith.extras import extra_problems
 from mergesmith.evaluate.metrics import (bootstrap_ci, generation_scores, macro_bootstrap_ci, mc_choices,
                                          rouge_available)
 from mergesmith.evaluate.model import DTYPES, LoadedModel, load_model
@@ -61,8 +60,9 @@ def evaluate_output_problems(out: Union[str, Path], model: Any, tokenizer: Any =
 
 def metric_problems(tasks: Iterable[Task]) -> list[str]:
     """A generation task scored by ROUGE-L needs the ``eval`` extra (rouge-score)."""
-    if any(t.type != MULTIPLE_CHOICE and t.headline == "rougeL" for t in tasks):
-        return extra_problems("the rougeL metric", "eval")
+    if any(t.type != MULTIPLE_CHOICE and t.headline == "rougeL" for t in tasks) and not rouge_available():
+        return ["a task's metric is rougeL but the rouge-score package is not installed: "
+                "pip install 'mergesmith[eval]'"]
     return []
 
 
