@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eval_data import MC_ROWS, build_model, build_tokenizer, write_jsonl
-from merge_helpers import commit_then_hang, copy_merge, partial_then_sleep, slow_merge
+from merge_helpers import commit_then_hang, copy_merge, partial_then_sleep
 from mergesmith import checks, extras
 from mergesmith.cli import main
 from mergesmith.errors import InputError
