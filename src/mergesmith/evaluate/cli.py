@@ -19,7 +19,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "or .yaml (a task config)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the outputs")
     p.add_argument("--batch-size", type=int, default=8, help="items per forward pass (default 8)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU if there is one; default cpu)")
     p.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, bfloat16 or float16")
     p.add_argument("--skip-bad-rows", action="store_true",
@@ -43,14 +43,33 @@ def _metric_defaults(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from mergesmith.evaluate.runner import evaluate
+    from mergesmith.checks import prepare_output_dir, remove_if_empty
+    from mergesmith.errors import InputError
+    from mergesmith.evaluate.runner import evaluate, evaluate_output_problems, metric_problems, settings_problems
     from mergesmith.evaluate.tasks import load_tasks
 
-    tasks = load_tasks(args.tasks, skip_bad_rows=args.skip_bad_rows, limit=args.limit,
-                       metric=_metric_defaults(args))
-    result = evaluate(args.model, tasks, tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
-                      dtype=args.dtype, max_length=args.max_length, bootstrap=args.bootstrap,
-                      progress=not args.no_progress)
+    # every argument, the output folder and the task files are checked before the model is loaded
+    problems = settings_problems(batch_size=args.batch_size, bootstrap=args.bootstrap, max_length=args.max_length,
+                                 device=args.device, dtype=args.dtype)
+    problems += evaluate_output_problems(args.out, args.model, args.tokenizer, args.tasks)
+    tasks = []
+    try:
+        tasks = load_tasks(args.tasks, skip_bad_rows=args.skip_bad_rows, limit=args.limit,
+                           metric=_metric_defaults(args))
+    except InputError as err:
+        problems += err.problems
+    problems += metric_problems(tasks)
+    if problems:
+        raise InputError(problems)
+    created = prepare_output_dir(args.out)
+    try:
+        result = evaluate(args.model, tasks, tokenizer=args.tokenizer, batch_size=args.batch_size,
+                          device=args.device, dtype=args.dtype, max_length=args.max_length,
+                          bootstrap=args.bootstrap, progress=not args.no_progress)
+    except BaseException:
+        if created:  # stopped (Ctrl-C, a bad model) before any output: leave no empty folder behind
+            remove_if_empty(args.out)
+        raise
     results, predictions = result.save(args.out)
     print(result.table())
     print(f"wrote {results} and {predictions}")
@@ -63,7 +82,7 @@ def run_compete(args: argparse.Namespace) -> int:
     result = compete(args.recipe, args.tasks, args.out, budget=args.budget, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
                      isolate_merge=not args.inline_merge, dummy_field=args.dummy_field, bootstrap=args.bootstrap,
-                     progress=not args.no_progress)
+                     metric=_metric_defaults(args), progress=not args.no_progress)
     print(result.evaluation.table())
     print(result.summary())
     print("wrote " + ", ".join(str(p) for p in result.submissions) + f" and {args.out}/compete.json")
@@ -95,7 +114,9 @@ def register(subparsers) -> None:
     c.add_argument("--budget", required=True, help="wall-clock budget for the whole job: 1h, 45m, 90s, 1h30m")
     c.add_argument("--overwrite", action="store_true", help="replace DIR/model if it exists")
     c.add_argument("--inline-merge", action="store_true",
-                   help="merge in this process (it then cannot be stopped at the budget, only found late)")
+                   help="merge in this process; such a merge CANNOT be stopped at the budget: it runs to its "
+                        "end and an overrun is only found afterwards (default: a child process, stopped at "
+                        "the budget, its partial output removed)")
     c.add_argument("--dummy-field", action="store_true",
                    help="add the starter kit's constant dummy_field column to the submission")
     c.set_defaults(func=run_compete)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import os
 import queue as queue_module
 import re
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -121,34 +123,89 @@ def _merge_child(send: Any, merge_fn: Callable, recipe: Any, out_dir: str, kwarg
         send.put(("error", traceback.format_exc()))
 
 
+def _identity(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def clean_after_merge(out_dir: Path, pid: int) -> None:
+    """Remove what a merge process ``pid`` that was stopped or died left beside ``out_dir``.
+
+    The checkpoint writer builds the model in ``.NAME.partial-PID`` and renames it
+    into place at the end; when replacing a model it first moves the old one to
+    ``.NAME.old-PID``. A process stopped between those two renames leaves the old
+    model there and nothing at ``out_dir``: the old model is put back.
+    """
+    shutil.rmtree(out_dir.parent / f".{out_dir.name}.partial-{pid}", ignore_errors=True)
+    old = out_dir.parent / f".{out_dir.name}.old-{pid}"
+    if old.exists():
+        if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out_dir)
+
+
+def _stop(child: Any) -> None:
+    if child.is_alive():
+        child.terminate()
+        child.join(5)
+    if child.is_alive():
+        child.kill()
+    child.join()
+
+
 def run_merge_isolated(merge_fn: Callable, recipe: Any, out_dir: Path, kwargs: dict,
                        timeout: float) -> tuple[str, str]:
     """Run the merge in a child process; stop it if it outlives ``timeout`` seconds.
 
-    Returns (status, detail). InputError in the child is raised again here.
+    Returns (status, detail). InputError in the child is raised again here. A
+    stopped child's partial output is removed (``clean_after_merge``), and so it
+    is when this process is interrupted (Ctrl-C) while waiting.
+
+    The merge counts as finished (DONE) if the child committed the model before it
+    was stopped, even when its "done" message had not arrived yet: ``merge_fn`` must
+    therefore put the model in place atomically at its very end, as the engine's
+    writer does (build under a temporary name, then rename).
     """
+    before = _identity(out_dir)
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     child = ctx.Process(target=_merge_child, args=(results, merge_fn, recipe, str(out_dir), kwargs), daemon=True)
     child.start()
     deadline = time.monotonic() + timeout
     outcome = None
-    while outcome is None:
-        try:
-            outcome = results.get(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
-        except queue_module.Empty:
-            if time.monotonic() >= deadline:
-                child.terminate()
-                child.join(5)
-                if child.is_alive():
-                    child.kill()
-                    child.join()
-                return STOPPED, "the merge did not finish within the budget and was stopped"
-            if not child.is_alive() and results.empty():
-                child.join()
-                return FAILED, f"the merge process died (exit code {child.exitcode})"
+    try:
+        while outcome is None:
+            try:
+                outcome = results.get(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
+            except queue_module.Empty:
+                if time.monotonic() >= deadline:
+                    _stop(child)
+                    outcome = _last_message(results)
+                    if outcome is None:
+                        committed = _identity(out_dir) not in (None, before)
+                        clean_after_merge(out_dir, child.pid)
+                        if committed:
+                            return DONE, "finished as the budget ran out"
+                        return STOPPED, ("the merge did not finish within the budget and was stopped; "
+                                         "its partial output was removed")
+                elif not child.is_alive():
+                    outcome = _last_message(results)
+                    if outcome is None:
+                        child.join()
+                        clean_after_merge(out_dir, child.pid)
+                        return FAILED, f"the merge process died (exit code {child.exitcode})"
+    except BaseException:  # Ctrl-C: stop the child and leave no partial model behind
+        _stop(child)
+        clean_after_merge(out_dir, child.pid)
+        raise
     child.join()
     kind, payload = outcome
+    if kind != "ok":
+        clean_after_merge(out_dir, child.pid)
     if kind == "input_error":
         raise InputError(payload)
     if kind == "error":
@@ -156,9 +213,22 @@ def run_merge_isolated(merge_fn: Callable, recipe: Any, out_dir: Path, kwargs: d
     return DONE, ""
 
 
+def _last_message(results: Any) -> Optional[tuple[str, Any]]:
+    """A message the child sent just before it stopped, if any (its queue feeder may lag a little)."""
+    try:
+        return results.get(timeout=0.2)
+    except queue_module.Empty:
+        return None
+
+
 def run_merge_inline(merge_fn: Callable, recipe: Any, out_dir: Path, kwargs: dict, timeout: float) -> tuple[str, str]:
-    """Run the merge here; it cannot be stopped, only found over budget afterwards."""
-    merge_fn(recipe, out_dir, **kwargs)
+    """Run the merge here. It CANNOT be stopped at the budget: it runs to its end, and an
+    overrun is only found afterwards. Interrupted (Ctrl-C), its partial output is removed."""
+    try:
+        merge_fn(recipe, out_dir, **kwargs)
+    except BaseException:
+        clean_after_merge(out_dir, os.getpid())
+        raise
     return DONE, ""
 
 
@@ -216,31 +286,74 @@ def write_submissions(tasks: Sequence, predictions: Sequence, out_dir: Union[str
 # ----------------------------------------------------------------------------- the job
 
 
+COMPETE_FILES = (r"results\.json", r"predictions\.jsonl", r"compete\.json", r"submission(-.+)?\.csv")
+
+
+def output_problems_for(out: Path, recipe: Any, task_paths: Sequence[Union[str, Path]]) -> list[str]:
+    """Why ``out`` cannot take compete's outputs (nothing is created).
+
+    ``out`` must be a writable folder; ``out/model`` (replaced under ``--overwrite``)
+    may not be, contain or lie inside a task file or the recipe, and no output file
+    may land on one. The recipe's models are checked by the merge's own dry run.
+    """
+    from mergesmith.checks import output_dir_problems, overwritten_inputs
+    from mergesmith.paths import output_problems
+
+    inputs = [Path(p) for p in task_paths]
+    if isinstance(recipe, (str, Path)):
+        inputs.append(Path(recipe))
+    problems = output_dir_problems(out)
+    if problems:
+        return problems
+    problems = output_problems(out / "model", {str(p): p for p in inputs}, what="--out/model")
+    return problems + overwritten_inputs(out, COMPETE_FILES, inputs)
+
+
 def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[str, Path], *,
             budget: Union[str, float], device: str = "cpu", dtype: Any = "auto", batch_size: int = 8,
             skip_bad_rows: bool = False, overwrite: bool = False, isolate_merge: bool = True,
             merge_fn: Optional[Callable] = None, check_fn: Optional[Callable] = None,
-            dummy_field: bool = False, bootstrap: int = 1000, progress: bool = True,
-            write_reserve: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> CompeteResult:
+            dummy_field: bool = False, bootstrap: int = 1000, metric: Optional[dict[str, str]] = None,
+            progress: bool = True, write_reserve: Optional[float] = None,
+            clock: Callable[[], float] = time.monotonic) -> CompeteResult:
     """Merge ``recipe`` and evaluate the result on ``task_paths`` within ``budget``.
 
     ``merge_fn(recipe, out_dir, device=..., overwrite=...)`` does the merge (default:
     ``mergesmith.merge``); ``check_fn`` validates the recipe first (default: a dry
-    run; pass ``lambda *a, **k: None`` to skip). ``write_reserve`` seconds are kept
-    for writing the outputs (default: 2% of the budget, at most 30s). ``clock`` is
-    the time source of the budget (tests pass a fake one).
+    run; pass ``lambda *a, **k: None`` to skip). ``metric`` maps a task type to the
+    headline metric of tasks that set none (as ``load_tasks``). ``write_reserve``
+    seconds are kept for writing the outputs (default: 2% of the budget, at most
+    30s). ``clock`` is the time source of the budget (tests pass a fake one).
+
+    Every argument, the output folder and every task file are checked first, and
+    all their problems raised as one ``InputError``, before anything is merged.
+    With ``isolate_merge=False`` the merge runs in this process and cannot be
+    stopped at the budget; it runs to its end.
     """
+    from mergesmith.checks import prepare_output_dir, remove_if_empty, resolve_device
     from mergesmith.evaluate.model import load_model
-    from mergesmith.evaluate.runner import Pacer, evaluate, unrun_result
+    from mergesmith.evaluate.runner import Pacer, evaluate, metric_problems, settings_problems, unrun_result
     from mergesmith.evaluate.tasks import load_tasks
 
-    budget_s = parse_budget(budget)
+    problems: list[str] = []
+    budget_s = 0.0
+    try:
+        budget_s = parse_budget(budget)
+    except InputError as err:
+        problems += err.problems
+    problems += settings_problems(batch_size=batch_size, bootstrap=bootstrap, device=device, dtype=dtype)
+    if write_reserve is not None and not (isinstance(write_reserve, (int, float)) and write_reserve >= 0):
+        problems.append(f"write_reserve {write_reserve!r}: must be a number of seconds, at least 0")
+    out = Path(out_dir)
+    model_dir = out / "model"
+    problems += output_problems_for(out, recipe, task_paths)
+    if model_dir.exists() and not overwrite:
+        problems.append(f"{model_dir}: already exists; choose another --out or pass --overwrite")
     start = clock()
     deadline = start + budget_s
     reserve = min(30.0, 0.02 * budget_s) if write_reserve is None else write_reserve
-    out = Path(out_dir)
-    model_dir = out / "model"
     result = CompeteResult(budget_s)
+    device = resolve_device(device)
     merge_kwargs = {"device": device, "overwrite": overwrite}
 
     def phase(name: str, fn: Callable) -> tuple[Any, Phase]:
@@ -250,19 +363,33 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         result.phases.append(record)
         return value, record
 
-    tasks, _ = phase("load_tasks", lambda: load_tasks(task_paths, skip_bad_rows=skip_bad_rows))
-    if model_dir.exists() and not overwrite:
-        raise InputError(f"{model_dir}: already exists; choose another --out or pass --overwrite")
+    tasks: list = []
+    try:
+        tasks, _ = phase("load_tasks", lambda: load_tasks(task_paths, skip_bad_rows=skip_bad_rows, metric=metric))
+    except InputError as err:
+        problems += err.problems
+    problems += metric_problems(tasks)
     if check_fn is None and merge_fn is None:
         check_fn = check_recipe
-    if check_fn is not None:
-        phase("check_recipe", lambda: check_fn(recipe, model_dir, **merge_kwargs))
-    out.mkdir(parents=True, exist_ok=True)
+    if check_fn is not None:  # the recipe's problems join the others: one report, not two rounds
+        try:
+            phase("check_recipe", lambda: check_fn(recipe, model_dir, **merge_kwargs))
+        except InputError as err:
+            problems += err.problems
+    if problems:
+        raise InputError(list(dict.fromkeys(problems)))
+    created = prepare_output_dir(out)
     runner = run_merge_isolated if isolate_merge else run_merge_inline
-    (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, recipe, model_dir,
-                                                             merge_kwargs, deadline - clock()))
-    if status == DONE and clock() >= deadline:
-        status, detail = STOPPED, "the merge finished after the budget ran out"
+    try:
+        (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, recipe, model_dir,
+                                                                 merge_kwargs, deadline - clock()))
+    except BaseException:
+        if created:  # the merge failed or was interrupted: no empty output folder stays behind
+            remove_if_empty(out)
+        raise
+    if status == DONE and clock() >= deadline and not detail:
+        # the model is complete and stays so: the budget ran out after it, not during it
+        detail = "finished as the budget ran out"
     merged.status, merged.detail = status, detail
     if status == FAILED:
         raise RuntimeError(detail)
@@ -277,7 +404,7 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
             evaluated.status = STOPPED
             evaluated.detail = "stopped before a batch that would overrun the budget"
     else:
-        reason = "no time left after the merge"
+        reason = "no time left after the merge" if status == DONE else "the merge did not finish"
         result.phases.append(Phase("evaluate", 0.0, SKIPPED, reason))
         evaluation = unrun_result(tasks, str(model_dir), reason)
     result.evaluation = evaluation

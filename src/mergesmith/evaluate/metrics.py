@@ -83,6 +83,10 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 
 
 def rouge_available() -> bool:
+    from mergesmith.extras import missing_modules
+
+    if missing_modules(["rouge_score"]):  # found without importing it
+        return False
     try:
         _rouge_scorer()
         return True

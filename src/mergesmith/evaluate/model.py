@@ -33,6 +33,9 @@ class LoadedModel:
     pad_id: int
     was_training: bool = False
     _keeps_logits: bool = field(default=False, repr=False)
+    # newer transformers name the key/value cache `cache` and warn on every use of
+    # the old `past_key_values`, in the call and on the output alike
+    _cache_name: str = field(default="past_key_values", repr=False)
 
     @property
     def prefix_text(self) -> str:
@@ -45,18 +48,26 @@ class LoadedModel:
         return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, no special tokens. Over-long texts are fine: we truncate them ourselves
+        (and count it), so the tokenizer's "longer than the maximum sequence length" warning
+        is switched off (``verbose=False``) rather than shown to the user as a fault."""
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *,
                 past_key_values: Any = None, use_cache: bool = False, last_only: bool = False) -> Any:
         kwargs: dict[str, Any] = {}
         if last_only and self._keeps_logits:
             kwargs["logits_to_keep"] = 1  # skip the vocabulary projection of every prompt position
+        if past_key_values is not None:
+            kwargs[self._cache_name] = past_key_values
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                          position_ids=position_ids.to(self.device), past_key_values=past_key_values,
-                          use_cache=use_cache, **kwargs)
+                          position_ids=position_ids.to(self.device), use_cache=use_cache, **kwargs)
+
+    def cache_of(self, output: Any) -> Any:
+        """The key/value cache a forward pass returned, under whichever name this transformers uses."""
+        return getattr(output, self._cache_name, None)
 
     def restore(self) -> None:
         if self.was_training:
@@ -164,7 +175,9 @@ def load_model(model: Any, tokenizer: Any = None, *, device: Optional[str] = Non
     was_training = bool(getattr(hf_model, "training", False))
     hf_model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+    parameters = inspect.signature(hf_model.forward).parameters
     return LoadedModel(model=hf_model, tokenizer=tok, name=name, device=dev,
                        max_length=max_length or context_length(hf_model, tok), prefix_ids=special_prefix(tok),
-                       pad_id=pad if pad is not None else 0, was_training=was_training, _keeps_logits=keeps_logits)
+                       pad_id=pad if pad is not None else 0, was_training=was_training,
+                       _keeps_logits="logits_to_keep" in parameters,
+                       _cache_name="cache" if "cache" in parameters else "past_key_values")

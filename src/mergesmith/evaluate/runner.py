@@ -9,15 +9,61 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 from tqdm.auto import tqdm
 
+from mergesmith.checks import (at_least, choice_problems, device_problems, output_dir_problems, overwritten_inputs,
+                               resolve_device)
 from mergesmith.evaluate.generation import encode_gen, generate
 from mergesmith.errors import InputError
 from mergesmith.evaluate.metrics import (bootstrap_ci, generation_scores, macro_bootstrap_ci, mc_choices,
                                          rouge_available)
-from mergesmith.evaluate.model import LoadedModel, load_model
+from mergesmith.evaluate.model import DTYPES, LoadedModel, load_model
 from mergesmith.evaluate.prompts import render_context
 from mergesmith.evaluate.results import NOT_RUN, SCORED, UNLABELLED, EvalResult, Prediction, TaskResult
-from mergesmith.evaluate.scoring import encode_mc, score_mc
+from mergesmith.evaluate.scoring import STRATEGIES, encode_mc, score_mc
 from mergesmith.evaluate.tasks import GEN_METRICS, MC_METRICS, MULTIPLE_CHOICE, Task, load_tasks
+
+
+def settings_problems(*, batch_size: Any = 8, bootstrap: Any = 1000, max_length: Any = None, device: Any = None,
+                      dtype: Any = "auto", strategy: Any = "shared_prefix") -> list[str]:
+    """Every problem with the evaluation settings, found before a model is loaded.
+
+    ``batch_size`` and ``max_length`` must be at least 1 and ``bootstrap`` at least 0
+    (0: no confidence intervals); a zero or negative value would silently change
+    what runs, so it is an error, not a default.
+    """
+    import torch
+
+    problems = at_least("--batch-size", batch_size, 1, "items per forward pass")
+    problems += at_least("--bootstrap", bootstrap, 0, "resamples for the confidence intervals; 0 for none")
+    problems += at_least("--max-length", max_length, 1, "the context window in tokens; leave it out for the "
+                         "model's own", optional=True)
+    problems += device_problems(device)
+    if not isinstance(dtype, torch.dtype) and dtype is not None:
+        problems += choice_problems("--dtype", dtype, ["auto", *DTYPES])
+    problems += choice_problems("strategy", strategy, STRATEGIES)
+    return problems
+
+
+RESULT_FILES = (r"results\.json", r"predictions\.jsonl")
+
+
+def evaluate_output_problems(out: Union[str, Path], model: Any, tokenizer: Any = None,
+                             task_paths: Iterable[Union[str, Path]] = ()) -> list[str]:
+    """Why ``out`` cannot take an evaluation's outputs; nothing is created.
+
+    An input is never written to: ``out`` may not be, contain or lie inside the
+    evaluated model or tokenizer folder, nor hold a task file named like an output.
+    """
+    inputs = {label: path for label, path in (("model", model), ("tokenizer", tokenizer))
+              if isinstance(path, (str, Path)) and Path(path).expanduser().exists()}
+    return output_dir_problems(out, inputs) + overwritten_inputs(out, RESULT_FILES, task_paths)
+
+
+def metric_problems(tasks: Iterable[Task]) -> list[str]:
+    """A generation task scored by ROUGE-L needs the ``eval`` extra (rouge-score)."""
+    if any(t.type != MULTIPLE_CHOICE and t.headline == "rougeL" for t in tasks) and not rouge_available():
+        return ["a task's metric is rougeL but the rouge-score package is not installed: "
+                "pip install 'mergesmith[eval]'"]
+    return []
 
 
 class Pacer:
@@ -132,21 +178,25 @@ def evaluate(model: Any, tasks: Union[Iterable[Task], Iterable[Union[str, Path]]
     resamples for the confidence intervals (0: none).
     """
     started = time.monotonic()
+    problems = settings_problems(batch_size=batch_size, bootstrap=bootstrap, max_length=max_length, device=device,
+                                 dtype=dtype, strategy=strategy)
     if isinstance(tasks, (str, Path)):
         tasks = [tasks]
     tasks = list(tasks)
     if tasks and not isinstance(tasks[0], Task):
-        tasks = load_tasks(tasks)
-    if not tasks:
-        raise InputError("no tasks to evaluate; give at least one task or task file")
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        try:
+            tasks = load_tasks(tasks)
+        except InputError as err:
+            problems += err.problems
+            tasks = []
+    elif not tasks:
+        problems.append("no tasks to evaluate; give at least one task or task file")
+    problems += metric_problems(tasks)
+    if problems:
+        raise InputError(problems)
     generation = [t for t in tasks if t.type != MULTIPLE_CHOICE]
     rouge = bool(generation) and rouge_available()
-    if generation and not rouge and any(t.headline == "rougeL" for t in generation):
-        raise InputError("a task's metric is rougeL but the rouge-score package is not installed: "
-                         "pip install 'mergesmith[eval]'")
-    lm = load_model(model, tokenizer, device=device, dtype=dtype, max_length=max_length)
+    lm = load_model(model, tokenizer, device=resolve_device(device), dtype=dtype, max_length=max_length)
     if pacer is None and deadline is not None:
         pacer = Pacer(deadline)
     results, predictions, per_task_values = [], [], []

@@ -148,7 +148,7 @@ def _score_shared(lm: LoadedModel, batch: list[MCRequest]) -> list[MCScore]:
     totals = torch.tensor([first_lp[i, c[0]].item() for i, c in rows], dtype=torch.float64)
     if needs_rest:
         select = torch.tensor([i for i, _ in rows])
-        cache = out.past_key_values
+        cache = lm.cache_of(out)
         if not hasattr(cache, "batch_select_indices"):
             raise NoReusableCache(type(cache).__name__)
         cache.batch_select_indices(select.to(lm.device))

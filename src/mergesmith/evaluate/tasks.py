@@ -30,7 +30,9 @@ Bad rows raise one ``InputError`` naming the file, the row and the fix, unless
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
+import io
 import json
 import math
 import sys
@@ -165,6 +167,9 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
 
 def _make_item(raw: dict, kind: str, position: int, row: str) -> Item:
     """Validate one row (already in the JSONL field names) into an Item, or raise ValueError."""
+    row_id = raw.get("id")
+    if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int))):
+        raise ValueError(f"field 'id' must be a string or a whole number, not {type(row_id).__name__}")
     try:
         if kind == MULTIPLE_CHOICE:
             parsed = _MCRow.model_validate(raw)
@@ -208,6 +213,25 @@ class _Collector:
             raise InputError(shown)
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a byte order mark is dropped. Not UTF-8: an ``InputError`` naming the byte.
+
+    Decoding happens before any row is parsed, so a file that is, say, Latin-1 is
+    one clear error with the offset of its first bad byte, not a traceback from
+    deep inside a parser.
+    """
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = start + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        bad = data[offset:offset + min(4, err.end - err.start)].hex(" ")
+        raise InputError(f"{path}: not UTF-8 text: byte {offset} (line {line}) is 0x{bad}; "
+                         "save the file as UTF-8") from None
+
+
 # ----------------------------------------------------------------------------- JSONL
 
 
@@ -215,7 +239,7 @@ def read_jsonl(path: Path, skip_bad_rows: bool = False) -> tuple[list[Item], lis
     collector = _Collector(str(path), skip_bad_rows)
     items: list[Item] = []
     position = 0
-    with open(path, encoding="utf-8") as fh:
+    with io.StringIO(read_utf8(path), newline=None) as fh:  # universal newlines, as open() reads text
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -288,7 +312,7 @@ def read_competition_csv(path: Path, skip_bad_rows: bool = False) -> tuple[list[
     collector = _Collector(str(path), skip_bad_rows)
     items: list[Item] = []
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: a spreadsheet's byte order mark
+    with io.StringIO(read_utf8(path), newline="") as fh:  # newline="": the csv module's own line handling
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         missing = [c for c in CSV_REQUIRED if c not in header]
@@ -387,7 +411,7 @@ class _TaskSpec(BaseModel):
 
 def _read_yaml_spec(path: Path) -> _TaskSpec:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
@@ -540,6 +564,7 @@ def task_from_dataset(dataset: Any, name: str, type: str, fields: Optional[dict]
     """A task from an in-memory ``datasets.Dataset`` (or any iterable of dict rows)."""
     if type not in TASK_TYPES:
         raise InputError(f"task {name}: type {type!r}; use multiple_choice or generation")
+    _check_limit(limit)
     rows = dataset if limit is None else (r for i, r in zip(range(limit), dataset))
     items, skipped = items_from_rows(rows, type, fields, source=f"dataset for task {name}",
                                      skip_bad_rows=skip_bad_rows)
@@ -604,6 +629,7 @@ def _check_task(task: Task, where: str) -> None:
 def load_task(path: Union[str, Path], *, skip_bad_rows: bool = False, limit: Optional[int] = None,
               metric: Optional[dict[str, str]] = None) -> list[Task]:
     """Load one task file (JSONL, competition CSV or YAML config); a mixed file gives two tasks."""
+    _check_limit(limit)
     path = Path(path)
     if path.suffix.lower() in (".yaml", ".yml"):
         if not path.is_file():
@@ -637,6 +663,20 @@ def _limit(items: list[Item], limit: Optional[int]) -> list[Item]:
     return items if limit is None else items[:limit]
 
 
+def _limit_problems(limit: Any) -> list[str]:
+    """A limit keeps the first N items; zero or a negative N would silently score other items."""
+    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        return []
+    return [f"--limit {limit!r}: must be a whole number of at least 1 (the first N items of each task file are "
+            "kept); leave it out to use every item"]
+
+
+def _check_limit(limit: Any) -> None:
+    problems = _limit_problems(limit)
+    if problems:
+        raise InputError(problems)
+
+
 def load_tasks(paths: Union[str, Path, Iterable[Union[str, Path]]], *, skip_bad_rows: bool = False,
                limit: Optional[int] = None, metric: Optional[dict[str, str]] = None) -> list[Task]:
     """Load every task file; all problems across files are reported together.
@@ -647,8 +687,10 @@ def load_tasks(paths: Union[str, Path, Iterable[Union[str, Path]]], *, skip_bad_
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    problems: list[str] = _limit_problems(limit)
+    if problems:
+        limit = None  # still read every file, so that their problems are reported in the same round
     tasks: list[Task] = []
-    problems: list[str] = []
     for path in paths:
         try:
             tasks.extend(load_task(path, skip_bad_rows=skip_bad_rows, limit=limit, metric=metric))

@@ -196,16 +196,56 @@ class BenchConfig:
     command: str = ""
 
 
-def check_methods(methods: tuple[str, ...]) -> None:
+def method_problems(methods: tuple[str, ...]) -> list[str]:
+    """Every ``--methods`` name must be a registered merge method with a validation grid here."""
     from mergesmith.methods import all_methods
 
     known = all_methods()
-    problems = [f"--methods: {m!r} has no validation grid here; choose from {', '.join(GRIDS)}"
-                for m in methods if m not in GRIDS]
-    problems += [f"--methods: {m!r} is not a registered merge method" for m in methods
-                 if m in GRIDS and m not in known]
+    problems = []
+    if not methods:
+        problems.append("--methods: name at least one method")
+    for m in methods:
+        if m not in known:
+            problems.append(f"--methods: {m!r} is not a merge method; choose from {', '.join(GRIDS)}")
+        elif m not in GRIDS:
+            problems.append(f"--methods: {m!r} is a merge method, but the benchmark has no validation grid for "
+                            f"it; choose from {', '.join(GRIDS)}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        problems.append(f"--methods: {', '.join(repeated)} named more than once; name each method once")
+    return problems
+
+
+def check_methods(methods: tuple[str, ...]) -> None:
+    problems = method_problems(methods)
     if problems:
         raise InputError(problems)
+
+
+def config_problems(cfg: BenchConfig) -> list[str]:
+    """Every problem with a benchmark configuration, found before the zoo is built or a model loaded."""
+    from mergesmith.checks import at_least, output_dir_problems
+    from mergesmith.extras import extra_problems
+    from mergesmith.zoo.build import build_problems
+
+    problems = method_problems(tuple(cfg.methods))
+    seeds = tuple(cfg.seeds)
+    if not seeds:
+        problems.append("--seeds: give at least one fine-tune seed")
+    for seed in seeds:
+        problems += at_least("--seeds", seed, 0, "fine-tune seeds")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+    if repeated:
+        problems.append(f"--seeds: {', '.join(map(str, repeated))} given more than once; a repeated seed "
+                        "would count the same run twice in the spread")
+    problems += at_least("--limit", cfg.limit, 1, "test items per task; leave it out for all", optional=True)
+    problems += at_least("--val-limit", cfg.val_limit, 1, "validation items per task; leave it out for all",
+                         optional=True)
+    problems += at_least("--batch-size", cfg.batch_size, 1, "items per forward pass")
+    problems += build_problems(cfg.size, cfg.zoo_seed, cfg.cache, device=cfg.device)
+    problems += output_dir_problems(cfg.out)
+    problems += extra_problems("mergesmith bench", "zoo")
+    return list(dict.fromkeys(problems))
 
 
 def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]) -> SeedResult:
@@ -445,10 +485,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> str:
     """Run the benchmark; returns the markdown table (also written to ``cfg.out``)."""
     from mergesmith.zoo import skills as S
 
-    check_methods(cfg.methods)
-    if not cfg.seeds:
-        raise InputError("--seeds: give at least one fine-tune seed")
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    from mergesmith.checks import prepare_output_dir, resolve_device
+
+    problems = config_problems(cfg)
+    if problems:
+        raise InputError(problems)
+    cfg.device = resolve_device(cfg.device)
+    prepare_output_dir(cfg.out)
     start = time.time()
     results = []
     for seed in cfg.seeds:
@@ -483,22 +526,20 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
+    """'all', 'demo' or comma-separated names (checked by ``method_problems``)."""
     if text == "all":
         return ALL_METHODS
     if text == "demo":
         return DEMO_METHODS
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    if not methods:
-        raise InputError("--methods: name at least one method")
-    return methods
+    return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
-    from mergesmith.zoo.model import get_size
+    from mergesmith.zoo.model import SIZES
 
     cfg = BenchConfig(out=args.out, size=args.size, zoo_seed=args.seed, seeds=tuple(args.seeds),
                       methods=parse_methods(args.methods), cache=args.cache,
-                      device=get_size(args.size, args.device).device, limit=args.limit, val_limit=args.val_limit,
+                      device=args.device or SIZES[args.size].device, limit=args.limit, val_limit=args.val_limit,
                       batch_size=args.batch_size, generation=not args.no_generation,
                       command="mergesmith " + " ".join(sys.argv[1:]))
     text = run_bench(cfg)

@@ -34,10 +34,11 @@ from typing import Iterator, Optional
 
 import torch
 
+from mergesmith.checks import at_least, device_problems, output_dir_problems, resolve_device
 from mergesmith.errors import InputError
+from mergesmith.extras import require_extras
 from mergesmith.zoo import skills as S
-from mergesmith.zoo.model import ZooSize, count_parameters, get_size, make_model
-from mergesmith.zoo.tokenizer import train_tokenizer
+from mergesmith.zoo.model import SIZES, ZooSize, count_parameters, get_size, make_model
 from mergesmith.zoo.train import TrainLog, finetune, pretrain
 
 # Bump when generated data or training changes in a way the settings do not show.
@@ -209,6 +210,8 @@ def build_data(folder: Path, size: ZooSize, seed: int) -> None:
     """Tokenizer, the world as JSON, and every skill's task files."""
     world = _world(size, seed)
     docs = S.pretraining_documents(world, size.mixture, seed)
+    from mergesmith.zoo.tokenizer import train_tokenizer  # needs the zoo extra (tokenizers)
+
     tokenizer = train_tokenizer(itertools.islice(docs, TOKENIZER_DOCS), size.vocab_size)
     tokenizer.save_pretrained(folder / "tokenizer")
     _write_json(folder / "world.json", {
@@ -329,6 +332,18 @@ def zoo_root(size: str = "default", seed: int = 0, cache_dir: Optional[Path] = N
     return base_root / f"ft{ft_seed}-{_key(finetune_settings(spec, ft_seed))}"
 
 
+def build_problems(size: str = "default", seed: int = 0, cache_dir: Optional[Path] = None, *,
+                   finetune_seed: Optional[int] = None, device: Optional[str] = None) -> list[str]:
+    """Every problem with these zoo arguments, found without building or importing anything heavy."""
+    problems = [] if size in SIZES else [f"--size {size!r}: not a zoo size; use one of {', '.join(SIZES)}"]
+    problems += at_least("--seed", seed, 0, "the world and base seed")
+    problems += at_least("--finetune-seed", finetune_seed, 0, "the fine-tuning seed", optional=True)
+    problems += device_problems(device)
+    cache = Path(cache_dir) if cache_dir else default_cache()
+    problems += output_dir_problems(cache, flag="--cache")
+    return problems
+
+
 def build_zoo(size: str = "default", seed: int = 0, cache_dir: Optional[Path] = None, *,
               finetune_seed: Optional[int] = None, device: Optional[str] = None,
               progress: bool = True, rebuild: bool = False) -> Zoo:
@@ -338,17 +353,22 @@ def build_zoo(size: str = "default", seed: int = 0, cache_dir: Optional[Path] = 
     sampled training examples, initialisation of LoRA): several fine-tune seeds
     share one world, one base and one set of task files, which is how the
     benchmark measures the spread of merge results cheaply.
+
+    Every argument, the cache folder and the optional packages are checked first
+    (``build_problems``), before minutes of training.
     """
-    if not isinstance(seed, int) or seed < 0:
-        raise InputError(f"zoo seed must be a non-negative integer, got {seed!r}")
-    spec = get_size(size, device)
+    problems = build_problems(size, seed, cache_dir, finetune_seed=finetune_seed, device=device)
+    if problems:
+        raise InputError(problems)
+    spec = get_size(size, resolve_device(device))
     ft_seed = seed if finetune_seed is None else finetune_seed
     root = zoo_root(size, seed, cache_dir, ft_seed)
     base_root = root.parent
+    if not rebuild and (root / "zoo.json").exists():
+        return Zoo.load(root)  # a cached zoo needs none of the training packages
+    require_extras("mergesmith zoo build", "zoo")
     if rebuild and base_root.exists():
         shutil.rmtree(base_root)
-    if (root / "zoo.json").exists():
-        return Zoo.load(root)
     timings: dict[str, float] = {}
     started = time.time()
     data = base_root / "data"
