@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 
 
@@ -22,22 +23,37 @@ class InputError(Exception):
         return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
-def decode_utf8(data: bytes, where: object) -> str:
-    """``data`` as text, or an InputError naming ``where`` and the first bad byte's offset."""
+def decode_utf8(data: bytes, where: object, *, what: str = "", offset: int = 0, lines: bool = True,
+                fix: str = "save the file as UTF-8") -> str:
+    """``data`` as text, or an InputError naming ``where``, the first bad byte and its offset.
+
+    ``offset`` is where ``data`` starts in the file (a safetensors header starts at
+    byte 8), so the reported offset is the file's; ``lines`` adds the line number,
+    for text files. ``what`` names the part of the file (``"the config "``).
+    """
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise InputError(f"{where}: not UTF-8 text (byte {err.start}: 0x{data[err.start]:02x}); "
-                         "save the file as UTF-8") from None
+        at = offset + err.start
+        newline = b"\n"
+        line = f" (line {data.count(newline, 0, err.start) + 1})" if lines else ""
+        bad = data[err.start:err.start + min(4, err.end - err.start)].hex(" ")
+        subject = f"{what}is " if what else ""
+        raise InputError(f"{where}: {subject}not UTF-8 text: byte {at}{line} is 0x{bad}; {fix}") from None
 
 
 def read_text(path: "str | os.PathLike[str]") -> str:
-    """A user's text file (recipe, config, task file): UTF-8 or a clear InputError.
+    """A user's text file (recipe, config, task file): UTF-8 (a byte order mark is dropped) or
+    a clear InputError naming the file, the byte, its offset and line.
 
-    A missing or unreadable file is an environment fault, left as OSError.
+    Decoding happens before any parser sees the text, so a file saved as, say, Latin-1 is one
+    clear error instead of a traceback from deep inside a parser. A missing or unreadable
+    file is an environment fault, left as OSError.
     """
     with open(path, "rb") as fh:
-        return decode_utf8(fh.read(), path)
+        data = fh.read()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    return decode_utf8(data[start:], path, offset=start)
 
 
 class ResourceError(Exception):

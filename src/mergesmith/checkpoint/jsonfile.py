@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mergesmith.errors import InputError
+from mergesmith.errors import InputError, decode_utf8
 
 MAX_JSON_FILE_BYTES = 100 * 1024 * 1024
 # Real files nest a few levels (config.json: text_config.rope_scaling...; a
@@ -67,12 +67,7 @@ def parse_json(raw: bytes, path: Path, what: str, *, start: int = 0, duplicates:
     ``duplicates=False`` refuses an object that names one key twice (in a
     safetensors header that would be two tensors of one name).
     """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        bad = raw[err.start:err.start + 1].hex()
-        raise InputError(f"{path}: the {what} is not UTF-8 text (byte 0x{bad} at byte offset "
-                         f"{start + err.start} of the file); {fix}") from None
+    text = decode_utf8(raw, path, what=f"the {what} ", offset=start, lines=False, fix=fix)
     if nesting_deeper_than(text, MAX_JSON_DEPTH):
         raise InputError(f"{path}: the {what} nests arrays or objects more than {MAX_JSON_DEPTH} deep; "
                          f"the file is corrupt or hostile: {fix}")

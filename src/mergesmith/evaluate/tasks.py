@@ -30,7 +30,6 @@ Bad rows raise one ``InputError`` naming the file, the row and the fix, unless
 from __future__ import annotations
 
 import ast
-import codecs
 import csv
 import io
 import json
@@ -43,7 +42,7 @@ from typing import Any, Iterable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergesmith.errors import InputError
+from mergesmith.errors import InputError, read_text
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
@@ -213,25 +212,6 @@ class _Collector:
             raise InputError(shown)
 
 
-def read_utf8(path: Path) -> str:
-    """The file's text; a byte order mark is dropped. Not UTF-8: an ``InputError`` naming the byte.
-
-    Decoding happens before any row is parsed, so a file that is, say, Latin-1 is
-    one clear error with the offset of its first bad byte, not a traceback from
-    deep inside a parser.
-    """
-    data = path.read_bytes()
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        offset = start + err.start
-        line = data.count(b"\n", 0, offset) + 1
-        bad = data[offset:offset + min(4, err.end - err.start)].hex(" ")
-        raise InputError(f"{path}: not UTF-8 text: byte {offset} (line {line}) is 0x{bad}; "
-                         "save the file as UTF-8") from None
-
-
 # ----------------------------------------------------------------------------- JSONL
 
 
@@ -239,7 +219,7 @@ def read_jsonl(path: Path, skip_bad_rows: bool = False) -> tuple[list[Item], lis
     collector = _Collector(str(path), skip_bad_rows)
     items: list[Item] = []
     position = 0
-    with io.StringIO(read_utf8(path), newline=None) as fh:  # universal newlines, as open() reads text
+    with io.StringIO(read_text(path), newline=None) as fh:  # universal newlines, as open() reads text
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -312,7 +292,7 @@ def read_competition_csv(path: Path, skip_bad_rows: bool = False) -> tuple[list[
     collector = _Collector(str(path), skip_bad_rows)
     items: list[Item] = []
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with io.StringIO(read_utf8(path), newline="") as fh:  # newline="": the csv module's own line handling
+    with io.StringIO(read_text(path), newline="") as fh:  # newline="": the csv module's own line handling
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         missing = [c for c in CSV_REQUIRED if c not in header]
@@ -411,7 +391,7 @@ class _TaskSpec(BaseModel):
 
 def _read_yaml_spec(path: Path) -> _TaskSpec:
     try:
-        raw = yaml.safe_load(read_utf8(path))
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):

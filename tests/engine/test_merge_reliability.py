@@ -241,7 +241,7 @@ def test_p4_recipe_not_utf8_names_file_and_byte(tmp_path, family, capsys):
     recipe.write_bytes(text[:10] + b"\xff\xfe" + text[10:])
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"{recipe}: not UTF-8 text (byte 10" in err and "Traceback" not in err
+    assert f"{recipe}: not UTF-8 text: byte 10 (line 1) is 0xff" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -521,7 +521,7 @@ def test_resource_error_is_not_an_input_error():
 def test_p4_bad_tokenizer_config_is_found_before_the_merge_not_after(tmp_path, family):
     base, a, b = family
     (a / "tokenizer_config.json").write_bytes(b'{"x": "\xff"}')
-    with pytest.raises(InputError, match=r"tokenizer_config.json: not UTF-8 text \(byte 7"):
+    with pytest.raises(InputError, match=r"tokenizer_config.json: not UTF-8 text: byte 7 \(line 1\) is 0xff"):
         mergesmith.merge(linear(a, b, chat_template="{{ messages }}"), tmp_path / "out", progress=False)
     (a / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="must hold a JSON object"):
