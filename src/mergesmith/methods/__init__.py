@@ -10,6 +10,7 @@ from mergesmith.methods import (  # noqa: F401  (imported for registration)
     arcee_fusion,
     ram,
     passthrough,
+    data_aware,
 )
 from mergesmith.methods.base import (
     REQUIRED,
