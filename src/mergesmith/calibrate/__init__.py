@@ -86,9 +86,9 @@ class StatsPlan:
         todo = [f"{m.ref} ({', '.join(kinds)})" for m, kinds in self.missing()]
         lines = [f"statistics:      {', '.join(self.kinds)}; {cached} cached"
                  + (f", to compute before merging: {', '.join(todo)}" if todo else "")]
-        if todo:
-            lines.append(f"calibration peak memory: about {_human(self.memory_bound())} (one model in float32, "
-                         "one chunk of accumulators, one batch's activations; one model at a time)")
+        lines.append(f"calibration peak memory: about {_human(self.memory_bound())} (one model in float32, one "
+                     "chunk of accumulators, one batch's activations; one model at a time)"
+                     + ("" if todo else "; nothing to compute"))
         return lines
 
 
