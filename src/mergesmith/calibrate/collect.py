@@ -107,10 +107,12 @@ def find_sites(lm: LoadedModel, probe: Sequence) -> list[Site]:
     seen: dict[tuple, Site] = {}
     order: list[Site] = []
     handles = []
+    held: list[torch.Tensor] = []  # kept alive so that no later input can reuse a seen one's memory
 
     def hook_for(name: str):
         def hook(module, args):
             x = args[0]
+            held.append(x)
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
             if key in seen:
                 seen[key].modules.append(name)
