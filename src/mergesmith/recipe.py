@@ -398,8 +398,9 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
             _check_files(where, f"models[{i}].calibration.files", m.calibration.files, problems)
     if block is None and not per_model:
         if method.needs_stats:
-            problems.append(f"{where}: merge_method {method.name} needs calibration data ({', '.join(method.needs_stats)} "
-                            "statistics); add a calibration: block with files: (task files, e.g. JSONL)")
+            problems.append(f"{where}: merge_method {method.name} needs calibration data "
+                            f"({', '.join(method.needs_stats)} statistics); add a calibration: block with files: "
+                            "(task files, e.g. JSONL)")
         return None
     if not method.needs_stats:
         warnings.warn(f"{where}: calibration: is not used by merge_method {method.name}, which needs no "
