@@ -214,7 +214,7 @@ def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, 
             if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
                 raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
             if plan.stats is not None and plan.stats.missing():
-                plan.stats.compute(options.device, options.progress)
+                plan.stats.compute(str(_pick_device(options.device)), options.progress)
                 plan.stats.attach(plan)
             return execute_plan(plan, out_dir, options)
     finally:

@@ -146,7 +146,7 @@ register(MethodSpec(
     min_models=2,
     needs_stats=("gram",),
     reference="https://arxiv.org/abs/2212.09849",
-    summary="least-squares merge of linear layers from each model's input Gram matrices (needs calibration)",
+    summary="least-squares merge of linear layers from each model's input Gram matrices",
 ))
 
 register(MethodSpec(
@@ -159,5 +159,5 @@ register(MethodSpec(
     min_models=2,
     needs_stats=("fisher",),
     reference="https://arxiv.org/abs/2111.09832",
-    summary="element-wise average weighted by each model's diagonal Fisher (needs calibration)",
+    summary="element-wise average weighted by each model's diagonal Fisher",
 ))
