@@ -133,3 +133,33 @@ def test_selection_is_seeded_and_capped(tmp_path):
 def test_chunks_respect_the_budget():
     assert chunks([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
     assert chunks([10, 1], 4) == [[0], [1]]  # a lone item larger than the budget still gets a pass
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_grams_on_other_architectures(tmp_path, model_family, arch):
+    """Qwen2 has biased q/k/v (the bias is no input site); Gemma ties lm_head to the embeddings (left out)."""
+    _, (model_dir,) = model_family(arch, n=1, layers=2)
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"), samples=4)
+    store = run(model_dir, settings, ["gram"], tmp_path / "cache")["gram"]
+    expected = plain_grams(model_dir, sequences_of(model_dir, settings))
+    tied = arch == "gemma"
+    assert set(store.index["tensors"]) == set(expected) - ({"lm_head.weight"} if tied else set())
+    for name in store.index["tensors"]:
+        got = StatsStore.read(store.refs(name)["gram"]).double()
+        torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_calibration_leaves_no_entry(tmp_path, model_family, monkeypatch):
+    import mergesmith.calibrate as calibrate
+
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "collect_fisher", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_model(model_dir, settings, ["gram", "fisher"], {"gram": tmp_path / "c" / "g",
+                                                                  "fisher": tmp_path / "c" / "f"}, progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["g"]  # the finished kind stays, nothing else
