@@ -16,7 +16,10 @@ Peak memory is about
     + prefetch budget + 2 x the largest output tensor
 
 which ``MergePlan.describe`` prints as the predicted peak. It does not grow with
-the model's size, only with its largest tensor and the number of inputs.
+the model's size, only with its largest tensor and the number of inputs. Methods
+that read calibration statistics (``mergesmith.calibrate``) get them through the
+same reader thread, beside the weights; the bound then adds, per tensor, its
+inputs' statistics three times (as read, and a method's sums).
 """
 
 from __future__ import annotations
@@ -439,7 +442,12 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
     if method.needs_stats:
         from mergesmith.calibrate import plan_statistics
 
-        plan.stats = plan_statistics(recipe, models, method.needs_stats)
+        try:
+            plan.stats = plan_statistics(recipe, models, method.needs_stats)
+        except InputError:
+            for m in models:
+                m.checkpoint.close()
+            raise
         plan.stats.attach(plan)
     return plan
 
@@ -514,15 +522,14 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
                 if task is None:
                     done = True
                     return
-                size = _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
-                in_flight += size
+                in_flight += _load_bytes(plan, task)
                 loads.append((task, reader.submit(_load_inputs, plan, task, device, options.allow_nonfinite)))
 
         fill()
         while loads:
             task, future = loads.popleft()
             tensors, stats = future.result()
-            in_flight -= _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
+            in_flight -= _load_bytes(plan, task)
             fill()
             out = _run_method(plan, task, tensors, device, options.allow_nonfinite, stats)
             del tensors, stats
@@ -539,6 +546,11 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 
 
 # ----------------------------------------------------------------------------- steps
+
+
+def _load_bytes(plan: MergePlan, task: TensorPlan) -> int:
+    """What reading one tensor's inputs (in the compute dtype) and their statistics holds in memory."""
+    return _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
 
 
 def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool = False

@@ -87,7 +87,7 @@ class StatsPlan:
         lines = [f"statistics:      {', '.join(self.kinds)}; {cached} cached"
                  + (f", to compute before merging: {', '.join(todo)}" if todo else "")]
         lines.append(f"calibration peak memory: about {_human(self.memory_bound())} (one model in float32, one "
-                     "chunk of accumulators, one batch's activations; one model at a time)"
+                     "chunk of accumulators, one batch's activations; one model at a time; plus the runtime)"
                      + ("" if todo else "; nothing to compute"))
         return lines
 
