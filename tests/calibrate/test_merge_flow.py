@@ -65,7 +65,15 @@ def test_fisher_with_per_model_data_and_a_cache_key_that_follows_the_inputs(tmp_
     entries = result.plan.stats.models
     assert [e.settings.files for e in entries] == [(str(data),), (str(own),)]
     assert all((e.folders["fisher"] / "index.json").is_file() for e in entries)
-    assert list((tmp_path / "out").glob("*.safetensors"))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    task = next(t for t in result.plan.tensors if t.name == name)
+    assert [sorted(refs) for refs in task.stats] == [["fisher", "fisher_norm"]] * 2  # the plan records both inputs'
+    stats = [{k: StatsStore.read(r) for k, r in refs.items()} for refs in task.stats]
+    inputs = [load_state(a)[name], load_state(b)[name]]
+    group = TensorGroup(name, inputs, {"epsilon": 1e-6, "normalize_fisher": True}, [{"weight": 1.0}] * 2, stats=stats)
+    expected = get_method("fisher").fn(group)
+    torch.testing.assert_close(load_state(tmp_path / "out")[name], expected)
+    assert not torch.allclose(expected, (inputs[0] + inputs[1]) / 2, atol=1e-5)
 
     def folder(rec):
         plan = plan_merge(rec)
@@ -87,6 +95,9 @@ def test_cli_calibrate_then_dry_run_shows_the_memory_bound(tmp_path, model_famil
     data = write_calibration(tmp_path / "cal.jsonl")
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe_for("regmean", [a, b], data, tmp_path / "cache")))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "gram; 0 cached, to compute before merging: " in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()  # a dry run computes nothing
     assert main(["calibrate", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.count(": gram: cached in ") == 2
