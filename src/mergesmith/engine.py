@@ -16,7 +16,10 @@ Peak memory is about
     + prefetch budget + 2 x the largest output tensor
 
 which ``MergePlan.describe`` prints as the predicted peak. It does not grow with
-the model's size, only with its largest tensor and the number of inputs.
+the model's size, only with its largest tensor and the number of inputs. Methods
+that read calibration statistics (``mergesmith.calibrate``) get them through the
+same reader thread, beside the weights; the bound then adds, per tensor, its
+inputs' statistics three times (as read, and a method's sums).
 """
 
 from __future__ import annotations
@@ -100,9 +103,15 @@ class TensorPlan:
     model_params: list[dict[str, Any]]
     t: float
     seed: int
+    # Calibration statistics of each input (kind -> where it is cached), for methods that need them.
+    stats: Optional[list[dict[str, Any]]] = None
 
     def input_bytes(self, plan: "MergePlan") -> int:
         return sum(plan.models[i.model].checkpoint.infos[i.name].nbytes for i in self.inputs)
+
+    @property
+    def stats_bytes(self) -> int:
+        return sum(ref.nbytes for refs in self.stats or [] for ref in refs.values())
 
 
 @dataclass
@@ -114,6 +123,7 @@ class MergePlan:
     out_config: dict[str, Any]
     compute_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    stats: Any = None  # a calibrate.StatsPlan when the method needs statistics
 
     @property
     def bytes_to_read(self) -> int:
@@ -131,10 +141,11 @@ class MergePlan:
         budget if that is more. Excludes the Python/torch runtime itself (about 0.3 GiB).
         """
         size = _itemsize(self.compute_dtype)
-        loads = [len(t.inputs) * _numel(t.shape) * size for t in self.tensors]
+        loads = [len(t.inputs) * _numel(t.shape) * size + t.stats_bytes for t in self.tensors]
         worst = 0
         for i, t in enumerate(self.tensors):
-            compute = (2 * len(t.inputs) + 2) * _numel(t.shape) * size
+            # Statistics: the inputs' as read, and as much again for a method's sums (RegMean's ΣG̃, in float64).
+            compute = (2 * len(t.inputs) + 2) * _numel(t.shape) * size + 3 * t.stats_bytes
             ahead = max(options.prefetch_bytes, loads[i + 1] if i + 1 < len(loads) else 0)
             worst = max(worst, compute + ahead)
         biggest_out = max((_numel(t.shape) * _itemsize(t.out_dtype) for t in self.tensors), default=0)
@@ -162,6 +173,8 @@ class MergePlan:
             "(a tensor's inputs and method workspace, the next tensor's inputs or "
             f"{_human(options.prefetch_bytes)} read ahead, 2 outputs in flight; plus the runtime)",
         ]
+        if self.stats is not None:
+            lines += self.stats.describe()
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -204,6 +217,9 @@ def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, 
         with OutputLock(out_dir):
             if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
                 raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+            if plan.stats is not None and plan.stats.missing():
+                plan.stats.compute(str(_pick_device(options.device)), options.progress)
+                plan.stats.attach(plan)
             return execute_plan(plan, out_dir, options)
     finally:
         for m in plan.models:
@@ -425,7 +441,18 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
     if problems:
         raise InputError(_dedupe(problems))
     out_config = _output_config(ref.config, out_layer, layer_types, tensors, forced_out)
-    return MergePlan(recipe, models, reference, tensors, out_config, compute_dtype, notes)
+    plan = MergePlan(recipe, models, reference, tensors, out_config, compute_dtype, notes)
+    if method.needs_stats:
+        from mergesmith.calibrate import plan_statistics
+
+        try:
+            plan.stats = plan_statistics(recipe, models, method.needs_stats)
+        except InputError:
+            for m in models:
+                m.checkpoint.close()
+            raise
+        plan.stats.attach(plan)
+    return plan
 
 
 def execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> MergeResult:
@@ -498,18 +525,17 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
                 if task is None:
                     done = True
                     return
-                size = _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs)
-                in_flight += size
+                in_flight += _load_bytes(plan, task)
                 loads.append((task, reader.submit(_load_inputs, plan, task, device, options.allow_nonfinite)))
 
         fill()
         while loads:
             task, future = loads.popleft()
-            tensors = future.result()
-            in_flight -= _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs)
+            tensors, stats = future.result()
+            in_flight -= _load_bytes(plan, task)
             fill()
-            out = _run_method(plan, task, tensors, device, options.allow_nonfinite)
-            del tensors
+            out = _run_method(plan, task, tensors, device, options.allow_nonfinite, stats)
+            del tensors, stats
             while len(writes) >= 2:
                 writes.popleft().result()
             writes.append(write_pool.submit(writer.write, task.name, out))
@@ -525,8 +551,14 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 # ----------------------------------------------------------------------------- steps
 
 
-def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device,
-                 allow_nonfinite: bool = False) -> list[torch.Tensor]:
+def _load_bytes(plan: MergePlan, task: TensorPlan) -> int:
+    """What reading one tensor's inputs (in the compute dtype) and their statistics holds in memory."""
+    return _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
+
+
+def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool = False
+                 ) -> tuple[list[torch.Tensor], Optional[list[dict[str, torch.Tensor]]]]:
+    """The input tensors in the compute dtype, and their calibration statistics (as stored) if planned."""
     out = []
     for ref in task.inputs:
         model = plan.models[ref.model]
@@ -547,7 +579,11 @@ def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device,
             filler = _reference_rows(plan, task, x.shape[0], ref.rows).to(x)
             x = torch.cat([x, filler])
         out.append(x)
-    return out
+    if task.stats is None:
+        return out, None
+    from mergesmith.calibrate import StatsStore
+
+    return out, [{kind: StatsStore.read(ref).to(device) for kind, ref in refs.items()} for refs in task.stats]
 
 
 def nonfinite_counts(x: torch.Tensor) -> Optional[tuple[int, int]]:
@@ -585,7 +621,7 @@ def _reference_rows(plan: MergePlan, task: TensorPlan, lo: int, hi: int) -> torc
 
 
 def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], device: torch.device,
-                allow_nonfinite: bool = False) -> torch.Tensor:
+                allow_nonfinite: bool = False, stats: Optional[list[dict[str, torch.Tensor]]] = None) -> torch.Tensor:
     method = plan.recipe.method
     if not plan.models[task.inputs[0].model].checkpoint.infos[task.inputs[0].name].dtype.is_floating_point:
         return tensors[0].to(task.out_dtype, copy=True).cpu()
@@ -593,7 +629,7 @@ def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], 
     if method.stochastic:
         generator = torch.Generator(device=device).manual_seed(task.seed)
     group = TensorGroup(task.name, tensors, task.params, task.model_params, task.base_index, generator, task.t,
-                        disposable=True, vocab=is_vocab_tensor(task.name))
+                        disposable=True, vocab=is_vocab_tensor(task.name), stats=stats)
     out = method.fn(group)
     if tuple(out.shape) != task.shape:
         raise RuntimeError(f"{task.name}: method {method.name} returned shape {list(out.shape)}, "

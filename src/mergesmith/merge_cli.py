@@ -82,6 +82,8 @@ def run_methods(args: argparse.Namespace) -> int:
         methods = {args.name: methods[args.name]}
     for spec in methods.values():
         flags = [f"base {spec.base.value}"] + (["stochastic"] if spec.stochastic else [])
+        if spec.needs_stats:
+            flags.append(f"needs calibration: {', '.join(spec.needs_stats)}")
         print(f"{spec.name}  ({', '.join(flags)})  {spec.summary}")
         if spec.reference:
             print(f"    {spec.reference}")

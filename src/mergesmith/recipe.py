@@ -61,9 +61,26 @@ def _model_ref(value: Any) -> Any:
     return value
 
 
+class ModelCalibrationSpec(_Strict):
+    files: list[str]
+
+
+class CalibrationSpec(_Strict):
+    """The ``calibration:`` block: data for methods that need statistics (regmean, fisher)."""
+
+    files: list[str] = []
+    samples: int = 256
+    max_length: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    memory: Union[int, str] = "2GiB"  # statistics accumulators held at once
+    cache_dir: Optional[str] = None
+
+
 class ModelSpec(_Strict):
     model: str
     parameters: Optional[dict[str, Any]] = None
+    calibration: Optional[ModelCalibrationSpec] = None
 
     _ref = field_validator("model", mode="before")(_model_ref)
 
@@ -107,6 +124,7 @@ class RecipeSpec(BaseModel):
     chat_template: Optional[str] = None
     random_seed: Optional[int] = None
     name: Optional[str] = None
+    calibration: Optional[CalibrationSpec] = None
 
     _ref = field_validator("base_model", mode="before")(_model_ref)
 
@@ -134,6 +152,23 @@ class Slice:
 
 
 @dataclass
+class Calibration:
+    """The recipe's calibration data: default files, each model's own files, and the settings."""
+
+    files: tuple[str, ...]
+    per_model: dict[str, tuple[str, ...]]  # model reference -> its own files
+    samples: int = 256
+    max_length: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    memory: int = 2 * 1024 ** 3
+    cache_dir: Optional[str] = None
+
+    def files_for(self, model: str) -> tuple[str, ...]:
+        return self.per_model.get(model) or self.files
+
+
+@dataclass
 class Recipe:
     method: MethodSpec
     slices: list[Slice]
@@ -147,6 +182,15 @@ class Recipe:
     random_seed: int = 0
     source_name: str = "recipe"
     raw: dict[str, Any] = field(default_factory=dict)
+    calibration: Optional[Calibration] = None
+
+    def input_models(self) -> list[str]:
+        """The models whose tensors are merged (the tokenizer source alone is not one)."""
+        seen: dict[str, None] = {}
+        for s in self.slices:
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
 
     def models(self) -> list[str]:
         """Every model the recipe reads, in first-mention order."""
@@ -331,12 +375,66 @@ def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
         for src in sl.sources:
             _check_settings(where, method, src.parameters, f"{src.field}.parameters", problems, model_scope=True)
     _check_required(where, method, slices, global_params, problems)
+    calibration = _check_calibration(where, method, spec, slices, problems)
     if problems:
         raise InputError(problems)
     return Recipe(method=method, slices=slices, parameters=global_params, base_model=spec.base_model,
                   form="models" if spec.models else "slices", dtype=spec.dtype, out_dtype=spec.out_dtype,
                   tokenizer_source=tokenizer_source, chat_template=spec.chat_template,
-                  random_seed=spec.random_seed or 0, source_name=where, raw=raw)
+                  random_seed=spec.random_seed or 0, source_name=where, raw=raw, calibration=calibration)
+
+
+def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices: list[Slice],
+                       problems: list[str]) -> Optional[Calibration]:
+    """The calibration block and every model's files, checked: numbers in range, files present, and
+    data for every model when the method needs statistics."""
+    from mergesmith.merge_cli import parse_size  # the CLI's size syntax (5GB, 2GiB); imported late: no cycle
+
+    block = spec.calibration
+    per_model: dict[str, tuple[str, ...]] = {}
+    for i, m in enumerate(spec.models or []):
+        if m.calibration is not None:
+            per_model[m.model] = tuple(m.calibration.files)
+            _check_files(where, f"models[{i}].calibration.files", m.calibration.files, problems)
+    if block is None and not per_model:
+        if method.needs_stats:
+            problems.append(f"{where}: merge_method {method.name} needs calibration data "
+                            f"({', '.join(method.needs_stats)} statistics); add a calibration: block with files: "
+                            "(task files, e.g. JSONL)")
+        return None
+    if not method.needs_stats:
+        warnings.warn(f"{where}: calibration: is not used by merge_method {method.name}, which needs no "
+                      "statistics; it is ignored", stacklevel=3)
+    block = block or CalibrationSpec()
+    _check_files(where, "calibration.files", block.files, problems)
+    for name in ("samples", "max_length", "batch_size"):
+        value = getattr(block, name)
+        if value < 1:
+            problems.append(f"{where}: calibration.{name} = {value} must be at least 1")
+    try:
+        memory = block.memory if isinstance(block.memory, int) else parse_size(block.memory)
+    except Exception:
+        memory = 0
+    if memory < 1:
+        problems.append(f"{where}: calibration.memory = {block.memory!r} must be a positive size like 2GiB or 500MB")
+    if method.needs_stats:
+        for sl in slices:
+            for src in sl.sources:
+                if not block.files and src.model not in per_model:
+                    fix = (f"add {src.field}.calibration.files" if src.field.startswith("models[")
+                           and not src.implicit else "add calibration.files (the default for every model)")
+                    problems.append(f"{where}: {src.field} ({src.model}): {method.name} needs calibration data for "
+                                    f"every model and this one has none; {fix}")
+    return Calibration(tuple(block.files), per_model, block.samples, block.max_length, block.seed,
+                       block.batch_size, memory, block.cache_dir)
+
+
+def _check_files(where: str, field_name: str, files: list[str], problems: list[str]) -> None:
+    for i, name in enumerate(files):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            problems.append(f"{where}: {field_name}[{i}] = {name!r}: no such file; give a task file "
+                            "(JSONL, competition CSV or YAML task config), relative to the working directory")
 
 
 def _pydantic_problem(where: str, error: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from mergesmith.methods import (  # noqa: F401  (imported for registration)
     pcb,
     subspace,
     wudi,
+    data_aware,
 )
 from mergesmith.methods.base import (
     REQUIRED,

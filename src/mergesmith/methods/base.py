@@ -140,6 +140,12 @@ class TensorGroup:
     # True for the token embeddings and the LM head (tied or not): tensors indexed by the
     # vocabulary, which subspace methods leave out of their decomposition by default.
     vocab: bool = False
+    # Calibration statistics of each input, in the order of ``tensors``, for methods whose spec
+    # lists ``needs_stats``: ``stats[i]["gram"]`` (the [in, in] Gram matrix of this linear weight's
+    # input), ``stats[i]["fisher"]`` (shaped like the tensor), ``stats[i]["fisher_norm"]`` (0-d: the
+    # L2 norm of that model's whole Fisher). An input's dict lacks a kind the calibration did not
+    # produce for that tensor (a norm has no Gram). None for methods that need no statistics.
+    stats: Optional[list[dict[str, torch.Tensor]]] = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -170,6 +176,9 @@ class MethodSpec:
     # Passthrough-style methods take exactly one input per output tensor and may
     # change the layer count (slices stacking).
     passthrough: bool = False
+    # Calibration statistics the method reads from ``TensorGroup.stats`` ("gram", "fisher"); the
+    # merge computes (or finds cached) whatever is missing before streaming.
+    needs_stats: tuple[str, ...] = ()
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:

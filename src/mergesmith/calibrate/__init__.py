@@ -1,0 +1,225 @@
+"""Calibration statistics for data-aware merges: compute once per model, cache, stream beside weights.
+
+The flow (docs/calibrate.md): ``plan_statistics`` says, for every input model of a
+recipe, where its statistics are cached and which are missing; ``StatsPlan.compute``
+runs each model that lacks some on its own calibration data, one model in memory
+at a time (``collect``), and writes them to the cache (``store``); ``StatsPlan.attach``
+records in each planned tensor which statistics each of its inputs has, so that the
+engine can read them beside the weights. ``mergesmith calibrate`` and
+``mergesmith merge`` both go through here; neither this package nor the engine
+knows which method will read the statistics.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm.auto import tqdm
+
+from mergesmith.calibrate.collect import collect_fisher, collect_grams
+from mergesmith.calibrate.data import CalibrationSettings, data_fingerprint, encode_items, select_items, token_count
+from mergesmith.calibrate.store import EntryWriter, StatRef, StatsStore, cache_key, default_cache_dir
+from mergesmith.checkpoint.lora import LoraCheckpoint
+from mergesmith.errors import InputError
+
+KINDS = ("gram", "fisher")
+
+__all__ = ["KINDS", "CalibrationSettings", "ModelStats", "StatRef", "StatsPlan", "StatsStore", "calibrate_model",
+           "plan_statistics"]
+
+
+@dataclass
+class ModelStats:
+    """One input model's statistics: where each kind is (or will be) cached."""
+
+    ref: str
+    path: Path
+    settings: CalibrationSettings
+    folders: dict[str, Path]  # kind -> cache entry
+    config: dict[str, Any] = field(default_factory=dict)
+    weight_bytes: int = 0  # the model in float32
+
+    def missing(self) -> list[str]:
+        return [k for k, f in self.folders.items() if not (f / "index.json").is_file()]
+
+    def stores(self) -> list[StatsStore]:
+        return [StatsStore(f) for f in self.folders.values() if (f / "index.json").is_file()]
+
+
+@dataclass
+class StatsPlan:
+    kinds: tuple[str, ...]
+    models: list[Optional[ModelStats]]  # aligned with the merge plan's models; None: not an input
+    computed: list[str] = field(default_factory=list)  # "ref: kind" computed by this process
+
+    def missing(self) -> list[tuple[ModelStats, list[str]]]:
+        return [(m, m.missing()) for m in self.models if m is not None and m.missing()]
+
+    def compute(self, device: str = "cpu", progress: bool = True) -> None:
+        """Compute every missing statistic, one model at a time."""
+        for entry, kinds in self.missing():
+            calibrate_model(entry.path, entry.settings, kinds, entry.folders, device=device, progress=progress,
+                            label=entry.ref)
+            self.computed += [f"{entry.ref}: {k}" for k in kinds]
+
+    def attach(self, plan: Any) -> None:
+        """Record in every planned tensor which statistics each of its inputs has."""
+        stores = [m.stores() if m is not None else [] for m in self.models]
+        for task in plan.tensors:
+            refs: list[dict[str, StatRef]] = []
+            for inp in task.inputs:
+                found: dict[str, StatRef] = {}
+                for store in stores[inp.model]:
+                    found.update(store.refs(inp.name))
+                refs.append(found)
+            task.stats = refs
+
+    def memory_bound(self) -> int:
+        return max((calibration_peak_bytes(m, self.kinds) for m in self.models if m is not None), default=0)
+
+    def describe(self) -> list[str]:
+        cached = sum(len(m.folders) - len(m.missing()) for m in self.models if m is not None)
+        todo = [f"{m.ref} ({', '.join(kinds)})" for m, kinds in self.missing()]
+        lines = [f"statistics:      {', '.join(self.kinds)}; {cached} cached"
+                 + (f", to compute before merging: {', '.join(todo)}" if todo else "")]
+        lines.append(f"calibration peak memory: about {_human(self.memory_bound())} (one model in float32, one "
+                     "chunk of accumulators, one batch's activations; one model at a time; plus the runtime)"
+                     + ("" if todo else "; nothing to compute"))
+        return lines
+
+
+def settings_for(recipe: Any, ref: str) -> CalibrationSettings:
+    c = recipe.calibration
+    return CalibrationSettings(tuple(c.files_for(ref)), c.samples, c.max_length, c.seed, c.batch_size, c.memory)
+
+
+def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> StatsPlan:
+    """Where each input model's statistics are cached; reads task files, never a weight."""
+    if recipe.calibration is None:
+        raise InputError(f"{recipe.source_name}: merge_method {recipe.method.name} needs calibration data; "
+                         "add a calibration: block with files:")
+    cache = Path(recipe.calibration.cache_dir).expanduser() if recipe.calibration.cache_dir else default_cache_dir()
+    inputs = set(recipe.input_models())
+    problems: list[str] = []
+    fingerprints: dict[tuple[str, ...], str] = {}
+    out: list[Optional[ModelStats]] = []
+    for model in models:
+        if model.ref not in inputs:
+            out.append(None)
+            continue
+        if isinstance(model.checkpoint, LoraCheckpoint):
+            problems.append(f"{recipe.source_name}: {model.ref}: calibration of a LoRA-adapted model is not "
+                            "supported; merge the adapter into the model first (mergesmith merge with linear)")
+            out.append(None)
+            continue
+        settings = settings_for(recipe, model.ref)
+        if settings.files not in fingerprints:
+            try:
+                fingerprints[settings.files] = data_fingerprint(select_items(settings))
+            except InputError as err:
+                problems += [f"{recipe.source_name}: calibration data: {p}" for p in err.problems]
+                out.append(None)
+                continue
+        folders = {k: cache / cache_key(k, [model.path], fingerprints[settings.files], settings.samples,
+                                        settings.max_length, settings.seed) for k in kinds}
+        weight_bytes = sum(4 * _numel(info.shape) for info in model.checkpoint.infos.values())
+        out.append(ModelStats(model.ref, model.path, settings, folders, model.config, weight_bytes))
+    if problems:
+        raise InputError(problems)
+    return StatsPlan(kinds, out)
+
+
+def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str], folders: dict[str, Path], *,
+                    device: str = "cpu", progress: bool = True, label: str = "") -> dict[str, Path]:
+    """Run the model at ``path`` on its calibration data and write each kind of statistic to its folder."""
+    from mergesmith.evaluate.model import load_model
+
+    lm = load_model(path, device=device, dtype="float32", max_length=settings.max_length)
+    try:
+        sequences = encode_items(lm, select_items(settings), settings.max_length)
+        if not sequences:
+            raise InputError(f"{', '.join(settings.files)}: the calibration data gives no tokens; give prompts")
+        tokens = token_count(sequences)
+        done: dict[str, Path] = {}
+        for kind in kinds:
+            start = time.perf_counter()
+            bar = tqdm(total=tokens, unit="tok", desc=f"{kind} {label or path.name}", disable=not progress)
+
+            def tick(n: int, passes: int) -> None:
+                if bar.total != tokens * passes:
+                    bar.total = tokens * passes
+                bar.update(n)
+
+            folders[kind].parent.mkdir(parents=True, exist_ok=True)
+            writer = EntryWriter(folders[kind])
+            try:
+                if kind == "gram":
+                    written = collect_grams(lm, sequences, settings.batch_size, settings.memory, writer.tmp, tick)
+                elif kind == "fisher":
+                    written = collect_fisher(lm, sequences, settings.seed, settings.memory, writer.tmp, tick)
+                else:
+                    raise ValueError(f"unknown statistic {kind!r}; known: {', '.join(KINDS)}")
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                bar.close()
+            index = {"kind": kind, "model": str(path), "tensors": written.tensors, "counts": written.counts,
+                     "sequences": len(sequences), "tokens": tokens, "passes": written.passes,
+                     "settings": {"files": list(settings.files), "samples": settings.samples,
+                                  "max_length": settings.max_length, "seed": settings.seed},
+                     "seconds": round(time.perf_counter() - start, 3)}
+            if kind == "fisher":
+                index["fisher_norm"] = written.sum_of_squares ** 0.5
+            done[kind] = writer.commit(index)
+        return done
+    finally:
+        del lm
+        gc.collect()
+
+
+def calibration_peak_bytes(entry: ModelStats, kinds: tuple[str, ...]) -> int:
+    """About the most memory computing one model's statistics takes (docs/calibrate.md).
+
+    The model in float32 + the accumulators of one pass (the budget, or all of them
+    when they fit, or the largest single one when it alone is larger) + activations:
+    for Grams one batch's forward (logits dominate), for Fisher one sequence's forward
+    and backward (about 16 floats per hidden unit per layer and token, plus the logits).
+    """
+    cfg = entry.config.get("text_config") or entry.config
+    h = int(cfg.get("hidden_size", 0))
+    i = int(cfg.get("intermediate_size", 4 * h))
+    layers = int(cfg.get("num_hidden_layers", 0))
+    vocab = int(cfg.get("vocab_size", 0))
+    s = entry.settings
+    worst = 0
+    for kind in kinds:
+        if kind == "gram":
+            all_acc = (layers * (3 * h * h + i * i) + h * h) * 8
+            acc = min(all_acc, max(s.memory, max(h, i) ** 2 * 8))
+            act = s.batch_size * s.max_length * (2 * vocab + 4 * h + 3 * i) * 4
+        else:
+            all_acc = 2 * entry.weight_bytes
+            acc = min(all_acc, max(s.memory, 2 * 4 * max(vocab * h, h * i)))
+            act = s.max_length * (layers * (16 * h + 4 * i) + 3 * vocab) * 4
+        worst = max(worst, entry.weight_bytes + acc + act)
+    return worst
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

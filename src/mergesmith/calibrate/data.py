@@ -1,0 +1,97 @@
+"""Calibration text: which items, how they become token sequences, how they are batched.
+
+Items come from task files in any format the evaluation harness reads
+(``evaluate.tasks.load_tasks``); each becomes the exact context the harness would
+condition on (``evaluate.prompts.render_context``: description, few-shot examples,
+chat template), tokenized as the harness does (the BOS prefix put back by hand).
+Only prompts are used: Fisher merging samples its targets from the model itself
+(see ``collect.collect_fisher``), so no answer is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+from mergesmith.evaluate.model import LoadedModel
+from mergesmith.evaluate.prompts import render_context
+from mergesmith.evaluate.scoring import batches, prefix_for
+from mergesmith.evaluate.tasks import Item, Task, load_tasks
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """One model's calibration data and settings (the recipe's ``calibration:`` block, resolved)."""
+
+    files: tuple[str, ...]
+    samples: int = 256  # FusionBench's num_regmean_examples / num_fisher_examples
+    max_length: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    # Bytes of statistics accumulators held at once; more passes over the data when they exceed it.
+    memory: int = 2 * 1024 ** 3
+
+
+@dataclass
+class Sequence:
+    index: int  # position among the selected items, fixed by the seed: also seeds Fisher's sampling
+    ids: list[int]
+
+
+def select_items(settings: CalibrationSettings) -> list[tuple[Task, Item]]:
+    """``samples`` items drawn without replacement (seeded) from every task of the files, in file order."""
+    tasks = load_tasks(list(settings.files))
+    pool = [(task, item) for task in tasks for item in task.items]
+    if len(pool) > settings.samples:
+        keep = sorted(random.Random(settings.seed).sample(range(len(pool)), settings.samples))
+        pool = [pool[i] for i in keep]
+    return pool
+
+
+def data_fingerprint(selected: list[tuple[Task, Item]]) -> str:
+    """A hash of everything about the selected items that can change the rendered text."""
+    digest = hashlib.sha256()
+    for task, item in selected:
+        record = {"task": task.name, "settings": repr(task.settings), "item": asdict(item)}
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def encode_items(lm: LoadedModel, selected: list[tuple[Task, Item]], max_length: int) -> list[Sequence]:
+    """Token ids of each item's context, as the harness feeds it; the last ``max_length`` tokens kept."""
+    out = []
+    for index, (task, item) in enumerate(selected):
+        ctx = render_context(task, item, lm.tokenizer)
+        ids = prefix_for(lm, ctx, ctx.text) + lm.encode([ctx.text])[0]
+        if not ids and lm.start_id is not None:
+            ids = [lm.start_id]
+        if ids:
+            out.append(Sequence(index, ids[-max_length:]))
+    return out
+
+
+def padded_batches(lm: LoadedModel, sequences: list[Sequence], batch_size: int
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, position_ids), right-padded, longest first (the harness's order)."""
+    for batch in batches(sequences, batch_size, lambda s: len(s.ids)):
+        width = max(len(s.ids) for s in batch)
+        ids = torch.full((len(batch), width), lm.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq.ids)] = torch.tensor(seq.ids)
+            mask[row, :len(seq.ids)] = 1
+        positions = torch.arange(width).unsqueeze(0).expand(len(batch), -1)
+        yield ids, mask, positions
+
+
+def count_batches(sequences: list[Sequence], batch_size: int) -> int:
+    return -(-len(sequences) // batch_size)
+
+
+def token_count(sequences: list[Sequence]) -> int:
+    return sum(len(s.ids) for s in sequences)

@@ -1,0 +1,163 @@
+"""Merges weighted by calibration statistics: RegMean and Fisher merging.
+
+Both read statistics that ``mergesmith.calibrate`` computed on each model's own
+calibration data and that the engine hands over in ``group.stats`` (see
+docs/methods/data_aware.md for the formulas and every deviation).
+
+**RegMean** (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language
+Models", ICLR 2023, https://arxiv.org/abs/2212.09849). For a linear layer y = W x
+with W of shape [out, in] (Hugging Face's convention) and G_t = mean over tokens of
+x xᵀ, the Gram matrix of model t's inputs, [in, in]:
+
+    G̃_t = alpha * G_t + (1 - alpha) * diag(G_t)          (off-diagonal scaled by alpha)
+    W*ᵀ = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_tᵀ                        (solved, never inverted)
+
+Every tensor without a Gram (norms, biases, embeddings) is the plain average, the
+paper's rule.
+
+**Fisher merging** (Matena & Raffel, "Merging Models with Fisher-Weighted
+Averaging", NeurIPS 2022, https://arxiv.org/abs/2111.09832). Element-wise, with
+F_t the diagonal Fisher of model t and λ_t its ``weight``:
+
+    θ* = Σ_t λ'_t (F_t + ε) θ_t / Σ_t λ'_t (F_t + ε)
+    λ'_t = λ_t * (1 / (‖F_t‖ + ε)) / Σ_s (1 / (‖F_s‖ + ε))   (normalize_fisher: true)
+
+where ‖F_t‖ is the L2 norm of model t's whole Fisher (over every tensor), so that a
+model whose Fisher is larger overall (a sharper loss) does not outvote the others;
+with ``normalize_fisher: false``, λ'_t = λ_t.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from mergesmith.methods.base import MethodSpec, Param, TensorGroup, register
+
+# Above this the solve loses most of float32's ~7 significant digits.
+CONDITION_WARNING = 1e6
+RIDGE = 1e-6  # relative to the mean diagonal of Σ G̃, added only when the sum is singular
+RIDGE_STEPS = 6  # each retry multiplies the ridge by 100
+
+
+def average(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors).mean(dim=0)
+
+
+def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G̃ = alpha * G with its diagonal left as it is."""
+    out = gram * alpha
+    out.diagonal().copy_(gram.diagonal())
+    return out
+
+
+def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, name: str) -> torch.Tensor:
+    """X with ``matrix @ X = rhs`` for a symmetric positive (semi)definite ``matrix``, by Cholesky.
+
+    A singular matrix (e.g. an input feature that is always zero in the calibration
+    data) gets a ridge of ``RIDGE * mean(diag)`` on its diagonal, multiplied by 100
+    until the factorization succeeds, with a warning. The condition number is
+    estimated from the Cholesky factor, cond ≈ (max L_ii / min L_ii)², a lower bound
+    that costs nothing next to the factorization; a large one is warned about.
+    """
+    scale = matrix.diagonal().mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+    ridge = 0.0
+    for step in range(RIDGE_STEPS + 1):
+        if ridge:
+            shifted = matrix.clone()
+            shifted.diagonal().add_(ridge * scale)
+        else:
+            shifted = matrix
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        if int(info) == 0:
+            break
+        ridge = RIDGE if step == 0 else ridge * 100
+    else:
+        raise ValueError(f"{name}: the summed Gram matrix is not positive definite even with a ridge of "
+                         f"{ridge:g} x its mean diagonal; check the calibration statistics")
+    if ridge:
+        warnings.warn(f"{name}: the summed Gram matrix is singular; solved with a ridge of {ridge:g} x its "
+                      "mean diagonal (some input features never vary on the calibration data)", stacklevel=3)
+    diag = factor.diagonal()
+    condition = float((diag.max() / diag.min()) ** 2)
+    if condition > CONDITION_WARNING:
+        warnings.warn(f"{name}: the summed Gram matrix has a condition number of about {condition:.1e}; "
+                      "the RegMean solve may be inaccurate (lower alpha, or add calibration data)", stacklevel=3)
+    return torch.cholesky_solve(rhs, factor)
+
+
+def _stats_of(group: TensorGroup, kind: str) -> Optional[list[torch.Tensor]]:
+    """Every input's statistic ``kind``, or None when one input lacks it."""
+    if group.stats is None:
+        return None
+    found = [s.get(kind) for s in group.stats]
+    return None if any(x is None for x in found) else found
+
+
+def regmean(group: TensorGroup) -> torch.Tensor:
+    grams = _stats_of(group, "gram")
+    weights = group.tensors
+    if grams is None or weights[0].dim() != 2:
+        return average(weights)
+    alpha = group.params["alpha"]
+    # float64: the solve amplifies rounding by the condition number, and Gram sums are wide.
+    total = torch.zeros_like(grams[0], dtype=torch.float64)
+    rhs = torch.zeros(weights[0].shape[1], weights[0].shape[0], dtype=torch.float64, device=weights[0].device)
+    for gram, weight in zip(grams, weights):
+        if gram.shape != (weight.shape[1], weight.shape[1]):
+            raise ValueError(f"{group.name}: Gram matrix of shape {list(gram.shape)} does not fit a weight of "
+                             f"shape {list(weight.shape)} (expected [in, in] = {[weight.shape[1]] * 2}); "
+                             "the statistics belong to another model: recompute them")
+        scaled = scale_off_diagonal(gram.to(torch.float64), alpha)
+        total += scaled
+        rhs += scaled @ weight.to(torch.float64).T
+    return solve_spd(total, rhs, group.name).T.to(weights[0].dtype)
+
+
+def fisher(group: TensorGroup) -> torch.Tensor:
+    fishers = _stats_of(group, "fisher")
+    if fishers is None:
+        return average(group.tensors)
+    eps = group.params["epsilon"]
+    coefficients = torch.tensor([p["weight"] for p in group.model_params], dtype=torch.float64)
+    if group.params["normalize_fisher"]:
+        norms = torch.stack([s["fisher_norm"].to(torch.float64).cpu() for s in group.stats])
+        inverse = 1.0 / (norms + eps)
+        coefficients = coefficients * inverse / inverse.sum()
+    numerator = torch.zeros_like(group.tensors[0], dtype=torch.float64)
+    denominator = torch.zeros_like(numerator)
+    for c, f, theta in zip(coefficients.tolist(), fishers, group.tensors):
+        if f.shape != theta.shape:
+            raise ValueError(f"{group.name}: Fisher of shape {list(f.shape)} does not fit the tensor's shape "
+                             f"{list(theta.shape)}; the statistics belong to another model: recompute them")
+        weighted = c * (f.to(torch.float64) + eps)
+        numerator += weighted * theta
+        denominator += weighted
+    return (numerator / denominator).to(group.tensors[0].dtype)
+
+
+register(MethodSpec(
+    name="regmean",
+    fn=regmean,
+    params=(Param("alpha", float, 0.1, low=0.0, high=1.0,
+                  doc="scale of the Gram matrices' off-diagonal entries (1: exact regression, 0: diagonal)"),),
+    min_models=2,
+    needs_stats=("gram",),
+    reference="https://arxiv.org/abs/2212.09849",
+    summary="least-squares merge of linear layers from each model's input Gram matrices",
+))
+
+register(MethodSpec(
+    name="fisher",
+    fn=fisher,
+    params=(Param("weight", float, 1.0, per_model=True, on_base=True, low=0.0,
+                  doc="the model's scaling coefficient λ"),
+            Param("epsilon", float, 1e-6, low=0.0, doc="floor added to every Fisher entry"),
+            Param("normalize_fisher", bool, True, doc="divide each model's Fisher by its whole-model L2 norm")),
+    min_models=2,
+    needs_stats=("fisher",),
+    reference="https://arxiv.org/abs/2111.09832",
+    summary="element-wise average weighted by each model's diagonal Fisher",
+))

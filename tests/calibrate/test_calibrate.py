@@ -1,0 +1,165 @@
+"""Calibration statistics against plain computations written here, and the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+from mergesmith.calibrate import CalibrationSettings, StatsStore, calibrate_model
+from mergesmith.calibrate.collect import chunks
+from mergesmith.calibrate.data import encode_items, select_items
+from mergesmith.evaluate.model import load_model
+from calibration_data import write_calibration
+
+
+def settings_for(data: Path, **kw) -> CalibrationSettings:
+    base = dict(files=(str(data),), samples=6, max_length=6, seed=3, batch_size=3)
+    base.update(kw)
+    return CalibrationSettings(**base)
+
+
+def sequences_of(model_dir: Path, settings: CalibrationSettings) -> list[list[int]]:
+    lm = load_model(model_dir, dtype="float32")
+    return [s.ids for s in encode_items(lm, select_items(settings), settings.max_length)]
+
+
+def run(model_dir: Path, settings: CalibrationSettings, kinds: list[str], root: Path) -> dict[str, StatsStore]:
+    folders = {k: root / k for k in kinds}
+    calibrate_model(model_dir, settings, kinds, folders, progress=False)
+    return {k: StatsStore(f) for k, f in folders.items()}
+
+
+def plain_grams(model_dir: Path, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Σ x xᵀ / n over every token's input to every linear layer, one unpadded sequence at a time."""
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(hook_for(name))
+    with torch.no_grad():
+        for ids in sequences:
+            model(torch.tensor([ids]))
+    return {f"{name}.weight": sums[name] / counts[name] for name in sums}
+
+
+def test_grams_equal_a_plain_hook_computation(tmp_path, model_family):
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+    sequences = sequences_of(model_dir, settings)
+    assert len({len(s) for s in sequences}) > 1  # batches are padded: the mask matters
+    store = run(model_dir, settings, ["gram"], tmp_path / "cache")["gram"]
+    expected = plain_grams(model_dir, sequences)
+    assert set(store.index["tensors"]) == set(expected)  # every linear layer, lm_head (untied) too
+    for name, gram in expected.items():
+        got = StatsStore.read(store.refs(name)["gram"]).double()
+        torch.testing.assert_close(got, gram, rtol=1e-5, atol=1e-5)
+    assert store.index["counts"]["model.layers.0.self_attn.q_proj"] == sum(len(s) for s in sequences)
+
+
+def test_sites_are_shared_and_stored_once(tmp_path, model_family):
+    _, (model_dir, _, _) = model_family()
+    store = run(model_dir, settings_for(write_calibration(tmp_path / "cal.jsonl")), ["gram"], tmp_path / "c")["gram"]
+    where = store.index["tensors"]
+    layer = "model.layers.1"
+    assert {where[f"{layer}.self_attn.{p}_proj.weight"][1] for p in "qkv"} == {f"{layer}.self_attn.q_proj"}
+    assert where[f"{layer}.mlp.up_proj.weight"][1] == where[f"{layer}.mlp.gate_proj.weight"][1]
+    assert where[f"{layer}.mlp.down_proj.weight"][1] == f"{layer}.mlp.down_proj"
+    stored = load_file(store.folder / "gram-00000.safetensors")
+    assert len(stored) == 3 * 4 + 1  # per layer: attention input, o_proj, mlp input, down_proj; plus lm_head
+
+
+def test_a_small_memory_budget_splits_passes_with_the_same_result(tmp_path, model_family):
+    _, (model_dir, _, _) = model_family()
+    data = write_calibration(tmp_path / "cal.jsonl")
+    whole = run(model_dir, settings_for(data), ["gram", "fisher"], tmp_path / "one")
+    split = run(model_dir, settings_for(data, memory=1), ["gram"], tmp_path / "many")
+    # Fisher holds 8 bytes per parameter in a pass (gradient and sum); the model has about 9k parameters.
+    split.update(run(model_dir, settings_for(data, memory=30_000), ["fisher"], tmp_path / "many"))
+    assert whole["gram"].index["passes"] == 1 and split["gram"].index["passes"] == 13  # one site per pass
+    assert whole["fisher"].index["passes"] == 1 and split["fisher"].index["passes"] >= 3
+    for kind in ("gram", "fisher"):
+        for name in whole[kind].index["tensors"]:
+            a = StatsStore.read(whole[kind].refs(name)[kind])
+            b = StatsStore.read(split[kind].refs(name)[kind])
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fisher_equals_a_per_example_autograd_loop(tmp_path, model_family):
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+    sequences = sequences_of(model_dir, settings)
+    store = run(model_dir, settings, ["fisher"], tmp_path / "cache")["fisher"]
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    for index, ids in enumerate(sequences):  # selection order: example index seeds the draw
+        logits = model(torch.tensor([ids])).logits[0]
+        generator = torch.Generator().manual_seed(settings.seed + index)
+        targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator).squeeze(-1)
+        log_likelihood = torch.log_softmax(logits, -1)[torch.arange(len(ids)), targets].sum()
+        grads = torch.autograd.grad(log_likelihood, list(params.values()))
+        for n, g in zip(params, grads):
+            expected[n] += g.double() ** 2 / len(sequences)
+    assert set(store.index["tensors"]) == set(params)
+    for n, f in expected.items():
+        got = StatsStore.read(store.refs(n)["fisher"]).double()
+        torch.testing.assert_close(got, f, rtol=1e-5, atol=1e-5 * float(f.abs().max()) + 1e-12)
+    norm = sum(float((f ** 2).sum()) for f in expected.values()) ** 0.5
+    assert float(StatsStore.read(store.refs("lm_head.weight")["fisher_norm"])) == pytest.approx(norm, rel=1e-5)
+
+
+def test_selection_is_seeded_and_capped(tmp_path):
+    data = write_calibration(tmp_path / "cal.jsonl", n=20)
+    a = [i.id for _, i in select_items(settings_for(data, samples=5, seed=1))]
+    assert a == [i.id for _, i in select_items(settings_for(data, samples=5, seed=1))]
+    assert a != [i.id for _, i in select_items(settings_for(data, samples=5, seed=2))]
+    assert len(select_items(settings_for(data, samples=500))) == 21
+
+
+def test_chunks_respect_the_budget():
+    assert chunks([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
+    assert chunks([10, 1], 4) == [[0], [1]]  # a lone item larger than the budget still gets a pass
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_grams_on_other_architectures(tmp_path, model_family, arch):
+    """Qwen2 has biased q/k/v (the bias is no input site); Gemma ties lm_head to the embeddings (left out)."""
+    _, (model_dir,) = model_family(arch, n=1, layers=2)
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"), samples=4)
+    store = run(model_dir, settings, ["gram"], tmp_path / "cache")["gram"]
+    expected = plain_grams(model_dir, sequences_of(model_dir, settings))
+    tied = arch == "gemma"
+    assert set(store.index["tensors"]) == set(expected) - ({"lm_head.weight"} if tied else set())
+    for name in store.index["tensors"]:
+        got = StatsStore.read(store.refs(name)["gram"]).double()
+        torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_calibration_leaves_no_entry(tmp_path, model_family, monkeypatch):
+    import mergesmith.calibrate as calibrate
+
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "collect_fisher", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_model(model_dir, settings, ["gram", "fisher"], {"gram": tmp_path / "c" / "g",
+                                                                  "fisher": tmp_path / "c" / "f"}, progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["g"]  # the finished kind stays, nothing else
