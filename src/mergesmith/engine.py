@@ -274,6 +274,12 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
     problems += model_problems
     if out_dir is not None:
         out_dir = Path(out_dir)
+        # Every file the run reads is an input: the recipe itself and the calibration data too.
+        if where != "recipe":
+            input_paths[f"the recipe {where}"] = Path(where)
+        if recipe is not None and recipe.calibration is not None:
+            for files in (recipe.calibration.files, *recipe.calibration.per_model.values()):
+                input_paths.update({f"calibration file {f}": Path(f) for f in files})
         problems += output_problems(out_dir, input_paths)
         if writing and out_dir.exists() and not options.overwrite:
             problems.append(f"{out_dir}: already exists; choose another output directory or pass --overwrite")

@@ -527,3 +527,21 @@ def test_p4_bad_tokenizer_config_is_found_before_the_merge_not_after(tmp_path, f
     with pytest.raises(InputError, match="must hold a JSON object"):
         mergesmith.merge(linear(a, b, chat_template="{{ messages }}"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_p1_the_recipe_file_and_calibration_data_are_inputs_too(tmp_path, family):
+    _, a, b = family
+    folder = tmp_path / "work"
+    folder.mkdir()
+    recipe = write_recipe(folder, linear(a, b))
+    with pytest.raises(InputError, match="contains the input the recipe"):
+        mergesmith.merge(recipe, folder, overwrite=True, progress=False)
+    assert recipe.is_file()
+    calibration = folder / "calib.jsonl"
+    calibration.write_text('{"id": "1", "type": "generation", "prompt": "t3 t4", "references": ["t5"]}\n')
+    base, _, _ = family
+    recipe = write_recipe(tmp_path, {"merge_method": "regmean", "calibration": {"files": [str(calibration)]},
+                                     "models": [{"model": str(a)}, {"model": str(b)}]}, "regmean.yml")
+    with pytest.raises(InputError, match=f"is the input calibration file {calibration}"):
+        mergesmith.merge(recipe, calibration, overwrite=True, progress=False)
+    assert calibration.is_file()
