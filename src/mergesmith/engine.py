@@ -48,6 +48,7 @@ from mergesmith.checkpoint.layout import (
 from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
+from mergesmith.units import human_bytes
 from mergesmith.errors import InputError, ResourceError, read_text
 from mergesmith.methods import BasePolicy, TensorGroup
 from mergesmith.paths import OutputLock, output_problems
@@ -167,11 +168,11 @@ class MergePlan:
             f"output tensors:  {len(self.tensors)}; layers: {self.out_config.get('num_hidden_layers', '?')}",
             f"compute dtype:   {dtype_name(self.compute_dtype)}; output dtype: "
             f"{', '.join(sorted({dtype_name(t.out_dtype) for t in self.tensors}))}",
-            f"bytes to read:   {_human(self.bytes_to_read)}",
-            f"bytes to write:  {_human(self.bytes_to_write)}",
-            f"predicted peak memory: {_human(self.predicted_peak_bytes(options))} "
+            f"bytes to read:   {human_bytes(self.bytes_to_read)}",
+            f"bytes to write:  {human_bytes(self.bytes_to_write)}",
+            f"predicted peak memory: {human_bytes(self.predicted_peak_bytes(options))} "
             "(a tensor's inputs and method workspace, the next tensor's inputs or "
-            f"{_human(options.prefetch_bytes)} read ahead, 2 outputs in flight; plus the runtime)",
+            f"{human_bytes(options.prefetch_bytes)} read ahead, 2 outputs in flight; plus the runtime)",
         ]
         if self.stats is not None:
             lines += self.stats.describe()
@@ -510,8 +511,8 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
     writer = CheckpointWriter(out_dir, out_specs, options.out_shard_size, overwrite=options.overwrite)
     free = shutil.disk_usage(writer.tmp_dir.parent if writer.tmp_dir.parent.exists() else Path.cwd()).free
     if free < writer.total_bytes:
-        raise ResourceError(f"{out_dir}: the merged model needs {_human(writer.total_bytes)} of disk, only "
-                            f"{_human(free)} is free there; free some space or choose another output path")
+        raise ResourceError(f"{out_dir}: the merged model needs {human_bytes(writer.total_bytes)} of disk, only "
+                            f"{human_bytes(free)} is free there; free some space or choose another output path")
     writer.tmp_dir.parent.mkdir(parents=True, exist_ok=True)
 
     bar = tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc=f"merge ({method.name})",
@@ -859,10 +860,3 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import warnings
 
 from mergesmith.errors import InputError
+from mergesmith.units import parse_size
 
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, '1000000' -> 1e6."""
-    m = SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
-    number, unit, binary = float(m[1]), m[2].lower(), m[3].lower().startswith("i")
-    scale = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}[unit]
-    return int(number * (1024 if binary else 1000) ** scale)
 
 
 def register(subparsers) -> None:

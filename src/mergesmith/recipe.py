@@ -23,6 +23,7 @@ one ``InputError`` listing every problem, each naming the file and the field.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from mergesmith.errors import InputError, read_text
+from mergesmith.units import parse_size
 from mergesmith.methods import BasePolicy, MethodSpec, Param, all_methods, get_method
 
 # ----------------------------------------------------------------------------- schema
@@ -388,7 +390,6 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
                        problems: list[str]) -> Optional[Calibration]:
     """The calibration block and every model's files, checked: numbers in range, files present, and
     data for every model when the method needs statistics."""
-    from mergesmith.merge_cli import parse_size  # the CLI's size syntax (5GB, 2GiB); imported late: no cycle
 
     block = spec.calibration
     per_model: dict[str, tuple[str, ...]] = {}
@@ -413,7 +414,7 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
             problems.append(f"{where}: calibration.{name} = {value} must be at least 1")
     try:
         memory = block.memory if isinstance(block.memory, int) else parse_size(block.memory)
-    except Exception:
+    except (argparse.ArgumentTypeError, TypeError):
         memory = 0
     if memory < 1:
         problems.append(f"{where}: calibration.memory = {block.memory!r} must be a positive size like 2GiB or 500MB")

@@ -24,6 +24,7 @@ from mergesmith.calibrate.collect import collect_fisher, collect_grams
 from mergesmith.calibrate.data import CalibrationSettings, data_fingerprint, encode_items, select_items, token_count
 from mergesmith.calibrate.store import EntryWriter, StatRef, StatsStore, cache_key, default_cache_dir
 from mergesmith.checkpoint.lora import LoraCheckpoint
+from mergesmith.units import human_bytes
 from mergesmith.errors import InputError
 
 KINDS = ("gram", "fisher")
@@ -86,7 +87,7 @@ class StatsPlan:
         todo = [f"{m.ref} ({', '.join(kinds)})" for m, kinds in self.missing()]
         lines = [f"statistics:      {', '.join(self.kinds)}; {cached} cached"
                  + (f", to compute before merging: {', '.join(todo)}" if todo else "")]
-        lines.append(f"calibration peak memory: about {_human(self.memory_bound())} (one model in float32, one "
+        lines.append(f"calibration peak memory: about {human_bytes(self.memory_bound())} (one model in float32, one "
                      "chunk of accumulators, one batch's activations; one model at a time; plus the runtime)"
                      + ("" if todo else "; nothing to compute"))
         return lines
@@ -216,10 +217,3 @@ def _numel(shape: Any) -> int:
         n *= d
     return n
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

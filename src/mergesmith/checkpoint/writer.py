@@ -35,6 +35,7 @@ import torch
 
 from mergesmith.checkpoint.reader import DTYPE_NAMES
 from mergesmith.errors import ResourceError
+from mergesmith.paths import process_alive
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -256,7 +257,7 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
         return removed
     for entry in out_dir.parent.iterdir():
         m = _PARTIAL_RE.match(entry.name)
-        if not m or m["name"] != out_dir.name or not entry.is_dir() or _alive(int(m["pid"])):
+        if not m or m["name"] != out_dir.name or not entry.is_dir() or process_alive(int(m["pid"])):
             continue
         if m.group(0).rsplit("-", 1)[0].endswith(".old") and not out_dir.exists():
             continue  # the previous model, moved aside by an overwrite that died before its rename: keep it
@@ -264,14 +265,3 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
         removed.append(entry)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -36,6 +36,7 @@ import torch
 
 from mergesmith.checks import at_least, device_problems, output_dir_problems, resolve_device
 from mergesmith.errors import InputError
+from mergesmith.paths import process_alive
 from mergesmith.extras import require_extras
 from mergesmith.zoo import skills as S
 from mergesmith.zoo.model import SIZES, ZooSize, count_parameters, get_size, make_model
@@ -128,21 +129,12 @@ def finetune_settings(size: ZooSize, finetune_seed: int) -> dict:
     return {"format": ZOO_FORMAT, "finetune_seed": finetune_seed, **size.settings()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def remove_stale_temps(target: Path) -> None:
     """Delete temporary folders of ``target`` left by killed builds (their pid is gone)."""
     for tmp in target.parent.glob(f".{target.name}.tmp-*"):
         pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,0 +1,27 @@
+"""Sizes as people write them (``5GB``, ``2GiB``) and read them (``1.5 KiB``)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, '1000000' -> 1e6."""
+    m = SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    number, unit, binary = float(m[1]), m[2].lower(), m[3].lower().startswith("i")
+    scale = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}[unit]
+    return int(number * (1024 if binary else 1000) ** scale)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
