@@ -424,3 +424,18 @@ def test_any_json_row_loads_or_is_one_clear_error(tmp_path, row):
         load_tasks([path])
     except InputError as err:
         assert all(str(path) in p or "no items" in p for p in err.problems)
+
+
+def test_a_second_run_on_a_locked_output_stops_at_once(tmp_path, model_dir, mc_file, monkeypatch, capsys):
+    """Principle 8 for evaluate and compete: the output is locked for the whole run."""
+    from mergesmith.paths import OutputLock
+
+    monkeypatch.setattr(runner, "load_model", never)
+    out = tmp_path / "run"
+    with OutputLock(out):
+        rc = main(["evaluate", str(model_dir), "--tasks", str(mc_file), "--out", str(out), "--no-progress"])
+        assert rc == 2 and "another mergesmith run is writing this output" in capsys.readouterr().err
+        with pytest.raises(InputError, match="another mergesmith run"):
+            compete({"models": [{"model": str(model_dir)}]}, [mc_file], out, budget="1h", merge_fn=never,
+                    isolate_merge=False, progress=False)
+    assert not out.exists()

@@ -47,6 +47,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mergesmith.errors import InputError
     from mergesmith.evaluate.runner import evaluate, evaluate_output_problems, metric_problems, settings_problems
     from mergesmith.evaluate.tasks import load_tasks
+    from mergesmith.paths import OutputLock
 
     # every argument, the output folder and the task files are checked before the model is loaded
     problems = settings_problems(batch_size=args.batch_size, bootstrap=args.bootstrap, max_length=args.max_length,
@@ -61,16 +62,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     problems += metric_problems(tasks)
     if problems:
         raise InputError(problems)
-    created = prepare_output_dir(args.out)
-    try:
-        result = evaluate(args.model, tasks, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                          device=args.device, dtype=args.dtype, max_length=args.max_length,
-                          bootstrap=args.bootstrap, progress=not args.no_progress)
-    except BaseException:
-        if created:  # stopped (Ctrl-C, a bad model) before any output: leave no empty folder behind
-            remove_if_empty(args.out)
-        raise
-    results, predictions = result.save(args.out)
+    with OutputLock(args.out):  # one run per output folder: a second one stops here, at once
+        created = prepare_output_dir(args.out)
+        try:
+            result = evaluate(args.model, tasks, tokenizer=args.tokenizer, batch_size=args.batch_size,
+                              device=args.device, dtype=args.dtype, max_length=args.max_length,
+                              bootstrap=args.bootstrap, progress=not args.no_progress)
+        except BaseException:
+            if created:  # stopped (Ctrl-C, a bad model) before any output: leave no empty folder behind
+                remove_if_empty(args.out)
+            raise
+        results, predictions = result.save(args.out)
     print(result.table())
     print(f"wrote {results} and {predictions}")
     return 0

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from mergesmith.errors import InputError
+from mergesmith.paths import OutputLock
 
 _BUDGET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
@@ -378,42 +379,44 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
             problems += err.problems
     if problems:
         raise InputError(list(dict.fromkeys(problems)))
-    created = prepare_output_dir(out)
-    runner = run_merge_isolated if isolate_merge else run_merge_inline
-    try:
-        (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, recipe, model_dir,
-                                                                 merge_kwargs, deadline - clock()))
-    except BaseException:
-        if created:  # the merge failed or was interrupted: no empty output folder stays behind
-            remove_if_empty(out)
-        raise
-    if status == DONE and clock() >= deadline and not detail:
-        # the model is complete and stays so: the budget ran out after it, not during it
-        detail = "finished as the budget ran out"
-    merged.status, merged.detail = status, detail
-    if status == FAILED:
-        raise RuntimeError(detail)
-    evaluation = None
-    if status == DONE and clock() < deadline - reserve:
-        lm, _ = phase("load_model", lambda: load_model(str(model_dir), device=device, dtype=dtype))
-        evaluation, evaluated = phase("evaluate", lambda: evaluate(
-            lm.model, tasks, tokenizer=lm.tokenizer, batch_size=batch_size, max_length=lm.max_length,
-            bootstrap=bootstrap, progress=progress, pacer=Pacer(deadline - reserve, clock=clock)))
-        evaluation.model = str(model_dir)
-        if not evaluation.complete:
-            evaluated.status = STOPPED
-            evaluated.detail = "stopped before a batch that would overrun the budget"
-    else:
-        reason = "no time left after the merge" if status == DONE else "the merge did not finish"
-        result.phases.append(Phase("evaluate", 0.0, SKIPPED, reason))
-        evaluation = unrun_result(tasks, str(model_dir), reason)
-    result.evaluation = evaluation
+    # One run per output folder: a second compete on the same --out stops here, at once.
+    with OutputLock(out):
+        created = prepare_output_dir(out)
+        runner = run_merge_isolated if isolate_merge else run_merge_inline
+        try:
+            (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, recipe, model_dir,
+                                                                     merge_kwargs, deadline - clock()))
+        except BaseException:
+            if created:  # the merge failed or was interrupted: no empty output folder stays behind
+                remove_if_empty(out)
+            raise
+        if status == DONE and clock() >= deadline and not detail:
+            # the model is complete and stays so: the budget ran out after it, not during it
+            detail = "finished as the budget ran out"
+        merged.status, merged.detail = status, detail
+        if status == FAILED:
+            raise RuntimeError(detail)
+        evaluation = None
+        if status == DONE and clock() < deadline - reserve:
+            lm, _ = phase("load_model", lambda: load_model(str(model_dir), device=device, dtype=dtype))
+            evaluation, evaluated = phase("evaluate", lambda: evaluate(
+                lm.model, tasks, tokenizer=lm.tokenizer, batch_size=batch_size, max_length=lm.max_length,
+                bootstrap=bootstrap, progress=progress, pacer=Pacer(deadline - reserve, clock=clock)))
+            evaluation.model = str(model_dir)
+            if not evaluation.complete:
+                evaluated.status = STOPPED
+                evaluated.detail = "stopped before a batch that would overrun the budget"
+        else:
+            reason = "no time left after the merge" if status == DONE else "the merge did not finish"
+            result.phases.append(Phase("evaluate", 0.0, SKIPPED, reason))
+            evaluation = unrun_result(tasks, str(model_dir), reason)
+        result.evaluation = evaluation
 
-    def write() -> None:
-        evaluation.save(out)
-        result.not_scored = {k: len(v) for k, v in evaluation.not_run.items()}
-        result.submissions = write_submissions(tasks, evaluation.predictions, out, dummy_field=dummy_field)
+        def write() -> None:
+            evaluation.save(out)
+            result.not_scored = {k: len(v) for k, v in evaluation.not_run.items()}
+            result.submissions = write_submissions(tasks, evaluation.predictions, out, dummy_field=dummy_field)
 
-    phase("write", write)
-    (out / "compete.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return result
+        phase("write", write)
+        (out / "compete.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return result

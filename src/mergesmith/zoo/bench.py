@@ -486,19 +486,21 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> str:
     from mergesmith.zoo import skills as S
 
     from mergesmith.checks import prepare_output_dir, resolve_device
+    from mergesmith.paths import OutputLock
 
     problems = config_problems(cfg)
     if problems:
         raise InputError(problems)
     cfg.device = resolve_device(cfg.device)
-    prepare_output_dir(cfg.out)
-    start = time.time()
-    results = []
-    for seed in cfg.seeds:
-        work = cfg.out / "work" / f"{cfg.size}-s{cfg.zoo_seed}"
-        results.append(run_seed(cfg, seed, work, log))
-    seconds = {"total": round(time.time() - start, 1)}
-    return write_outputs(cfg, results, S.TRAINED, S.HELDOUT, seconds)
+    with OutputLock(cfg.out):  # one bench per output folder: a second one stops here, at once
+        prepare_output_dir(cfg.out)
+        start = time.time()
+        results = []
+        for seed in cfg.seeds:
+            work = cfg.out / "work" / f"{cfg.size}-s{cfg.zoo_seed}"
+            results.append(run_seed(cfg, seed, work, log))
+        seconds = {"total": round(time.time() - start, 1)}
+        return write_outputs(cfg, results, S.TRAINED, S.HELDOUT, seconds)
 
 
 # ----------------------------------------------------------------------------- CLI
