@@ -59,3 +59,14 @@ def test_embeddings_and_final_norm_take_the_first_gradient_value(tmp_path, model
     assert by_name["model.layers.1.mlp.up_proj.weight"].model_params[0]["weight"] == pytest.approx(0.5)
     assert by_name["model.layers.2.mlp.up_proj.weight"].model_params[0]["weight"] == pytest.approx(0.8)
     assert mergesmith.__version__
+
+
+def test_a_global_parameter_under_a_model_is_a_warning_naming_the_field():
+    """Principle 9: mergekit ignores it too, so the recipe keeps loading, but the user is told."""
+    from mergesmith.recipe import load_recipe
+
+    recipe = {"merge_method": "ties", "base_model": "b",
+              "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5, "normalize": False}}]}
+    with pytest.warns(UserWarning, match=r"models\[0\]\.parameters\.normalize is a global parameter of ties"):
+        loaded = load_recipe(recipe)
+    assert loaded.method.name == "ties"
