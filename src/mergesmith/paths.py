@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
@@ -80,10 +81,11 @@ class OutputLock:
     never leaves a stale lock behind.
     """
 
-    def __init__(self, out: PathLike):
+    def __init__(self, out: PathLike, wait: bool = False):
         target = _real(out)
         self.out = Path(out)
         self.path = target.parent / f".{target.name}.lock"
+        self.wait = wait  # block until the other run is done (saying so) instead of failing
         self._fd: Optional[int] = None
 
     def acquire(self) -> "OutputLock":
@@ -94,13 +96,18 @@ class OutputLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                holder = _read_pid(self.path)
-                raise InputError(f"{self.out}: another mergesmith run is writing this output"
-                                 + (f" (process {holder})" if holder else "")
-                                 + "; wait for it to finish or choose another output path") from None
-            raise
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = _read_pid(self.path)
+            by = f" (process {holder})" if holder else ""
+            if not self.wait:
+                os.close(fd)
+                raise InputError(f"{self.out}: another mergesmith run is writing this output{by}; "
+                                 "wait for it to finish or choose another output path") from None
+            print(f"waiting for another mergesmith run{by} to finish writing {self.out} ...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

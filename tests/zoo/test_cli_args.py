@@ -125,3 +125,26 @@ def test_config_problems_property(tmp_path, limit, val_limit, batch, seeds):
     bad = (limit is not None and limit < 1) or (val_limit is not None and val_limit < 1) or batch < 1 \
         or not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds)
     assert bool(BN.config_problems(cfg)) == bad
+
+
+def test_zoo_builds_of_one_world_take_turns(tmp_path, monkeypatch, capfd):
+    """Principle 8 for the zoo cache: a second build of the same world waits for the first."""
+    import threading
+    import time
+
+    from mergesmith.paths import OutputLock
+
+    calls = []
+    monkeypatch.setattr(B, "require_extras", lambda *args: None)
+    monkeypatch.setattr(B, "_build_locked", lambda *args: calls.append(time.monotonic()) or "built")
+    root = B.zoo_root("test", 0, tmp_path)
+    results = []
+    with OutputLock(root.parent):
+        worker = threading.Thread(target=lambda: results.append(B.build_zoo("test", 0, tmp_path, progress=False)))
+        worker.start()
+        time.sleep(1.0)
+        assert not calls and worker.is_alive()  # waiting, not building alongside
+        released = time.monotonic()
+    worker.join(30)
+    assert results == ["built"] and calls[0] >= released
+    assert "waiting for another mergesmith run" in capfd.readouterr().err

@@ -36,7 +36,7 @@ import torch
 
 from mergesmith.checks import at_least, device_problems, output_dir_problems, resolve_device
 from mergesmith.errors import InputError
-from mergesmith.paths import process_alive
+from mergesmith.paths import OutputLock, process_alive
 from mergesmith.extras import require_extras
 from mergesmith.zoo import skills as S
 from mergesmith.zoo.model import SIZES, ZooSize, count_parameters, get_size, make_model
@@ -359,6 +359,16 @@ def build_zoo(size: str = "default", seed: int = 0, cache_dir: Optional[Path] = 
     if not rebuild and (root / "zoo.json").exists():
         return Zoo.load(root)  # a cached zoo needs none of the training packages
     require_extras("mergesmith zoo build", "zoo")
+    # Builds sharing this world (and base) take turns: a second one waits, then reuses what
+    # the first one built, instead of training it again (or deleting it under --rebuild).
+    with OutputLock(base_root, wait=True):
+        if not rebuild and (root / "zoo.json").exists():
+            return Zoo.load(root)
+        return _build_locked(spec, size, seed, ft_seed, root, base_root, rebuild, progress)
+
+
+def _build_locked(spec: ZooSize, size: str, seed: int, ft_seed: int, root: Path, base_root: Path,
+                  rebuild: bool, progress: bool) -> Zoo:
     if rebuild and base_root.exists():
         shutil.rmtree(base_root)
     timings: dict[str, float] = {}
