@@ -175,6 +175,7 @@ def block_grams(block: torch.nn.Module, prefix: str, params: dict[str, torch.Ten
     sums = GramSums()
     site_of: dict[str, str] = {}  # module name -> its site
     seen: dict[tuple, str] = {}  # the current batch's input identities -> site
+    held: list[torch.Tensor] = []  # kept alive so that no later input can reuse a seen one's memory
     current: dict[str, Any] = {}
 
     def hook_for(name: str):
@@ -182,6 +183,7 @@ def block_grams(block: torch.nn.Module, prefix: str, params: dict[str, torch.Ten
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
             if name not in site_of:
+                held.append(x)
                 site_of[name] = seen.setdefault(key, name)
             if site_of[name] == name:
                 sums.add(name, x, current["keep"])
@@ -195,6 +197,7 @@ def block_grams(block: torch.nn.Module, prefix: str, params: dict[str, torch.Ten
                 current["keep"] = batch.keep
                 seen.clear()
                 run_block(block, params, batch)
+                held.clear()
     finally:
         for h in handles:
             h.remove()
