@@ -349,7 +349,7 @@ def plusplus_peak_bytes(models: list[Any]) -> int:
     """About the most memory ``collect_plusplus`` holds (the module docstring's terms), float32.
 
     max(every model's embedding + the merged one,
-        2 blocks + every model's Grams of one block)
+        2 blocks + every model's Grams of one block + one model's float64 sums of them)
     + every model's activations: per token the hidden state and the rotary cos/sin,
       plus per batch the [batch, 1, length, length] attention mask.
     """
@@ -366,7 +366,7 @@ def plusplus_peak_bytes(models: list[Any]) -> int:
     n = len(entries)
     block = h * heads * head_dim * 2 + 2 * h * kv * head_dim + 3 * h * i + 2 * h
     grams = 2 * h * h + (heads * head_dim) ** 2 + i * i
-    stage = max((n + 1) * vocab * h, 2 * block + n * grams)
+    stage = max((n + 1) * vocab * h, 2 * block + (n + 2) * grams)
     activations = 0
     for e in entries:
         s = e.settings
