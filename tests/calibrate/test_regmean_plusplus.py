@@ -189,3 +189,20 @@ def test_layer_slices_that_move_layers_are_refused(merged_pp, tmp_path):
                                      {"model": str(b), "layer_range": [1, 3]}]}]
     with pytest.raises(InputError, match="merges layer l of every model into layer l"):
         mergesmith.merge(recipe, tmp_path / "moved", progress=False)
+
+
+def test_calibrate_command_computes_them_and_dry_run_prints_the_bound(merged_pp, tmp_path, capsys):
+    import yaml
+
+    from mergesmith.cli import main
+
+    recipe = dict(merged_pp["recipe"], calibration=dict(merged_pp["recipe"]["calibration"],
+                                                        cache_dir=str(tmp_path / "cache")))
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["calibrate", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "gram_plusplus; 0 cached" in out and "one block of each model" in out
+    assert main(["calibrate", str(path), "--no-progress"]) == 0
+    folders = list((tmp_path / "cache").glob("gram_plusplus-*/index.json"))
+    assert len(folders) == 2
