@@ -35,10 +35,11 @@ skeleton built from the reference model's config.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -63,7 +64,6 @@ class Skeleton:
     norm: torch.nn.Module  # the final norm
     norm_prefix: str  # "model.norm"
     head_name: Optional[str]  # "lm_head", when the head has a weight of its own (not tied)
-    buffers: dict[str, torch.Tensor]  # computed buffers (rotary frequencies), real
 
 
 @dataclass
@@ -79,12 +79,34 @@ class _Caught(Exception):
     pass
 
 
-def build_skeleton(path: Path) -> Skeleton:
-    """The reference model's architecture on the meta device, with its computed buffers rebuilt on the CPU."""
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device, their buffers for real.
+
+    Buffers that a module computes in ``__init__`` (rotary inverse frequencies, Gemma's
+    embedding scale) are not in checkpoints; building under ``torch.device("meta")``
+    would lose them. Each parameter is allocated uninitialized and moved at once.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def build_skeleton(path: Path, device: torch.device = torch.device("cpu")) -> Skeleton:
+    """The reference model's architecture with meta-device parameters and real computed buffers on ``device``."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
+    with parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config)
     model.eval()
     names = {id(m): n for n, m in model.named_modules()}
@@ -97,18 +119,12 @@ def build_skeleton(path: Path) -> Skeleton:
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     head_name = names[id(head)] if head is not None and head.weight is not embed.weight else None
-    # Buffers computed in __init__ (rotary inverse frequencies) are meta too: rebuild their modules for real.
-    buffers: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        own = dict(module.named_buffers(recurse=False))
-        if own:
-            if any(True for _ in module.parameters(recurse=False)):
-                raise InputError(f"{path}: module {name} holds both parameters and computed buffers; "
-                                 "regmean_plusplus cannot run it functionally")
-            real = type(module)(config=getattr(module, "config", config))
-            buffers.update({f"{name}.{b}": t for b, t in real.named_buffers(recurse=False)})
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
     return Skeleton(model, layers, names[id(layers)], f"{names[id(embed)]}.weight", norm, names[id(norm)],
-                    head_name, buffers)
+                    head_name)
 
 
 def first_layer_inputs(skeleton: Skeleton, embedding: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -126,7 +142,7 @@ def first_layer_inputs(skeleton: Skeleton, embedding: torch.Tensor, ids: torch.T
         raise _Caught
 
     handle = skeleton.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    params = {skeleton.embed_name: embedding, **{k: v.to(device) for k, v in skeleton.buffers.items()}}
+    params = {skeleton.embed_name: embedding}
     try:
         functional_call(skeleton.model, params, args=(),
                         kwargs={"input_ids": ids.to(device), "attention_mask": mask.to(device),
@@ -218,7 +234,7 @@ def collect_plusplus(plan: Any, entries: dict[int, Any], device: str = "cpu",
     from mergesmith.evaluate.model import load_model
 
     dev = torch.device(device)
-    skeleton = build_skeleton(plan.models[plan.reference].path)
+    skeleton = build_skeleton(plan.models[plan.reference].path, dev)
     tasks = {t.name: t for t in plan.tensors}
     _check_layout(plan, skeleton, tasks)
     order = sorted(entries)
@@ -299,6 +315,8 @@ def collect_plusplus(plan: Any, entries: dict[int, Any], device: str = "cpu",
                      {f"{skeleton.head_name}.weight": skeleton.head_name})
                 if progress:
                     progress(1)
+        elif progress:  # a tied head has no Gram: its block is done
+            progress(len(order))
         seconds = round(time.perf_counter() - start, 3)
         done = {}
         for i in order:
