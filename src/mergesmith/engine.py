@@ -219,7 +219,7 @@ def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, 
             if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
                 raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
             if plan.stats is not None and plan.stats.missing():
-                plan.stats.compute(str(_pick_device(options.device)), options.progress)
+                plan.stats.compute(str(_pick_device(options.device)), options.progress, plan)
                 plan.stats.attach(plan)
             return execute_plan(plan, out_dir, options)
     finally:
@@ -591,6 +591,20 @@ def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_
     from mergesmith.calibrate import StatsStore
 
     return out, [{kind: StatsStore.read(ref).to(device) for kind, ref in refs.items()} for refs in task.stats]
+
+
+def merge_tensor(plan: MergePlan, task: TensorPlan, device: Union[str, torch.device] = "cpu",
+                 stats: Optional[list[dict[str, torch.Tensor]]] = None) -> torch.Tensor:
+    """One planned tensor, read and merged exactly as the streaming executor does it (output dtype, CPU).
+
+    For collectors whose statistics depend on merged tensors (RegMean++'s Grams of
+    block l are taken on the activations of the merged blocks below it): they pass
+    the statistics they hold in memory, and get the very tensor the later streamed
+    merge will write from the same statistics once cached.
+    """
+    device = torch.device(device)
+    tensors, _ = _load_inputs(plan, task, device)
+    return _run_method(plan, task, tensors, device, False, stats)
 
 
 def nonfinite_counts(x: torch.Tensor) -> Optional[tuple[int, int]]:

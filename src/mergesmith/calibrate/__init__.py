@@ -8,11 +8,18 @@ records in each planned tensor which statistics each of its inputs has, so that 
 engine can read them beside the weights. ``mergesmith calibrate`` and
 ``mergesmith merge`` both go through here; neither this package nor the engine
 knows which method will read the statistics.
+
+One kind is not per model: ``gram_plusplus`` (RegMean++, ``sequential``) takes each
+model's Grams on activations that passed the blocks merged so far, so all input
+models are collected together, merging block by block with the recipe's own method;
+its cache key covers every input model, all their data and the whole recipe.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +28,14 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from mergesmith.calibrate.collect import collect_fisher, collect_grams
+from mergesmith.calibrate import sequential
 from mergesmith.calibrate.data import CalibrationSettings, data_fingerprint, encode_items, select_items, token_count
 from mergesmith.calibrate.store import EntryWriter, StatRef, StatsStore, cache_key, default_cache_dir
 from mergesmith.checkpoint.lora import LoraCheckpoint
 from mergesmith.units import human_bytes
 from mergesmith.errors import InputError
 
-KINDS = ("gram", "fisher")
+KINDS = ("gram", "fisher", sequential.KIND)
 
 __all__ = ["KINDS", "CalibrationSettings", "ModelStats", "StatRef", "StatsPlan", "StatsStore", "calibrate_model",
            "plan_statistics"]
@@ -60,12 +68,31 @@ class StatsPlan:
     def missing(self) -> list[tuple[ModelStats, list[str]]]:
         return [(m, m.missing()) for m in self.models if m is not None and m.missing()]
 
-    def compute(self, device: str = "cpu", progress: bool = True) -> None:
-        """Compute every missing statistic, one model at a time."""
+    def compute(self, device: str = "cpu", progress: bool = True, plan: Any = None) -> None:
+        """Compute every missing statistic: per-model kinds one model at a time, ``gram_plusplus`` jointly.
+
+        ``plan`` is the merge plan (``engine.MergePlan``) these statistics serve;
+        ``gram_plusplus`` needs it, as its collection merges block by block.
+        """
+        joint = False
         for entry, kinds in self.missing():
-            calibrate_model(entry.path, entry.settings, kinds, entry.folders, device=device, progress=progress,
-                            label=entry.ref)
-            self.computed += [f"{entry.ref}: {k}" for k in kinds]
+            own = [k for k in kinds if k != sequential.KIND]
+            joint = joint or sequential.KIND in kinds
+            if own:
+                calibrate_model(entry.path, entry.settings, own, entry.folders, device=device, progress=progress,
+                                label=entry.ref)
+                self.computed += [f"{entry.ref}: {k}" for k in own]
+        if joint:
+            if plan is None:
+                raise ValueError(f"{sequential.KIND} statistics are collected while merging: pass the merge plan")
+            entries = {i: m for i, m in enumerate(self.models) if m is not None}
+            bar = tqdm(total=len(entries) * sequential.blocks_to_run(plan), unit="block",
+                       desc=f"{sequential.KIND} ({len(entries)} models)", disable=not progress)
+            try:
+                sequential.collect_plusplus(plan, entries, device, bar.update)
+            finally:
+                bar.close()
+            self.computed += [f"{m.ref}: {sequential.KIND}" for m in entries.values()]
 
     def attach(self, plan: Any) -> None:
         """Record in every planned tensor which statistics each of its inputs has."""
@@ -80,15 +107,21 @@ class StatsPlan:
             task.stats = refs
 
     def memory_bound(self) -> int:
-        return max((calibration_peak_bytes(m, self.kinds) for m in self.models if m is not None), default=0)
+        own = tuple(k for k in self.kinds if k != sequential.KIND)
+        bound = max((calibration_peak_bytes(m, own) for m in self.models if m is not None), default=0)
+        if sequential.KIND in self.kinds:
+            bound = max(bound, sequential.plusplus_peak_bytes(self.models))
+        return bound
 
     def describe(self) -> list[str]:
         cached = sum(len(m.folders) - len(m.missing()) for m in self.models if m is not None)
         todo = [f"{m.ref} ({', '.join(kinds)})" for m, kinds in self.missing()]
         lines = [f"statistics:      {', '.join(self.kinds)}; {cached} cached"
                  + (f", to compute before merging: {', '.join(todo)}" if todo else "")]
-        lines.append(f"calibration peak memory: about {human_bytes(self.memory_bound())} (one model in float32, one "
-                     "chunk of accumulators, one batch's activations; one model at a time; plus the runtime)"
+        what = ("every model's embedding, or one block of each model with its Grams, plus every model's "
+                "calibration activations; no model whole" if sequential.KIND in self.kinds else
+                "one model in float32, one chunk of accumulators, one batch's activations; one model at a time")
+        lines.append(f"calibration peak memory: about {human_bytes(self.memory_bound())} ({what}; plus the runtime)"
                      + ("" if todo else "; nothing to compute"))
         return lines
 
@@ -126,12 +159,27 @@ def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> S
                 out.append(None)
                 continue
         folders = {k: cache / cache_key(k, [model.path], fingerprints[settings.files], settings.samples,
-                                        settings.max_length, settings.seed) for k in kinds}
+                                        settings.max_length, settings.seed) for k in kinds if k != sequential.KIND}
         weight_bytes = sum(4 * _numel(info.shape) for info in model.checkpoint.infos.values())
         out.append(ModelStats(model.ref, model.path, settings, folders, model.config, weight_bytes))
     if problems:
         raise InputError(problems)
+    if sequential.KIND in kinds:
+        _joint_folders(recipe, out, fingerprints, cache)
     return StatsPlan(kinds, out)
+
+
+def _joint_folders(recipe: Any, entries: list[Optional[ModelStats]], fingerprints: dict[tuple[str, ...], str],
+                   cache: Path) -> None:
+    """``gram_plusplus`` folders: each model's Grams depend on every model, all their data and the recipe."""
+    inputs = [m for m in entries if m is not None]
+    joint = json.dumps({"recipe": recipe.to_yaml(),
+                        "data": [[m.ref, fingerprints[m.settings.files]] for m in inputs]}, sort_keys=True)
+    for position, m in enumerate(inputs):
+        data = hashlib.sha256(f"{joint}#{position}".encode()).hexdigest()
+        s = m.settings
+        m.folders[sequential.KIND] = cache / cache_key(sequential.KIND, [x.path for x in inputs], data, s.samples,
+                                                       s.max_length, s.seed)
 
 
 def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str], folders: dict[str, Path], *,

@@ -38,7 +38,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         for line in stats.describe():
             print(line)
         if not args.dry_run:
-            stats.compute(device, progress=not args.no_progress)
+            stats.compute(device, progress=not args.no_progress, plan=plan)
         for entry in stats.models:
             if entry is not None:
                 for kind, folder in entry.folders.items():

@@ -15,6 +15,13 @@ x xᵀ, the Gram matrix of model t's inputs, [in, in]:
 Every tensor without a Gram (norms, biases, embeddings) is the plain average, the
 paper's rule.
 
+**RegMean++** (Nguyen et al., "RegMean++: Enhancing Effectiveness and Generalization
+of Regression Mean for Model Merging", 2025, https://arxiv.org/abs/2508.03121). The
+same merge step, on different Grams: those of block l are taken on calibration
+activations that already passed the *merged* blocks below it (each expert's own
+block l applied to them). ``mergesmith.calibrate.sequential`` collects them, merging
+block by block through this very function, and caches them as ``gram_plusplus``.
+
 **Fisher merging** (Matena & Raffel, "Merging Models with Fisher-Weighted
 Averaging", NeurIPS 2022, https://arxiv.org/abs/2111.09832). Element-wise, with
 F_t the diagonal Fisher of model t and λ_t its ``weight``:
@@ -29,6 +36,7 @@ with ``normalize_fisher: false``, λ'_t = λ_t.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Optional
 
@@ -116,6 +124,13 @@ def regmean(group: TensorGroup) -> torch.Tensor:
     return solve_spd(total, rhs, group.name).T.to(weights[0].dtype)
 
 
+def regmean_plusplus(group: TensorGroup) -> torch.Tensor:
+    """RegMean's step (``regmean``) on the Grams RegMean++ collected (``group.stats[i]["gram_plusplus"]``)."""
+    stats = None if group.stats is None else \
+        [{"gram": s["gram_plusplus"]} if "gram_plusplus" in s else {} for s in group.stats]
+    return regmean(dataclasses.replace(group, stats=stats))
+
+
 def fisher(group: TensorGroup) -> torch.Tensor:
     fishers = _stats_of(group, "fisher")
     if fishers is None:
@@ -147,6 +162,17 @@ register(MethodSpec(
     needs_stats=("gram",),
     reference="https://arxiv.org/abs/2212.09849",
     summary="least-squares merge of linear layers from each model's input Gram matrices",
+))
+
+register(MethodSpec(
+    name="regmean_plusplus",
+    fn=regmean_plusplus,
+    params=(Param("alpha", float, 0.1, low=0.0, high=1.0,
+                  doc="scale of the Gram matrices' off-diagonal entries (1: exact regression, 0: diagonal)"),),
+    min_models=2,
+    needs_stats=("gram_plusplus",),
+    reference="https://arxiv.org/abs/2508.03121",
+    summary="RegMean with each block's Grams taken on activations through the merged blocks below it",
 ))
 
 register(MethodSpec(
