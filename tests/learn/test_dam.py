@@ -152,3 +152,17 @@ def test_cli_writes_the_recipe_and_exit_2_on_bad_input(setup, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["dam", str(recipe), "--out", str(tmp_path / "p"), "--data", "justaname"]) == 2
     assert "EXPERT=FILE" in capsys.readouterr().err
+
+
+def test_tied_embeddings_get_no_head_coefficients_and_still_reproduce(model_family, tmp_path):
+    _, variants = model_family("llama", 2, tied=True)
+    files = [write_calibration(tmp_path / f"t{i}.jsonl", n=2, offset=5 * i) for i in range(2)]
+    recipe = {"merge_method": "dam", "models": [{"model": str(v)} for v in variants]}
+    result, recipe_path, coef_path = run_dam(recipe, {str(v): [str(f)] for v, f in zip(variants, files)},
+                                             tmp_path / "out", DamSettings(lr=0.05, samples=3, max_length=8),
+                                             progress=False, keep_merged=True)
+    assert "lm_head.weight" not in result.names and len(load_file(coef_path)) == 2 * 3 * 7
+    merge(recipe_path, tmp_path / "merged", progress=False)
+    streamed = load_state(tmp_path / "merged")
+    for name, tensor in result.merged.items():
+        assert torch.equal(streamed[name], tensor), name
