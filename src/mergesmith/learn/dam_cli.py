@@ -25,11 +25,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for dam.yml and the coefficient file")
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr}, DAM's)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
-    p.add_argument("--temperature", type=float, default=d.temperature, help=f"KL temperature (default {d.temperature})")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"KL temperature (default {d.temperature})")
     p.add_argument("--similarity", type=float, default=d.similarity,
                    help=f"weight of the cosine-similarity regularizer (default {d.similarity})")
     p.add_argument("--mofo-alpha", type=float, default=d.mofo_alpha,
-                   help=f"MoFO: fraction of each coefficient vector updated per step; 1 is AdamW (default {d.mofo_alpha})")
+                   help=f"MoFO: fraction of each coefficient vector updated per step; 1 is AdamW "
+                        f"(default {d.mofo_alpha})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"sequences of each expert per step (default {d.batch_size})")
