@@ -281,6 +281,13 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
         if recipe is not None and recipe.calibration is not None:
             for files in (recipe.calibration.files, *recipe.calibration.per_model.values()):
                 input_paths.update({f"calibration file {f}": Path(f) for f in files})
+        if recipe is not None:
+            from mergesmith.calibrate.stats_file import setting_files
+
+            for p in recipe.method.params:
+                if p.stats_file:
+                    input_paths.update({f"parameters.{p.name} file {f}": Path(f).expanduser()
+                                        for f in setting_files(recipe.parameters.get(p.name))})
         problems += output_problems(out_dir, input_paths)
         if writing and out_dir.exists() and not options.overwrite:
             problems.append(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
@@ -459,6 +466,16 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
                 m.checkpoint.close()
             raise
         plan.stats.attach(plan)
+    file_params = [p.name for p in method.params if p.stats_file]
+    if file_params:
+        from mergesmith.calibrate.stats_file import attach_stats_files
+
+        try:
+            attach_stats_files(plan, file_params)
+        except InputError:
+            for m in models:
+                m.checkpoint.close()
+            raise
     return plan
 
 

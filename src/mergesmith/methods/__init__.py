@@ -15,6 +15,7 @@ from mergesmith.methods import (  # noqa: F401  (imported for registration)
     subspace,
     wudi,
     data_aware,
+    dam,
 )
 from mergesmith.methods.base import (
     REQUIRED,

@@ -55,6 +55,11 @@ class Param:
     # extrapolates beyond the two models): mergekit accepts such values, so a recipe keeps
     # running, with a warning naming the field.
     usual: Optional[tuple[float, float]] = None
+    # For a global str parameter: its value names a safetensors file of per-input statistics that
+    # the method reads from ``TensorGroup.stats[k][<this name>]``. The engine resolves the file at
+    # plan time (``calibrate.stats_file``): entry ``"<tensor name>:<k>"`` belongs to input ``k`` of
+    # that output tensor and must broadcast to its shape. The file counts as an input of the merge.
+    stats_file: bool = False
 
     @property
     def required(self) -> bool:
@@ -144,7 +149,9 @@ class TensorGroup:
     # lists ``needs_stats``: ``stats[i]["gram"]`` (the [in, in] Gram matrix of this linear weight's
     # input), ``stats[i]["fisher"]`` (shaped like the tensor), ``stats[i]["fisher_norm"]`` (0-d: the
     # L2 norm of that model's whole Fisher). An input's dict lacks a kind the calibration did not
-    # produce for that tensor (a norm has no Gram). None for methods that need no statistics.
+    # produce for that tensor (a norm has no Gram). Statistics given in a file (a ``Param`` with
+    # ``stats_file``) appear under the parameter's name, e.g. ``stats[i]["coefficients"]`` for ``dam``.
+    # None for methods that need no statistics.
     stats: Optional[list[dict[str, torch.Tensor]]] = None
 
     @property

@@ -1,0 +1,1 @@
+"""Learning merge coefficients with autograd (AdaMerging, DAM); each writes an ordinary recipe."""
