@@ -19,7 +19,8 @@ import threading
 
 from mergesmith.errors import InputError, ResourceError
 
-AREAS = ("mergesmith.merge_cli", "mergesmith.calibrate.cli", "mergesmith.evaluate.cli", "mergesmith.zoo.cli")
+AREAS = ("mergesmith.merge_cli", "mergesmith.calibrate.cli", "mergesmith.evaluate.cli", "mergesmith.zoo.cli",
+         "mergesmith.learn.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
