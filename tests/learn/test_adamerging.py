@@ -227,3 +227,17 @@ def test_bad_arguments_are_one_error_before_any_model_is_loaded(family, tmp_path
         adamerge(linear, [str(data)], linear)
     assert main(["adamerge", str(linear), "--tasks", str(data), "--out", str(tmp_path / "x.yml"),
                  "--steps", "-1"]) == 2
+
+
+def test_a_recipe_that_would_not_reproduce_is_never_written(learned):
+    """The self-check plans the written recipe and compares every tensor's weights with λ."""
+    root, _, results = learned
+    result = results["task_arithmetic"]
+    raw = yaml.safe_load((root / "task_arithmetic.yml").read_text())
+    settings = AdaMergingSettings(**FAST)
+    good = adamerging.learned_recipe(raw, result.vectors, result.lambdas, settings)
+    adamerging.check_recipe_reproduces(good, result.vectors, result.lambdas)
+    swapped = result.lambdas.clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]  # layers 0 and 1 exchanged
+    with pytest.raises(RuntimeError, match="model.layers.0"):
+        adamerging.check_recipe_reproduces(good, result.vectors, swapped)

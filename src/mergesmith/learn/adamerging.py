@@ -254,6 +254,9 @@ def load_task_vectors(plan: Any, lm: Any, settings: AdaMergingSettings) -> TaskV
     seen: dict[int, str] = {}
     layers = plan.models[plan.reference].layers
     names, bases, vectors, columns, outside = [], [], [], [], []
+    if settings.prune and all(mp.get("density", 1.0) >= 1 for t in plan.tensors for mp in t.model_params):
+        warnings.warn(f"{recipe.source_name}: --prune with density 1 trims nothing (only the sign election "
+                      "remains); AdaMerging++ keeps the top 20%: set parameters.density: 0.2", stacklevel=2)
     for task in tqdm(plan.tensors, desc="task vectors", disable=not settings.progress):
         first = plan.models[task.inputs[0].model].checkpoint.infos[task.inputs[0].name]
         if not first.dtype.is_floating_point:
@@ -451,11 +454,12 @@ def argument_problems(recipe: PathLike, task_files: list[str], out: PathLike, se
         from mergesmith.extras import extra_problems
 
         problems += [p + " (or pass --no-plot)" for p in extra_problems("mergesmith adamerge", "zoo", ["matplotlib"])]
+    if Path(out).suffix.lower() not in (".yml", ".yaml"):
+        problems.append(f"--out {out}: give a recipe file name ending in .yml or .yaml (the PNG and JSON "
+                        "are written beside it)")
     inputs = {f"the recipe {recipe}": recipe, **{f"task file {f}": f for f in task_files}}
-    for path in (Path(out), *side_files(out)):
-        if Path(out).suffix.lower() not in (".yml", ".yaml") and path == Path(out):
-            problems.append(f"--out {out}: give a recipe file name ending in .yml or .yaml (the PNG and JSON "
-                            "are written beside it)")
+    png, trace = side_files(out)
+    for path in (Path(out), trace) + ((png,) if plot else ()):
         problems += [f"--out {p}" for p in output_problems(path, inputs, what="--out")]
         if path.is_dir():
             problems.append(f"--out {out}: {path} is a folder; give a file name")
