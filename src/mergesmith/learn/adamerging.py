@@ -547,7 +547,8 @@ def adamerge(recipe: PathLike, task_files: list[str], out: PathLike, settings: O
     check_recipe_reproduces(learned, vectors, lambdas.cpu())
     out = Path(out)
     png, trace = side_files(out)
-    header = (f"# Learned by mergesmith adamerge (AdaMerging, Yang et al. ICLR 2024{', TIES-pruned' if settings.prune else ''}): "
+    pruned = ", TIES-pruned" if settings.prune else ""
+    header = (f"# Learned by mergesmith adamerge (AdaMerging, Yang et al. ICLR 2024{pruned}): "
               f"{settings.granularity}-wise, {settings.steps} steps, seed {settings.seed}.\n"
               f"# Entropy objective {before:.4f} at λ = {settings.init:g}, {after:.4f} learned. "
               "Run it with: mergesmith merge THIS_FILE OUT_DIR\n")
