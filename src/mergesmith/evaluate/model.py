@@ -56,14 +56,21 @@ class LoadedModel:
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *,
-                past_key_values: Any = None, use_cache: bool = False, last_only: bool = False) -> Any:
+                past_key_values: Any = None, use_cache: bool = False, last_only: bool = False,
+                parameters: Optional[dict[str, torch.Tensor]] = None) -> Any:
+        """The model's output; with ``parameters`` (name -> tensor), the model run with those tensors in
+        place of its own (``torch.func.functional_call``; tied weights stay tied), so that gradients
+        flow to whatever computed them, e.g. merge coefficients (``mergesmith.learn``)."""
         kwargs: dict[str, Any] = {}
         if last_only and self._keeps_logits:
             kwargs["logits_to_keep"] = 1  # skip the vocabulary projection of every prompt position
         if past_key_values is not None:
             kwargs[self._cache_name] = past_key_values
-        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                          position_ids=position_ids.to(self.device), use_cache=use_cache, **kwargs)
+        kwargs.update(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                      position_ids=position_ids.to(self.device), use_cache=use_cache)
+        if parameters is not None:
+            return torch.func.functional_call(self.model, parameters, (), kwargs)
+        return self.model(**kwargs)
 
     def cache_of(self, output: Any) -> Any:
         """The key/value cache a forward pass returned, under whichever name this transformers uses."""

@@ -133,14 +133,21 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _score_shared(lm: LoadedModel, batch: list[MCRequest]) -> list[MCScore]:
-    width = max(len(r.context) for r in batch)
-    ids = torch.full((len(batch), width), lm.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, r in enumerate(batch):
-        ids[i, width - len(r.context):] = torch.tensor(r.context)
-        mask[i, width - len(r.context):] = 1
+def left_padded(lm: LoadedModel, contexts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of token lists, left-padded: every row's last
+    token sits in the last column, so ``last_only`` logits are each context's next-token prediction."""
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), lm.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(contexts), width), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):] = torch.tensor(c)
+        mask[i, width - len(c):] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def _score_shared(lm: LoadedModel, batch: list[MCRequest]) -> list[MCScore]:
+    ids, mask, positions = left_padded(lm, [r.context for r in batch])
     rows = [(i, c) for i, r in enumerate(batch) for c in r.continuations]
     needs_rest = any(len(c) > 1 for _, c in rows)
     out = lm.forward(ids, mask, positions, use_cache=needs_rest, last_only=True)
@@ -169,9 +176,10 @@ def _score_shared(lm: LoadedModel, batch: list[MCRequest]) -> list[MCScore]:
     return _collect(batch, totals)
 
 
-def _score_full(lm: LoadedModel, batch: list[MCRequest]) -> list[MCScore]:
-    rows = [(r, c) for r in batch for c in r.continuations]
-    seqs = [r.context + c[:-1] for r, c in rows]
+def full_inputs(lm: LoadedModel, batch: list[MCRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of every ``context + choice`` of ``batch``, one row per
+    choice in request order, right-padded; the last choice token is predicted, never fed."""
+    seqs = [r.context + c[:-1] for r in batch for c in r.continuations]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), lm.pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -179,13 +187,26 @@ def _score_full(lm: LoadedModel, batch: list[MCRequest]) -> list[MCScore]:
         ids[k, :len(s)] = torch.tensor(s)
         mask[k, :len(s)] = 1
     positions = torch.arange(width).unsqueeze(0).expand(len(seqs), -1)
-    logits = lm.forward(ids, mask, positions).logits
-    totals = torch.zeros(len(rows), dtype=torch.float64)
-    for k, (r, c) in enumerate(rows):
+    return ids, mask, positions
+
+
+def choice_loglikelihoods(logits: torch.Tensor, batch: list[MCRequest]) -> torch.Tensor:
+    """Each choice's log-likelihood sum_j log p(c_j | context, c_<j) from the logits of ``full_inputs``:
+    a float32 tensor, one entry per choice in request order, differentiable in ``logits``."""
+    totals = []
+    k = 0
+    for r in batch:
         start = len(r.context) - 1
-        picked = logits[k, start:start + len(c)]
-        totals[k] = _token_logprobs(picked, torch.tensor(c, device=picked.device)).sum().item()
-    return _collect(batch, totals)
+        for c in r.continuations:
+            picked = logits[k, start:start + len(c)]
+            totals.append(_token_logprobs(picked, torch.tensor(c, device=picked.device)).sum())
+            k += 1
+    return torch.stack(totals)
+
+
+def _score_full(lm: LoadedModel, batch: list[MCRequest]) -> list[MCScore]:
+    logits = lm.forward(*full_inputs(lm, batch)).logits
+    return _collect(batch, choice_loglikelihoods(logits, batch).cpu().double())
 
 
 def _collect(batch: list[MCRequest], totals: torch.Tensor) -> list[MCScore]:
