@@ -550,7 +550,7 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
                     done = True
                     return
                 in_flight += _load_bytes(plan, task)
-                loads.append((task, reader.submit(_load_inputs, plan, task, device, options.allow_nonfinite)))
+                loads.append((task, reader.submit(load_inputs, plan, task, device, options.allow_nonfinite)))
 
         fill()
         while loads:
@@ -580,7 +580,7 @@ def _load_bytes(plan: MergePlan, task: TensorPlan) -> int:
     return _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
 
 
-def _load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool = False
+def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool = False
                  ) -> tuple[list[torch.Tensor], Optional[list[dict[str, torch.Tensor]]]]:
     """The input tensors in the compute dtype, and their calibration statistics (as stored) if planned."""
     out = []
@@ -620,7 +620,7 @@ def merge_tensor(plan: MergePlan, task: TensorPlan, device: Union[str, torch.dev
     merge will write from the same statistics once cached.
     """
     device = torch.device(device)
-    tensors, _ = _load_inputs(plan, task, device)
+    tensors, _ = load_inputs(plan, task, device)
     return _run_method(plan, task, tensors, device, False, stats)
 
 

@@ -472,7 +472,7 @@ def test_p8_second_run_on_a_locked_output_fails_at_once(tmp_path, family, monkey
     _, a, b = family
     out = tmp_path / "out"
     read = []
-    monkeypatch.setattr("mergesmith.engine._load_inputs", lambda *args: read.append(1) or [])
+    monkeypatch.setattr("mergesmith.engine.load_inputs", lambda *args: read.append(1) or [])
     with OutputLock(out):
         start = time.monotonic()
         with pytest.raises(InputError, match=f"another mergesmith run is writing this output \\(process {os.getpid()}"):

@@ -244,7 +244,7 @@ def load_task_vectors(plan: Any, lm: Any, settings: AdaMergingSettings) -> TaskV
     """Read every tensor of ``plan`` (the input recipe's merge plan) as the engine reads it, form the
     task vectors (TIES-trimmed with ``prune``), and make the loaded base model's parameters θ_0."""
     from mergesmith.checkpoint.layout import split_layer_name
-    from mergesmith.engine import _load_inputs
+    from mergesmith.engine import load_inputs
     from mergesmith.methods.sparsify import trim_by_magnitude
 
     recipe: Recipe = plan.recipe
@@ -268,7 +268,7 @@ def load_task_vectors(plan: Any, lm: Any, settings: AdaMergingSettings) -> TaskV
         if id(param) in seen:  # tied to a tensor already merged (tie_weights keeps them equal)
             continue
         seen[id(param)] = task.name
-        tensors, _ = _load_inputs(plan, task, lm.device)
+        tensors, _ = load_inputs(plan, task, lm.device)
         base = tensors[task.base_index]
         taus = []
         for k, x in enumerate(tensors):
