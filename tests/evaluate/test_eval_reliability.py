@@ -439,3 +439,10 @@ def test_a_second_run_on_a_locked_output_stops_at_once(tmp_path, model_dir, mc_f
             compete({"models": [{"model": str(model_dir)}]}, [mc_file], out, budget="1h", merge_fn=never,
                     isolate_merge=False, progress=False)
     assert not out.exists()
+
+
+def test_no_loading_progress_bar_from_transformers(tmp_path, model_dir, mc_file, capfd):
+    """--no-progress means no bar at all: transformers' own "Loading weights" bar is off too."""
+    assert main(["evaluate", str(model_dir), "--tasks", str(mc_file), "--out", str(tmp_path / "o"),
+                 "--no-progress", "--bootstrap", "0"]) == 0
+    assert "Loading weights" not in capfd.readouterr().err

@@ -8,6 +8,8 @@ given, and gets its training flag back afterwards.
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,13 +118,29 @@ def _check_model_path(path: str) -> Path:
     return local
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No transformers progress bar ("Loading weights ...") while a model loads: our commands
+    show their own progress, and --no-progress must mean none at all."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_from_path(path: str, dtype: Any, trust_remote_code: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     local = _check_model_path(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code)
+        with quiet_loading():
+            return AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path, dtype=dtype,
+                                                        trust_remote_code=trust_remote_code)
     except OSError as err:
         raise InputError(f"{path}: could not load the model: not a local folder, and the Hugging Face Hub "
                          f"could not provide it ({str(err).splitlines()[0]}). Offline, give a local "

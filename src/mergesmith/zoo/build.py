@@ -258,7 +258,10 @@ def build_base(folder: Path, data: Path, size: ZooSize, seed: int, progress: boo
 def _load(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from mergesmith.evaluate.model import quiet_loading
+
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(path)
 
 

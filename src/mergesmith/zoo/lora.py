@@ -11,6 +11,7 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from mergesmith.evaluate.model import quiet_loading
 from mergesmith.zoo.model import ZooSize
 from mergesmith.zoo.skills import Example
 from mergesmith.zoo.train import TrainLog, finetune
@@ -39,8 +40,9 @@ def materialize_lora(adapter: Path, base: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
     return out
