@@ -48,11 +48,11 @@ from mergesmith.checkpoint.layout import (
 from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
-from mergesmith.units import human_bytes
 from mergesmith.errors import InputError, ResourceError, read_text
 from mergesmith.methods import BasePolicy, TensorGroup
 from mergesmith.paths import OutputLock, output_problems
 from mergesmith.recipe import Recipe, Slice, load_recipe, model_refs_of, read_recipe_raw, resolve_param
+from mergesmith.units import human_bytes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -294,9 +294,8 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
     if recipe is not None and not model_problems:
         problems += _tokenizer_config_problems(recipe, models)
     if problems:
-        for m in models:
-            m.checkpoint.close()
-        raise InputError(_dedupe(problems))
+        with _closed_on_error(models):
+            raise InputError(_dedupe(problems))
     assert recipe is not None
     by_ref = {m.ref: i for i, m in enumerate(models)}
     first = recipe.slices[0].sources[0].model
@@ -325,7 +324,8 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
             problems.append(f"{where}: the models have different layer counts "
                             f"({', '.join(f'{k}: {v}' for k, v in counts.items())}); use slices: to pick layers")
     if problems:
-        raise InputError(problems)
+        with _closed_on_error(models):
+            raise InputError(problems)
 
     tensors: list[TensorPlan] = []
     vocab_warned: set[tuple[int, int]] = set()
@@ -453,30 +453,33 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
 
     plan_non_layer([n for n in non_layer if not is_pre_layer(n)], recipe.slices[-1])
     if problems:
-        raise InputError(_dedupe(problems))
+        with _closed_on_error(models):
+            raise InputError(_dedupe(problems))
     out_config = _output_config(ref.config, out_layer, layer_types, tensors, forced_out)
     plan = MergePlan(recipe, models, reference, tensors, out_config, compute_dtype, notes)
-    if method.needs_stats:
-        from mergesmith.calibrate import plan_statistics
+    with _closed_on_error(models):
+        if method.needs_stats:
+            from mergesmith.calibrate import plan_statistics
 
-        try:
             plan.stats = plan_statistics(recipe, models, method.needs_stats)
-        except InputError:
-            for m in models:
-                m.checkpoint.close()
-            raise
-        plan.stats.attach(plan)
-    file_params = [p.name for p in method.params if p.stats_file]
-    if file_params:
-        from mergesmith.calibrate.stats_file import attach_stats_files
+            plan.stats.attach(plan)
+        file_params = [p.name for p in method.params if p.stats_file]
+        if file_params:
+            from mergesmith.calibrate.stats_file import attach_stats_files
 
-        try:
             attach_stats_files(plan, file_params)
-        except InputError:
-            for m in models:
-                m.checkpoint.close()
-            raise
     return plan
+
+
+@contextlib.contextmanager
+def _closed_on_error(models: list["ModelInfo"]):
+    """Close the models' checkpoints if planning fails after opening them."""
+    try:
+        yield
+    except BaseException:
+        for m in models:
+            m.checkpoint.close()
+        raise
 
 
 def execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> MergeResult:
