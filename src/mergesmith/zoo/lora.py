@@ -7,6 +7,7 @@ linear layer of the blocks.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -24,7 +25,9 @@ def train_lora(model, tokenizer, examples: list[Example], size: ZooSize, *, seed
     """Wrap ``model`` with fresh adapters and train only them; returns the PEFT model."""
     config = LoraConfig(r=size.lora_rank, lora_alpha=2 * size.lora_rank, lora_dropout=0.0,
                         target_modules=TARGETS, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     log = finetune(peft_model, tokenizer, examples, steps=size.lora_steps, batch=size.ft_batch,
                    lr=size.lora_lr, seed=seed, desc="lora", device=size.device, progress=progress)
     return peft_model, log
@@ -40,9 +43,11 @@ def materialize_lora(adapter: Path, base: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_loading():
+    with quiet_loading(), warnings.catch_warnings():
+        # PEFT reads transformers' deprecated is_gradient_checkpointing: their note, not the user's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.save_pretrained(out)
+        merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
     return out
