@@ -153,11 +153,13 @@ def fisher(group: TensorGroup) -> torch.Tensor:
     return (numerator / denominator).to(group.tensors[0].dtype)
 
 
+_ALPHA = Param("alpha", float, 0.1, low=0.0, high=1.0,
+               doc="scale of the Gram matrices' off-diagonal entries (1: exact regression, 0: diagonal)")
+
 register(MethodSpec(
     name="regmean",
     fn=regmean,
-    params=(Param("alpha", float, 0.1, low=0.0, high=1.0,
-                  doc="scale of the Gram matrices' off-diagonal entries (1: exact regression, 0: diagonal)"),),
+    params=(_ALPHA,),
     min_models=2,
     needs_stats=("gram",),
     reference="https://arxiv.org/abs/2212.09849",
@@ -167,8 +169,7 @@ register(MethodSpec(
 register(MethodSpec(
     name="regmean_plusplus",
     fn=regmean_plusplus,
-    params=(Param("alpha", float, 0.1, low=0.0, high=1.0,
-                  doc="scale of the Gram matrices' off-diagonal entries (1: exact regression, 0: diagonal)"),),
+    params=(_ALPHA,),
     min_models=2,
     needs_stats=("gram_plusplus",),
     reference="https://arxiv.org/abs/2508.03121",
