@@ -52,6 +52,9 @@ TIES_LAMBDAS = [0.7, 1.0, 1.5, 2.0]
 # Widened once: validation chose the end point 1.0 of [0.3, 0.5, 0.8, 1.0] for tsv_m, iso_c, iso_cts
 # and star, and 3.0 for cart, on the default zoo's seed 0.
 SUBSPACE_LAMBDAS = [0.5, 1.0, 1.5, 2.0, 3.0]
+# Iso-C/CTS flatten the spectrum of the summed task vectors to its mean singular value, which
+# shrinks the dominant directions; validation then chose the end point 3.0 again: widened further.
+ISO_LAMBDAS = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
 GRIDS: dict[str, list[dict]] = {
     "linear": [{}],
     "task_arithmetic": _grid(**{"lambda": TA_LAMBDAS}),
@@ -70,8 +73,8 @@ GRIDS: dict[str, list[dict]] = {
     # a sum over the experts (TSV-M, Iso-C/CTS, STAR's rescaled parts) or a mean (CART's
     # centre), so lambda spans both scales.
     "tsv_m": _grid(**{"lambda": SUBSPACE_LAMBDAS}),
-    "iso_c": _grid(**{"lambda": SUBSPACE_LAMBDAS}),
-    "iso_cts": _grid(common_space_fraction=[0.8], **{"lambda": SUBSPACE_LAMBDAS}),
+    "iso_c": _grid(**{"lambda": ISO_LAMBDAS}),
+    "iso_cts": _grid(common_space_fraction=[0.8], **{"lambda": ISO_LAMBDAS}),
     "star": _grid(eta=[40], **{"lambda": SUBSPACE_LAMBDAS}),
     "cart": _grid(rank_ratio=[0.12], **{"lambda": [1.0, 2.0, 3.0, 4.0, 6.0]}),
     "drm": _grid(stack=["vertical", "horizontal"], density=[0.2, 0.5]),
