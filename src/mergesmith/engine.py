@@ -47,7 +47,7 @@ from mergesmith.checkpoint.layout import (
 )
 from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
-from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
+from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor, remove_stale_partials
 from mergesmith.errors import InputError, ResourceError, read_text
 from mergesmith.methods import BasePolicy, TensorGroup
 from mergesmith.paths import OutputLock, output_problems
@@ -216,6 +216,9 @@ def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, 
         # Planning read only headers; the lock comes before any weight is read, so a second run on
         # this output stops here, at once.
         with OutputLock(out_dir):
+            # A run killed outright (SIGKILL) left its hidden folders: remove them, and put back a
+            # previous model it had moved aside, before deciding whether the output exists.
+            remove_stale_partials(out_dir)
             if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
                 raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
             if plan.stats is not None and plan.stats.missing():

@@ -545,3 +545,16 @@ def test_p1_the_recipe_file_and_calibration_data_are_inputs_too(tmp_path, family
     with pytest.raises(InputError, match=f"is the input calibration file {calibration}"):
         mergesmith.merge(recipe, calibration, overwrite=True, progress=False)
     assert calibration.is_file()
+
+
+def test_p7_a_model_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path, family):
+    """SIGKILL between the writer's two renames leaves the old model in .out.old-PID: never lost."""
+    _, a, b = family
+    out = tmp_path / "out"
+    mergesmith.merge(linear(a, b), out, progress=False)
+    before = {Path(k).name: v for k, v in fingerprint(out).items()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.rename(out, tmp_path / f".out.old-{int(dead.stdout)}")
+    with pytest.raises(InputError, match="already exists"):
+        mergesmith.merge(linear(a, b), out, progress=False)  # the old model is back, so no overwrite
+    assert {Path(k).name: v for k, v in fingerprint(out).items()} == before and not leftovers(tmp_path)

@@ -249,19 +249,34 @@ def _reserve(fd: int, size: int) -> None:
 _PARTIAL_RE = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)$")
 
 
-def remove_stale_partials(out_dir: Path) -> list[Path]:
-    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` folders of ``out_dir`` whose process is gone."""
+def clean_after(out_dir: Path, pid: int) -> None:
+    """Undo what a writer in process ``pid``, stopped or dead, left beside ``out_dir``.
+
+    Its ``.NAME.partial-PID`` folder is removed. When it was replacing a model it had moved
+    the old one to ``.NAME.old-PID`` first; stopped between its two renames, it left the old
+    model there and nothing at ``out_dir``, so the old model is put back (nothing is lost).
+    """
     out_dir = Path(out_dir)
-    removed = []
+    shutil.rmtree(out_dir.parent / f".{out_dir.name}.partial-{pid}", ignore_errors=True)
+    old = out_dir.parent / f".{out_dir.name}.old-{pid}"
+    if old.exists():
+        if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out_dir)
+
+
+def remove_stale_partials(out_dir: Path) -> list[int]:
+    """``clean_after`` every writer of ``out_dir`` whose process is gone; returns their PIDs."""
+    out_dir = Path(out_dir)
     if not out_dir.parent.is_dir():
-        return removed
+        return []
+    dead = set()
     for entry in out_dir.parent.iterdir():
         m = _PARTIAL_RE.match(entry.name)
-        if not m or m["name"] != out_dir.name or not entry.is_dir() or process_alive(int(m["pid"])):
-            continue
-        if m.group(0).rsplit("-", 1)[0].endswith(".old") and not out_dir.exists():
-            continue  # the previous model, moved aside by an overwrite that died before its rename: keep it
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-    return removed
+        if m and m["name"] == out_dir.name and entry.is_dir() and not process_alive(int(m["pid"])):
+            dead.add(int(m["pid"]))
+    for pid in sorted(dead):
+        clean_after(out_dir, pid)
+    return sorted(dead)
 

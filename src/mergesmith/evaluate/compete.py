@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import queue as queue_module
 import re
-import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -133,20 +132,11 @@ def _identity(path: Path) -> Optional[tuple[int, int]]:
 
 
 def clean_after_merge(out_dir: Path, pid: int) -> None:
-    """Remove what a merge process ``pid`` that was stopped or died left beside ``out_dir``.
+    """Remove what a merge process ``pid`` that was stopped or died left beside ``out_dir``
+    (the writer's partial folder; an old model moved aside is put back)."""
+    from mergesmith.checkpoint.writer import clean_after
 
-    The checkpoint writer builds the model in ``.NAME.partial-PID`` and renames it
-    into place at the end; when replacing a model it first moves the old one to
-    ``.NAME.old-PID``. A process stopped between those two renames leaves the old
-    model there and nothing at ``out_dir``: the old model is put back.
-    """
-    shutil.rmtree(out_dir.parent / f".{out_dir.name}.partial-{pid}", ignore_errors=True)
-    old = out_dir.parent / f".{out_dir.name}.old-{pid}"
-    if old.exists():
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(old, out_dir)
+    clean_after(out_dir, pid)
 
 
 def _stop(child: Any) -> None:
