@@ -146,7 +146,8 @@ class MergePlan:
         worst = 0
         for i, t in enumerate(self.tensors):
             # Statistics: the inputs' as read, and as much again for a method's sums (RegMean's ΣG̃, in float64).
-            compute = (2 * len(t.inputs) + 2) * _numel(t.shape) * size + 3 * t.stats_bytes
+            slots = 2 * len(t.inputs) + 2 + self.recipe.method.workspace_per_input * len(t.inputs)
+            compute = int(slots * _numel(t.shape) * size) + 3 * t.stats_bytes
             ahead = max(options.prefetch_bytes, loads[i + 1] if i + 1 < len(loads) else 0)
             worst = max(worst, compute + ahead)
         biggest_out = max((_numel(t.shape) * _itemsize(t.out_dtype) for t in self.tensors), default=0)

@@ -73,3 +73,23 @@ def test_a_base_model_is_required(model_family, tmp_path):
     del r["base_model"]
     with pytest.raises(InputError, match="base"):
         mergesmith.merge(r, tmp_path / "x", dry_run=True)
+
+
+def test_dry_run_peak_counts_a_methods_measured_workspace(model_family):
+    """drm and pcb declare workspace_per_input (measured); the predicted peak includes it."""
+    from mergesmith.engine import MergeOptions, plan_merge
+
+    base, experts = model_family()
+    options = MergeOptions(prefetch_bytes=0)
+    peaks = {}
+    for method in ("ties", "drm"):
+        params = {"weight": 1.0, **({"density": 0.5} if method == "ties" else {})}
+        recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32",
+                  "models": [{"model": str(e), "parameters": dict(params)} for e in experts]}
+        plan = plan_merge(recipe, options)
+        peaks[method] = plan.predicted_peak_bytes(options)
+        biggest = max(plan.tensors, key=lambda t: t.input_bytes(plan))
+        for m in plan.models:
+            m.checkpoint.close()
+    extra = 4.0 * len(biggest.inputs) * biggest.input_bytes(plan) // len(biggest.inputs)
+    assert peaks["drm"] - peaks["ties"] == pytest.approx(extra, rel=0.01)

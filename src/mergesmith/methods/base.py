@@ -186,6 +186,10 @@ class MethodSpec:
     # Calibration statistics the method reads from ``TensorGroup.stats`` ("gram", "fisher"); the
     # merge computes (or finds cached) whatever is missing before streaming.
     needs_stats: tuple[str, ...] = ()
+    # Extra working memory beyond the engine's default allowance (2 x inputs + 2 tensors), in
+    # tensors of the output's size per input, for --dry-run's predicted peak. Measured, not guessed:
+    # see the method's registration.
+    workspace_per_input: float = 0.0
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:
