@@ -81,3 +81,16 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     for f in files:
         out.update(load_file(path / f))
     return out
+
+
+def finetuned_tensors(shape, k: int, seed: int, scale: float = 0.1):
+    """A random base tensor and ``k`` 'fine-tunes' of it: base + a shared shift + their own noise."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    common = scale * torch.randn(shape, generator=g)
+    return base, [base + common + scale * torch.randn(shape, generator=g) for _ in range(k)]
+
+
+def max_relative_difference(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|."""
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()

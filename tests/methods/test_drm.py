@@ -10,7 +10,7 @@ import torch
 
 import mergesmith
 from mergesmith.methods import TensorGroup, get_method
-from tiny_models import load_state
+from tiny_models import finetuned_tensors as finetunes, load_state, max_relative_difference as rel_diff
 
 DEFAULTS = {"stack": "vertical", "density": 0.2, "include_embeddings": False}
 
@@ -20,17 +20,6 @@ def merge(base, models, weights=None, vocab=False, **params):
     return get_method("drm").fn(TensorGroup(
         name="t", tensors=[base, *models], params={**DEFAULTS, **params},
         model_params=[{}] + [{"weight": w} for w in weights], base_index=0, vocab=vocab))
-
-
-def finetunes(shape, k, seed, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    common = scale * torch.randn(shape, generator=g)
-    return base, [base + common + scale * torch.randn(shape, generator=g) for _ in range(k)]
-
-
-def rel_diff(ours, ref):
-    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 # ---------------------------------------------------------------- reference transcription

@@ -11,7 +11,7 @@ import torch
 
 import mergesmith
 from mergesmith.methods import TensorGroup, get_method
-from tiny_models import load_state
+from tiny_models import finetuned_tensors as finetunes, load_state, max_relative_difference as rel_diff
 
 
 def merge(base, models, weights=None, vocab=False, **params):
@@ -19,17 +19,6 @@ def merge(base, models, weights=None, vocab=False, **params):
     return get_method("pcb").fn(TensorGroup(
         name="t", tensors=[base, *models], params={"density": 0.1, "lambda": 1.0, **params},
         model_params=[{}] + [{"weight": w} for w in weights], base_index=0, vocab=vocab))
-
-
-def finetunes(shape, k, seed, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    common = scale * torch.randn(shape, generator=g)
-    return base, [base + common + scale * torch.randn(shape, generator=g) for _ in range(k)]
-
-
-def rel_diff(ours, ref):
-    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 # ---------------------------------------------------------------- reference transcription
