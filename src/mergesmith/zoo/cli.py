@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-SIZE_NAMES = ("test", "default", "large")  # as in mergesmith.zoo.model.SIZES (torch-free here)
+SIZE_NAMES = ("test", "default", "medium", "large")  # as in mergesmith.zoo.model.SIZES (torch-free here)
 
 
 def _add_zoo_options(p: argparse.ArgumentParser) -> None:

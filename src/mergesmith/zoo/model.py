@@ -72,6 +72,9 @@ SIZES: dict[str, ZooSize] = {
     ),
     # The demo and the benchmark: 584 s on two idle CPU cores (docs/zoo.md, Sizes).
     "default": ZooSize(name="default"),
+    # The scaling study's larger model: 11.4M parameters, the default's data and training
+    # schedule, built on two CPU cores within the hour (docs/zoo.md, Sizes).
+    "medium": ZooSize(name="medium", hidden=384, layers=6, heads=6, intermediate=1024),
     # For a GPU: a bigger model trained longer.
     "large": ZooSize(
         name="large", n_cities=200, n_people=200, vocab_size=2048,
