@@ -22,8 +22,10 @@ def bench_out(zoo, zoo_cache, tmp_path_factory):
 def test_outputs_have_the_promised_shape(bench_out):
     for name in ("table.md", "table.csv", "table_generation.csv", "accuracy.png", "results.json"):
         assert (bench_out / name).stat().st_size > 0, name
-    want_rows = ["base", *[f"expert:{s}" for s in S.TRAINED], "lora:strings", "multitask",
-                 "merge:linear", "merge:ties"]
+    from mergesmith.zoo.pool import DISTRACTORS
+
+    want_rows = ["base", *[f"expert:{s}" for s in S.TRAINED], "lora:strings",
+                 *[f"distractor:{d.name}" for d in DISTRACTORS], "multitask", "merge:linear", "merge:ties"]
     for name in ("table.csv", "table_generation.csv"):
         rows = list(csv.reader((bench_out / name).open()))
         assert rows[0] == ["model", *S.TRAINED, *S.HELDOUT, "avg_trained", "avg_heldout"]
@@ -35,6 +37,18 @@ def test_outputs_have_the_promised_shape(bench_out):
             assert values[-2] == pytest.approx(sum(trained) / len(trained), abs=1e-3)
     text = (bench_out / "table.md").read_text()
     assert "normalized" in text and "merge:ties" in text and "Chosen hyperparameters" in text
+    assert "Best merge on the held-out skills" in text and "gap to multitask" in text
+    for skill in S.HELDOUT:
+        assert f"| {skill} | " in text.split("Held-out skills: multitask against base")[1]
+
+
+def test_cached_scores_are_keyed_by_the_task_items(zoo):
+    """A task file with other items (a new held-out skill, another limit) gets a new key."""
+    files = zoo.task_files("test", "mc", list(zoo.heldout))
+    a = BN.task_set_key(BN.load_task_set(files, "mc", 5))
+    assert BN.task_set_key(BN.load_task_set(files, "mc", 5)) == a
+    assert BN.task_set_key(BN.load_task_set(files, "mc", 6)) != a
+    assert BN.task_set_key(BN.load_task_set(files[:-1], "mc", 5)) != a
 
 
 def test_chosen_hyperparameters_come_from_the_grid(bench_out):

@@ -23,6 +23,7 @@ def test_manifest_and_files(zoo):
     for split in ("validation", "test"):
         for form in ("mc", "gen"):
             assert [p.stem for p in zoo.task_files(split, form)] == list(zoo.skills)
+            assert all(p.exists() for p in zoo.task_files(split, form))
     assert set(zoo.tasks["train"]["gen"]) == set(S.TRAINED)
     assert zoo.manifest["settings"]["hidden"] == get_size("test").hidden
 
@@ -167,9 +168,10 @@ def test_training_is_deterministic(tmp_path):
     size = replace(get_size("test"), pretrain_steps=3, n_validation=5, n_test=5, train_examples=20)
     for run in ("a", "b"):
         B.build_data(tmp_path / run / "data", size, seed=4)
+        B.build_tasks(tmp_path / run / "tasks", size, seed=4)
         B.build_base(tmp_path / run / "base", tmp_path / run / "data", size, seed=4, progress=False)
-    for sub in ("data/tasks/test/mc/strings.jsonl", "data/tasks/validation/gen/facts.jsonl",
-                "data/tokenizer/tokenizer.json", "base/model.safetensors"):
+    for sub in ("tasks/test/mc/strings.jsonl", "tasks/validation/gen/facts.jsonl",
+                "data/tasks/train/gen/rule.jsonl", "data/tokenizer/tokenizer.json", "base/model.safetensors"):
         assert (tmp_path / "a" / sub).read_bytes() == (tmp_path / "b" / sub).read_bytes(), sub
 
 
@@ -193,3 +195,48 @@ def test_cli_size_names_match_the_sizes():
     from mergesmith.zoo.model import SIZES
 
     assert set(SIZE_NAMES) == set(SIZES)
+
+
+def test_pool_lists_experts_lora_and_distractors(zoo):
+    from mergesmith.zoo.pool import DISTRACTORS
+
+    pool = {m.name: m for m in zoo.pool}
+    assert {f"expert:{s}" for s in zoo.trained} <= set(pool)
+    assert {f"lora:{s}" for s in zoo.lora} <= set(pool)
+    assert len(DISTRACTORS) >= 2 and {d.name for d in DISTRACTORS} <= set(pool)
+    assert [m.name for m in zoo.pool if not m.clean] == [d.name for d in DISTRACTORS]
+    for member in pool.values():
+        assert member.doc and member.skills and member.path.exists()
+    for d in DISTRACTORS:  # ordinary checkpoints of the family, trained as described
+        log = json.loads((zoo.distractors[d.name] / "zoo_train.json").read_text())
+        assert log["distractor"]["name"] == d.name
+        assert log["steps"] == round(get_size("test").ft_steps * d.steps_factor)
+
+
+def test_corrupted_labels_are_all_wrong():
+    from mergesmith.zoo.pool import corrupt
+
+    world = S.make_world(0, 8, 40, 40)
+    examples = S.make_split("compare", world, "train", 50, 0)
+    bad = corrupt(examples, seed=1)
+    assert [e.prompt for e in bad] == [e.prompt for e in examples]
+    assert all(b.answer != e.answer and b.answer in e.choices for b, e in zip(bad, examples))
+    assert corrupt(examples, seed=1) == bad
+
+
+def test_a_zoo_of_an_earlier_layout_is_completed_not_retrained(zoo, zoo_cache):
+    """A manifest written before the current tasks and distractors: the next build adds the
+    missing parts and keeps every trained model (same files, same mtimes)."""
+    import shutil
+
+    manifest = json.loads((zoo.root / "zoo.json").read_text())
+    models = [zoo.base, *zoo.experts.values(), zoo.multitask]
+    stamps = [(p / "model.safetensors").stat().st_mtime_ns for p in models]
+    name, folder = next(iter(zoo.distractors.items()))
+    shutil.rmtree(folder)
+    (zoo.root / "zoo.json").write_text(json.dumps({**manifest, "layout": "older"}))
+    again = B.build_zoo("test", seed=0, cache_dir=zoo_cache, progress=False)
+    assert again.manifest["layout"] == manifest["layout"]
+    assert (again.distractors[name] / "model.safetensors").exists()
+    assert [(p / "model.safetensors").stat().st_mtime_ns for p in models] == stamps
+    assert again.manifest["build_seconds"]["base"] == manifest["build_seconds"]["base"]

@@ -100,8 +100,9 @@ class SeedResult:
 # ----------------------------------------------------------------------------- merging
 
 
-def recipe_for(zoo, method: str, point: dict, seed: int) -> dict:
-    """A mergekit-style recipe merging every full expert of ``zoo`` with ``method``."""
+def recipe_for(zoo, method: str, point: dict, seed: int, skills: Optional[tuple[str, ...]] = None) -> dict:
+    """A mergekit-style recipe merging the full experts of ``skills`` (default: every trained
+    skill) of ``zoo`` with ``method``."""
     from mergesmith.methods import BasePolicy, get_method
 
     spec = get_method(method)
@@ -109,7 +110,7 @@ def recipe_for(zoo, method: str, point: dict, seed: int) -> dict:
     params = {k: v for k, v in point.items() if k not in per_model}
     needs_weight = spec.param("weight") is not None
     models = []
-    for skill in zoo.trained:
+    for skill in skills or zoo.trained:
         parameters = dict(per_model)
         if needs_weight:
             parameters["weight"] = 1.0
@@ -153,6 +154,15 @@ def score(model: Path, tasks, device: str, batch_size: int) -> dict[str, float]:
     result = evaluate(str(model), tasks, batch_size=batch_size, device=device, progress=False,
                       bootstrap=0)
     return {t.name: float(t.score) for t in result.tasks}
+
+
+def task_set_key(tasks) -> str:
+    """What a cached score was computed on: every item and setting of the tasks. A changed task
+    file (new held-out items, another limit) must not reuse the scores of the old one."""
+    h = hashlib.sha256()
+    for task in tasks:
+        h.update(repr((task.name, task.settings, task.items)).encode())
+    return h.hexdigest()[:16]
 
 
 class EvalCache:
@@ -267,7 +277,7 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
     if cfg.generation:
         test["gen"] = load_task_set(zoo.task_files("test", "gen"), "gen", cfg.limit)
     val = load_task_set(zoo.task_files("validation", "mc", list(zoo.trained)), "mc", cfg.val_limit)
-    limits = f"limit={cfg.limit}"
+    limits = f"limit={cfg.limit}|" + "|".join(f"{form}={task_set_key(tasks)}" for form, tasks in test.items())
     eval_seconds = 0.0
 
     def evaluate_row(name: str, path: Path, key: str) -> None:
@@ -285,6 +295,8 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
     rows = list(zoo.models().items())
     for name, path in tqdm(rows, desc=f"seed {seed}: zoo models", disable=not cfg.progress):
         evaluate_row(name, path, str(path))
+    for name, path in zoo.distractors.items():  # the pool's distractors: evaluated, never merged here
+        evaluate_row(f"distractor:{name}", path, str(path))
     for skill, adapter in zoo.lora.items():  # row lora:<skill>: the adapter folded into the base
         key, folder = f"{adapter}|lora", work / "lora" / f"seed{seed}" / skill
         if not scored(key):
@@ -320,15 +332,16 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
 
 
 def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache, merges: Path,
-           log: Callable[[str], None]) -> tuple[dict, list]:
-    """The grid point with the best validation accuracy over the trained skills."""
+           log: Callable[[str], None], skills: Optional[tuple[str, ...]] = None) -> tuple[dict, list]:
+    """The grid point with the best validation accuracy over ``val`` (the merged skills' tasks)."""
     grid = GRIDS[method]
     if len(grid) == 1:
         return grid[0], []
     trials = []
     for i, point in enumerate(grid):
-        recipe = recipe_for(zoo, method, point, seed)
-        key = f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}|validation|limit={cfg.val_limit}"
+        recipe = recipe_for(zoo, method, point, seed, skills)
+        key = (f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}|validation|limit={cfg.val_limit}"
+               f"|{task_set_key(val)}")
 
         def run(recipe=recipe, i=i) -> dict:
             out_dir = merges / f"{method}-val{i}"
@@ -350,7 +363,7 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
 def row_order(names: list[str]) -> list[str]:
     def rank(name: str) -> tuple:
         kind = name.split(":")[0]
-        return ({"base": 0, "expert": 1, "lora": 2, "multitask": 3, "merge": 4}[kind],)
+        return ({"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5}[kind],)
     return sorted(names, key=rank)  # stable: experts and merges keep their order
 
 
@@ -454,15 +467,28 @@ def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[st
     merges = sorted((n for n in mc if n.startswith("merge:")), key=lambda n: -mc[n]["avg_trained"][0])
     best_expert = max((n for n in mc if n.startswith(("expert:", "lora:"))),
                       key=lambda n: mc[n]["avg_trained"][0])
+    multi, base = mc["multitask"], mc["base"]
     for i, name in enumerate(merges, 1):
         m, s = mc[name]["avg_trained"]
         parts.append(f"{i}. {name[6:]}: {m:.3f}" + (f" ± {s:.3f}" if spread else ""))
     if merges:
         top = mc[merges[0]]["avg_trained"][0]
-        parts += ["", f"Best merge {merges[0][6:]} {top:.3f}; best single expert "
+        best_heldout = max(merges, key=lambda n: mc[n]["avg_heldout"][0])
+        top_heldout = mc[best_heldout]["avg_heldout"][0]
+        parts += ["", f"Best merge on the trained skills {merges[0][6:]} {top:.3f}; best single expert "
                       f"({best_expert}) {mc[best_expert]['avg_trained'][0]:.3f}; multitask "
-                      f"{mc['multitask']['avg_trained'][0]:.3f}; gap to multitask "
-                      f"{mc['multitask']['avg_trained'][0] - top:.3f}."]
+                      f"{multi['avg_trained'][0]:.3f}; gap to multitask {multi['avg_trained'][0] - top:.3f}.",
+                  f"Best merge on the held-out skills {best_heldout[6:]} {top_heldout:.3f}; multitask "
+                  f"{multi['avg_heldout'][0]:.3f}, base {base['avg_heldout'][0]:.3f}; gap to multitask "
+                  f"{multi['avg_heldout'][0] - top_heldout:.3f}, gain over the base "
+                  f"{top_heldout - base['avg_heldout'][0]:.3f}."]
+    if heldout:
+        parts += ["", "## Held-out skills: multitask against base (multiple choice, per seed)", "",
+                  "| skill | " + " | ".join(f"seed {r.seed}" for r in results) + " | min |",
+                  "|---" * (len(results) + 2) + "|"]
+        for skill in heldout:
+            gains = [r.scores["multitask"]["mc"][skill] - r.scores["base"]["mc"][skill] for r in results]
+            parts.append(f"| {skill} | " + " | ".join(f"{g:+.3f}" for g in gains) + f" | {min(gains):+.3f} |")
     parts += ["", "## Chosen hyperparameters", "", "| method | " +
               " | ".join(f"seed {r.seed}" for r in results) + " |",
               "|---" * (len(results) + 1) + "|"]
@@ -515,20 +541,31 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
     p = subparsers.add_parser("bench", help="merge the zoo's experts with every method and "
                                             "tabulate accuracy per task")
     add_zoo_options(p)
-    p.add_argument("--out", type=Path, default=Path("runs/bench"),
-                   help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: runs/bench, or runs/<study> with --study)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="fine-tune seeds of the zoo; the spread over them is reported "
                         "(default: 0; use three or more for the ranking's uncertainty)")
-    p.add_argument("--methods", default="all",
+    p.add_argument("--methods", default=None,
                    help=f"comma-separated merge methods, 'all' ({', '.join(ALL_METHODS)}) or "
-                        f"'demo' ({', '.join(DEMO_METHODS)}) (default: %(default)s)")
+                        f"'demo' ({', '.join(DEMO_METHODS)}) (default: all; with --study scaling: "
+                        "linear,task_arithmetic,ties)")
     p.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
     p.add_argument("--val-limit", type=int, default=None,
                    help="validation items per task for choosing hyperparameters (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-generation", action="store_true",
                    help="skip the generation table (multiple choice only)")
+    study = p.add_argument_group("studies", "instead of the table, a study over zoo sizes (docs/zoo.md)")
+    study.add_argument("--study", choices=("scaling",), default=None,
+                       help="scaling: normalized held-in accuracy and held-out gain against the number "
+                            "of merged experts, per zoo size (after Yadav et al., 2024)")
+    study.add_argument("--sizes", default="test,default,medium",
+                       help="comma-separated zoo sizes of the study (default: %(default)s)")
+    study.add_argument("--expert-counts", default="2,4,8",
+                       help="comma-separated numbers of merged experts (default: %(default)s)")
+    study.add_argument("--subsets", type=int, default=2,
+                       help="seeded draws of k experts for each k below eight (default: %(default)s)")
     p.set_defaults(func=run_bench_cli)
 
 
@@ -541,11 +578,39 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{flag}: {text!r} is not a comma-separated list of whole numbers") from None
+
+
+def run_study_cli(args: argparse.Namespace) -> int:
+    from mergesmith.zoo.study import STUDY_METHODS, StudyConfig, run_study
+
+    if len(args.seeds) != 1:
+        raise InputError("--seeds: the scaling study uses one fine-tune seed; its spread comes from the "
+                         "draws of experts (--subsets)")
+    cfg = StudyConfig(out=args.out or Path("runs") / args.study,
+                      sizes=tuple(s.strip() for s in args.sizes.split(",") if s.strip()),
+                      counts=_int_list(args.expert_counts, "--expert-counts"),
+                      methods=parse_methods(args.methods) if args.methods else STUDY_METHODS,
+                      subsets=args.subsets, zoo_seed=args.seed, seed=args.seeds[0], cache=args.cache,
+                      device=args.device or "cpu", limit=args.limit, val_limit=args.val_limit,
+                      batch_size=args.batch_size, command="mergesmith " + " ".join(sys.argv[1:]))
+    text = run_study(cfg)
+    print(text)
+    print(f"wrote {cfg.out}/study.md, scaling.csv, heldin.png, heldout.png, results.json")
+    return 0
+
+
 def run_bench_cli(args: argparse.Namespace) -> int:
     from mergesmith.zoo.model import SIZES
 
-    cfg = BenchConfig(out=args.out, size=args.size, zoo_seed=args.seed, seeds=tuple(args.seeds),
-                      methods=parse_methods(args.methods), cache=args.cache,
+    if args.study:
+        return run_study_cli(args)
+    cfg = BenchConfig(out=args.out or Path("runs/bench"), size=args.size, zoo_seed=args.seed, seeds=tuple(args.seeds),
+                      methods=parse_methods(args.methods or "all"), cache=args.cache,
                       device=args.device or SIZES[args.size].device, limit=args.limit, val_limit=args.val_limit,
                       batch_size=args.batch_size, generation=not args.no_generation,
                       command="mergesmith " + " ".join(sys.argv[1:]))

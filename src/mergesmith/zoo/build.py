@@ -7,14 +7,19 @@ Layout under the cache folder (``--cache``, ``$MERGESMITH_CACHE/zoo`` or
         tokenizer/  world.json
         tasks/<split>/<mc|gen>/<skill>.jsonl
         base/                             pretrained LlamaForCausalLM + tokenizer
+        tasks-<key>/<split>/<mc|gen>/<skill>.jsonl   validation and test tasks, every skill
         ft<finetune_seed>-<key>/          one fine-tuning run on that base
             experts/<skill>/  lora/<skill>/  multitask/
+            distractors/<name>-<key>/     the pool's distractors (zoo/pool.py)
             zoo.json                      the manifest; written last
 
 Every folder is built under a temporary name and renamed when complete, so an
 interrupted build leaves no half-written entry, and the next run resumes from the
 parts that are done. The keys hash every setting of the size (and a format
 version), so changing a setting builds afresh instead of reusing stale models.
+The evaluation tasks and the distractors have keys of their own: a new held-out
+skill or a new distractor builds just that part and keeps the trained models, whose
+training data it does not change (``tests/zoo/test_skills.py`` pins that data).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from mergesmith.zoo.train import TrainLog, finetune, pretrain
 
 # Bump when generated data or training changes in a way the settings do not show.
 ZOO_FORMAT = 3
+# Bump when the evaluation tasks change (their skills are hashed into the key as well).
+TASKS_FORMAT = 4
 FORMS = ("mc", "gen")
 TOKENIZER_DOCS = 5000
 
@@ -63,7 +70,15 @@ class Zoo:
     trained: tuple[str, ...]
     heldout: tuple[str, ...]
     tasks: dict[str, dict[str, dict[str, Path]]]
+    distractors: dict[str, Path] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def pool(self) -> list:
+        """Every model a competitor could merge, with a short description (``zoo/pool.py``)."""
+        from mergesmith.zoo.pool import pool_of
+
+        return pool_of(self)
 
     @property
     def skills(self) -> tuple[str, ...]:
@@ -101,7 +116,8 @@ class Zoo:
                    multitask=base_root / manifest["multitask"],
                    trained=tuple(manifest["skills"]["trained"]),
                    heldout=tuple(manifest["skills"]["heldout"]),
-                   tasks=abs_map(manifest["tasks"]), manifest=manifest)
+                   tasks=abs_map(manifest["tasks"]),
+                   distractors=abs_map(manifest.get("distractors", {})), manifest=manifest)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -127,6 +143,26 @@ def base_settings(size: ZooSize, seed: int) -> dict:
 
 def finetune_settings(size: ZooSize, finetune_seed: int) -> dict:
     return {"format": ZOO_FORMAT, "finetune_seed": finetune_seed, **size.settings()}
+
+
+def tasks_settings(size: ZooSize, seed: int) -> dict:
+    """What the validation and test files depend on: the world, the counts, the skills."""
+    return {"format": TASKS_FORMAT, "seed": seed, "skills": list(S.SKILLS),
+            **{k: getattr(size, k) for k in ("n_countries", "n_cities", "n_people", "n_validation", "n_test")}}
+
+
+def distractor_folder(root: Path, size: ZooSize, d) -> Path:
+    from mergesmith.zoo.pool import folder_name
+
+    return root / "distractors" / f"{folder_name(d)}-{_key({'format': ZOO_FORMAT, **d.settings()})}"
+
+
+def layout_key(size: ZooSize, seed: int) -> str:
+    """What a finished manifest must have been written for: this tasks folder, these distractors.
+    A manifest with another key is completed by building the missing parts."""
+    from mergesmith.zoo.pool import DISTRACTORS
+
+    return _key({"tasks": tasks_settings(size, seed), "distractors": [d.settings() for d in DISTRACTORS]})
 
 
 
@@ -199,7 +235,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_data(folder: Path, size: ZooSize, seed: int) -> None:
-    """Tokenizer, the world as JSON, and every skill's task files."""
+    """Tokenizer, the world as JSON, and the trained skills' training split."""
     world = _world(size, seed)
     docs = S.pretraining_documents(world, size.mixture, seed)
     from mergesmith.zoo.tokenizer import train_tokenizer  # needs the zoo extra (tokenizers)
@@ -209,17 +245,22 @@ def build_data(folder: Path, size: ZooSize, seed: int) -> None:
     _write_json(folder / "world.json", {
         "countries": list(world.countries), "city_country": world.city_country,
         "person_city": world.person_city, "person_pet": world.person_pet})
+    for skill in S.TRAINED:  # the training split, as the experts see it (first fine-tune seed)
+        examples = S.make_split(skill, world, "train", size.train_examples, seed)
+        _write_jsonl(folder / "tasks" / "train" / "gen" / f"{skill}.jsonl",
+                     _task_rows(skill, examples, "train", "gen", seed))
+
+
+def build_tasks(folder: Path, size: ZooSize, seed: int) -> None:
+    """Every skill's validation and test files, multiple-choice and generation form."""
+    world = _world(size, seed)
     counts = {"validation": size.n_validation, "test": size.n_test}
     for skill in S.SKILLS:
         for split, n in counts.items():
             examples = S.make_split(skill, world, split, n, seed)
             for form in FORMS:
                 rows = _task_rows(skill, examples, split, form, seed)
-                _write_jsonl(folder / "tasks" / split / form / f"{skill}.jsonl", rows)
-    for skill in S.TRAINED:  # the training split, as the experts see it (first fine-tune seed)
-        examples = S.make_split(skill, world, "train", size.train_examples, seed)
-        _write_jsonl(folder / "tasks" / "train" / "gen" / f"{skill}.jsonl",
-                     _task_rows(skill, examples, "train", "gen", seed))
+                _write_jsonl(folder / split / form / f"{skill}.jsonl", rows)
 
 
 def _corpus(tokenizer, size: ZooSize, world: S.World, seed: int) -> torch.Tensor:
@@ -284,6 +325,24 @@ def build_finetune(folder: Path, base: Path, size: ZooSize, seed: int, finetune_
                    progress=progress)
     _save(model.to("cpu"), tokenizer, folder, log,
           {"role": role, "skills": list(skills), "finetune_seed": finetune_seed})
+
+
+def build_distractor(folder: Path, base: Path, size: ZooSize, seed: int, finetune_seed: int, d,
+                     progress: bool) -> None:
+    """A distractor of the pool (``zoo/pool.py``): an expert's fine-tune gone wrong on purpose."""
+    from mergesmith.zoo.pool import corrupt
+
+    model, tokenizer = _load(base)
+    examples = _train_examples(size, _world(size, seed), (d.skill,), finetune_seed)
+    if d.corrupt_labels:
+        examples = corrupt(examples, _seed_for(finetune_seed, d.name, "labels"))
+    torch.manual_seed(_seed_for(finetune_seed, d.name))
+    log = finetune(model, tokenizer, examples, steps=max(1, round(size.ft_steps * d.steps_factor)),
+                   batch=size.ft_batch, lr=size.ft_lr * d.lr_factor,
+                   seed=_seed_for(finetune_seed, d.name, "data"), desc=d.name, device=size.device,
+                   progress=progress)
+    _save(model.to("cpu"), tokenizer, folder, log,
+          {"role": d.name, "skills": [d.skill], "finetune_seed": finetune_seed, "distractor": d.settings()})
 
 
 def build_lora(folder: Path, base: Path, size: ZooSize, seed: int, finetune_seed: int,
@@ -359,15 +418,26 @@ def build_zoo(size: str = "default", seed: int = 0, cache_dir: Optional[Path] = 
     ft_seed = seed if finetune_seed is None else finetune_seed
     root = zoo_root(size, seed, cache_dir, ft_seed)
     base_root = root.parent
-    if not rebuild and (root / "zoo.json").exists():
+    if not rebuild and _finished(root, spec, seed):
         return Zoo.load(root)  # a cached zoo needs none of the training packages
     require_extras("mergesmith zoo build", "zoo")
     # Builds sharing this world (and base) take turns: a second one waits, then reuses what
     # the first one built, instead of training it again (or deleting it under --rebuild).
     with OutputLock(base_root, wait=True):
-        if not rebuild and (root / "zoo.json").exists():
+        if not rebuild and _finished(root, spec, seed):
             return Zoo.load(root)
         return _build_locked(spec, size, seed, ft_seed, root, base_root, rebuild, progress)
+
+
+def _finished(root: Path, spec: ZooSize, seed: int) -> bool:
+    """A manifest is there and lists what this version of the zoo has (tasks, distractors)."""
+    path = root / "zoo.json"
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("layout") == layout_key(spec, seed)
+    except (OSError, ValueError):
+        return False
 
 
 def _build_locked(spec: ZooSize, size: str, seed: int, ft_seed: int, root: Path, base_root: Path,
@@ -380,6 +450,8 @@ def _build_locked(spec: ZooSize, size: str, seed: int, ft_seed: int, root: Path,
     _stage(data, "data", lambda t: build_data(t, spec, seed), timings, progress)
     base = base_root / "base"
     _stage(base, "base", lambda t: build_base(t, data, spec, seed, progress), timings, progress)
+    tasks = base_root / f"tasks-{_key(tasks_settings(spec, seed))}"
+    _stage(tasks, "tasks", lambda t: build_tasks(t, spec, seed), timings, progress)
     root.mkdir(parents=True, exist_ok=True)
     for skill in S.TRAINED:
         _stage(root / "experts" / skill, f"expert:{skill}",
@@ -392,6 +464,16 @@ def _build_locked(spec: ZooSize, size: str, seed: int, ft_seed: int, root: Path,
     _stage(root / "multitask", "multitask",
            lambda t: build_finetune(t, base, spec, seed, ft_seed, S.TRAINED, spec.multitask_steps,
                                     "multitask", progress), timings, progress)
+    from mergesmith.zoo.pool import DISTRACTORS
+
+    for d in DISTRACTORS:
+        _stage(distractor_folder(root, spec, d), d.name,
+               lambda t, d=d: build_distractor(t, base, spec, seed, ft_seed, d, progress), timings, progress)
+    try:  # a completed build keeps the times of the stages an earlier run built
+        earlier = json.loads((root / "zoo.json").read_text())["build_seconds"]
+        timings = {**{k: v for k, v in earlier.items() if k != "this_run"}, **timings}
+    except (OSError, ValueError, KeyError):
+        pass
     manifest = _manifest(spec, seed, ft_seed, root, timings, time.time() - started)
     _write_json(root / "zoo.json", manifest)
     return Zoo.load(root)
@@ -399,8 +481,11 @@ def _build_locked(spec: ZooSize, size: str, seed: int, ft_seed: int, root: Path,
 
 def _manifest(spec: ZooSize, seed: int, ft_seed: int, root: Path, timings: dict,
               seconds: float) -> dict:
+    from mergesmith.zoo.pool import DISTRACTORS
+
     ft = root.name
-    tasks = {split: {form: {s: f"data/tasks/{split}/{form}/{s}.jsonl" for s in S.SKILLS}
+    folder = f"tasks-{_key(tasks_settings(spec, seed))}"
+    tasks = {split: {form: {s: f"{folder}/{split}/{form}/{s}.jsonl" for s in S.SKILLS}
                      for form in FORMS} for split in ("validation", "test")}
     tasks["train"] = {"gen": {s: f"data/tasks/train/gen/{s}.jsonl" for s in S.TRAINED}}
     logs = {}
@@ -410,6 +495,7 @@ def _manifest(spec: ZooSize, seed: int, ft_seed: int, root: Path, timings: dict,
             logs[path.relative_to(root.parent).as_posix()] = json.loads(log.read_text())
     return {
         "format": ZOO_FORMAT,
+        "layout": layout_key(spec, seed),
         "size": spec.name,
         "seed": seed,
         "finetune_seed": ft_seed,
@@ -421,6 +507,9 @@ def _manifest(spec: ZooSize, seed: int, ft_seed: int, root: Path, timings: dict,
         "experts": {s: f"{ft}/experts/{s}" for s in S.TRAINED},
         "lora": {s: f"{ft}/lora/{s}" for s in spec.lora_skills},
         "multitask": f"{ft}/multitask",
+        "distractors": {d.name: distractor_folder(root, spec, d).relative_to(root.parent).as_posix()
+                        for d in DISTRACTORS},
+        "pool": {d.name: d.doc for d in DISTRACTORS},
         "tasks": tasks,
         "training": logs,
         "build_seconds": {"this_run": round(seconds, 1), **timings},

@@ -1,7 +1,8 @@
 """A synthetic world and the skills the zoo's experts learn in it.
 
 Everything here is plain text made from a seed: a small world (countries, cities,
-people, pets), eight trained skills and three held-out skills that combine them.
+people, pets), eight trained skills and five held-out skills that ask for a trained
+skill in a way no model was trained on (a new format, new entities, longer inputs).
 
 Each skill makes ``Example``s: a prompt, the answer the model should write (with
 its leading space, exactly as in training), and distractors for the
@@ -158,10 +159,10 @@ def gen_arithmetic(rng: random.Random, world: World, easy: bool) -> tuple[str, E
 
 
 def _story(rng: random.Random, lo: int, hi: int, ops: str,
-           small_b: bool = False) -> tuple[str, str, int, str]:
+           names: tuple[str, ...] | list[str] = PASSAGE_NAMES) -> tuple[str, str, int, str]:
     """A one-step word problem: (name, item, result, story without the question)."""
-    name, item = rng.choice(PASSAGE_NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(lo, hi), rng.randint(1, 9) if small_b else rng.randint(lo, hi)
+    name, item = rng.choice(names), rng.choice(ITEMS)
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
     op = rng.choice(ops)
     if op == "+":
         verb = rng.choice(("buys", "finds", "gets"))
@@ -173,13 +174,6 @@ def _story(rng: random.Random, lo: int, hi: int, ops: str,
 
 def gen_wordprob(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
     name, item, value, story = _story(rng, 1, 4 if easy else 10, "+" if easy else "+-")
-    prompt = f"{story} How many {item} does {name} have now? Answer:"
-    return prompt, Example(prompt, f" {value}", _numeric_choices(rng, value, 4))
-
-
-def gen_wordprob_big(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
-    """Held out: the word-problem format with the two-digit numbers of arithmetic."""
-    name, item, value, story = _story(rng, 10, 99, "+-", small_b=True)
     prompt = f"{story} How many {item} does {name} have now? Answer:"
     return prompt, Example(prompt, f" {value}", _numeric_choices(rng, value, 4))
 
@@ -209,17 +203,6 @@ def gen_passage(rng: random.Random, world: World, easy: bool) -> tuple[str, Exam
     return prompt, Example(prompt, answer, (answer,) + tuple(c for c in YES_NO if c != answer))
 
 
-def gen_passage_math(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
-    """Held out: a word problem read as a passage, checked with a yes/no question."""
-    name, item, value, story = _story(rng, 1, 10, "+-")
-    truth = rng.random() < 0.5
-    asked = value if truth else max(0, value + rng.choice((-2, -1, 1, 2, 10)))
-    truth = asked == value
-    prompt = f"Passage: {story} Question: Does {name} have {asked} {item} now? Answer:"
-    answer = _yes_no(truth)
-    return prompt, Example(prompt, answer, (answer,) + tuple(c for c in YES_NO if c != answer))
-
-
 _FACT_QUESTIONS = {
     "country": "Question: In which country is {}? Answer:",
     "city": "Question: In which city does {} live? Answer:",
@@ -244,26 +227,16 @@ def gen_facts(rng: random.Random, world: World, easy: bool) -> tuple[str, Exampl
     return f"fact|{fact[0]}|{fact[1]}", fact_example(rng, world, fact)
 
 
-def gen_fact_passage(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
-    """Held out: a passage names a city; the question needs the city's country."""
-    city = rng.choice(sorted(world.city_country))
-    name = rng.choice(PASSAGE_NAMES)
-    truth = rng.random() < 0.5
-    country = world.city_country[city]
-    asked = country if truth else rng.choice([k for k in world.countries if k != country])
-    prompt = (f"Passage: {name} works in {city}. Question: Does {name} work in {asked}? "
-              "Answer:")
-    answer = _yes_no(truth)
-    return prompt, Example(prompt, answer, (answer,) + tuple(c for c in YES_NO if c != answer))
-
-
 def gen_strings(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
     """Reverse, sort or rotate (first letter to the end) a spaced string.
 
     The distractors are the other operations' results (and the string itself), so
     multiple choice asks "which operation" and generation asks for every letter.
     No case changes: generation is scored by exact match after lower-casing."""
-    n = rng.randint(2, 3) if easy else rng.randint(3, 6)
+    return _strings_example(rng, rng.randint(2, 3) if easy else rng.randint(3, 6))
+
+
+def _strings_example(rng: random.Random, n: int) -> tuple[str, Example]:
     letters = rng.sample(LETTERS, n)
     op = rng.choice(("reverse", "sort", "rotate"))
     results = {"reverse": letters[::-1], "sort": sorted(letters), "rotate": letters[1:] + letters[:1]}
@@ -278,7 +251,10 @@ def gen_strings(rng: random.Random, world: World, easy: bool) -> tuple[str, Exam
 
 def gen_rule(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
     """A hidden rule, never stated: ``up`` when the last digit beats the first."""
-    n = 2 if easy else rng.randint(3, 6)
+    return _rule_example(rng, 2 if easy else rng.randint(3, 6))
+
+
+def _rule_example(rng: random.Random, n: int) -> tuple[str, Example]:
     digits = [rng.randint(0, 9) for _ in range(n)]
     while digits[-1] == digits[0]:
         digits[-1] = rng.randint(0, 9)
@@ -315,6 +291,62 @@ def _with_choices(rng: random.Random, prompt: str, answer: str, pool: list[str])
     return Example(prompt, answer, (answer,) + tuple(others[:3]))
 
 
+# --------------------------------------------------------------------------- held-out skills
+# Each asks for a trained skill in a way no expert (and not the multitask model) was trained
+# on: a new prompt format, entities the skill's own data never contains, or longer inputs.
+# The multitask model beats the base on each by 0.2 or more (docs/zoo.md, "Held-out
+# skills"); the earlier ones, which needed two skills composed, stayed at chance for every
+# model and are described there with their numbers.
+
+_REWORDED_QUESTIONS = {
+    "country": "Question: Which country is {} in? Answer:",
+    "city": "Question: Where does {} live? Answer:",
+    "pet": "Question: What animal does {} have? Answer:",
+}
+
+
+def reworded_fact_example(rng: random.Random, world: World, fact: tuple[str, str, str]) -> Example:
+    relation, subject, obj = fact
+    prompt = _REWORDED_QUESTIONS[relation].format(subject)
+    choices = _pick_others(rng, f" {obj}", [f" {v}" for v in _fact_values(world, relation)], 4)
+    return Example(prompt, f" {obj}", choices)
+
+
+def gen_facts_reworded(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
+    """Held out (new format): the facts skill asked with questions worded differently. The
+    split follows the fact, as for ``facts``: test asks about entities no question was ever
+    about in training."""
+    fact = rng.choice(world.facts())
+    return f"fact|{fact[0]}|{fact[1]}", reworded_fact_example(rng, world, fact)
+
+
+def gen_compare_largest(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
+    """Held out (new format): ``compare`` under another keyword, "largest:" for "max:"."""
+    values = rng.sample(range(10, 100), 3)
+    top = max(values)
+    prompt = f"largest: {' '.join(map(str, values))} ="
+    pool = [f" {v}" for v in values] + [f" {top + d}" for d in (1, -1, 10, 2)]
+    return prompt, _with_choices(rng, prompt, f" {top}", pool)
+
+
+def gen_wordprob_people(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
+    """Held out (new entities): word problems about the world's people, whose names only the
+    pretraining text (and the facts skill) contains; ``wordprob`` uses a fixed list of names."""
+    name, item, value, story = _story(rng, 1, 10, "+-", names=sorted(world.person_city))
+    prompt = f"{story} How many {item} does {name} have now? Answer:"
+    return prompt, Example(prompt, f" {value}", _numeric_choices(rng, value, 4))
+
+
+def gen_strings_long(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
+    """Held out (longer inputs): ``strings`` on seven letters; training saw three to six."""
+    return _strings_example(rng, 7)
+
+
+def gen_rule_long(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
+    """Held out (longer inputs): ``rule`` on eight to ten digits; training saw three to six."""
+    return _rule_example(rng, rng.randint(8, 10))
+
+
 @dataclass(frozen=True)
 class Skill:
     name: str
@@ -332,13 +364,19 @@ SKILLS: dict[str, Skill] = {s.name: s for s in (
     Skill("rule", gen_rule, doc="classify digit lists by a hidden rule (last > first)"),
     Skill("count", gen_count, doc="count a letter in a spaced string"),
     Skill("compare", gen_compare, doc="the largest of three two-digit numbers"),
-    Skill("passage_math", gen_passage_math, heldout=True,
-          doc="a word problem in the passage format, checked with yes/no"),
-    Skill("fact_passage", gen_fact_passage, heldout=True,
-          doc="a passage names a city; answering needs the city's country"),
-    Skill("wordprob_big", gen_wordprob_big, heldout=True,
-          doc="word problems with two-digit numbers (wordprob format, arithmetic range)"),
+    Skill("facts_reworded", gen_facts_reworded, heldout=True,
+          doc="facts asked with differently worded questions (new format)"),
+    Skill("compare_largest", gen_compare_largest, heldout=True,
+          doc="compare under the keyword 'largest:' instead of 'max:' (new format)"),
+    Skill("wordprob_people", gen_wordprob_people, heldout=True,
+          doc="word problems about the world's people (new entities)"),
+    Skill("strings_long", gen_strings_long, heldout=True,
+          doc="strings on seven letters; training saw three to six (longer inputs)"),
+    Skill("rule_long", gen_rule_long, heldout=True,
+          doc="rule on eight to ten digits; training saw three to six (longer inputs)"),
 )}
+# Skills that ask about the world's facts split by the fact asked about, not by the prompt.
+_FACT_SKILLS = {"facts": fact_example, "facts_reworded": reworded_fact_example}
 TRAINED = tuple(s.name for s in SKILLS.values() if not s.heldout)
 HELDOUT = tuple(s.name for s in SKILLS.values() if s.heldout)
 
@@ -349,8 +387,8 @@ def sample(skill: str, rng: random.Random, world: World, split: str,
 
     Facts are drawn straight from the split's facts, so a small world never loops.
     """
-    if skill == "facts":
-        return fact_example(rng, world, rng.choice(world.facts_in(split)))
+    if skill in _FACT_SKILLS:
+        return _FACT_SKILLS[skill](rng, world, rng.choice(world.facts_in(split)))
     gen = SKILLS[skill].generate
     while True:
         key, example = gen(rng, world, easy)
@@ -364,11 +402,11 @@ def make_split(skill: str, world: World, split: str, n: int, seed: int) -> list[
     """Up to ``n`` distinct examples (by prompt) of a skill's split."""
     rng = random.Random(f"{skill}-{split}-{seed}")
     out: dict[str, Example] = {}
-    if skill == "facts":
+    if skill in _FACT_SKILLS:
         facts = world.facts_in(split)
         rng.shuffle(facts)
         for fact in facts[:n]:
-            example = fact_example(rng, world, fact)
+            example = _FACT_SKILLS[skill](rng, world, fact)
             out[example.prompt] = example
         return list(out.values())
     tries = 0
