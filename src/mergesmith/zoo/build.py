@@ -276,10 +276,23 @@ def _corpus(tokenizer, size: ZooSize, world: S.World, seed: int) -> torch.Tensor
     return torch.tensor(ids[:need], dtype=torch.long)
 
 
+def environment() -> dict:
+    """What decides whether a rebuild is bit-identical (docs/zoo.md, Determinism)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
+
+
 def _save(model, tokenizer, folder: Path, log: TrainLog, extra: dict) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    _write_json(folder / "zoo_train.json", {**extra, **log.as_dict()})
+    _write_json(folder / "zoo_train.json", {**extra, **log.as_dict(), "built_with": environment()})
 
 
 def build_base(folder: Path, data: Path, size: ZooSize, seed: int, progress: bool) -> None:
@@ -358,7 +371,8 @@ def build_lora(folder: Path, base: Path, size: ZooSize, seed: int, finetune_seed
     peft_model.to("cpu").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     _write_json(folder / "zoo_train.json",
-                {"role": role, "skills": [skill], "finetune_seed": finetune_seed, **log.as_dict()})
+                {"role": role, "skills": [skill], "finetune_seed": finetune_seed, **log.as_dict(),
+                 "built_with": environment()})
 
 
 # ----------------------------------------------------------------------------- driver
