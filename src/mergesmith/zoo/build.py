@@ -4,8 +4,8 @@ Layout under the cache folder (``--cache``, ``$MERGESMITH_CACHE/zoo`` or
 ``~/.cache/mergesmith/zoo``)::
 
     <size>-s<seed>-<key>/                 everything the world seed and size decide
-        tokenizer/  world.json
-        tasks/<split>/<mc|gen>/<skill>.jsonl
+        data/tokenizer/  data/world.json
+        data/tasks/train/gen/<skill>.jsonl    the trained skills' training split
         base/                             pretrained LlamaForCausalLM + tokenizer
         tasks-<key>/<split>/<mc|gen>/<skill>.jsonl   validation and test tasks, every skill
         ft<finetune_seed>-<key>/          one fine-tuning run on that base
