@@ -221,6 +221,14 @@ def test_score_reports_every_problem_at_once(tmp_path, capsys):
     assert "1 id(s) are not in the key" in problems[1] and "'zz'" in problems[1]
 
 
+def test_a_submission_without_rows_is_missing_every_id(tmp_path):
+    key = write_rows(tmp_path / "key.csv", [["id", "eval_type", "target"], ["a", "multiple_choice", "0"],
+                                            ["b", "generation", "x"]])
+    submission = write_rows(tmp_path / "sub.csv", [["id", "prediction", "dummy_field"]])
+    with pytest.raises(InputError, match=r"2 id\(s\) of the key .* have no row: 'a', 'b'"):
+        score_submission(submission, key)
+
+
 @pytest.mark.parametrize("sub_rows, key_rows, message", [
     ([["id", "pred"], ["a", "0"]], None, "missing column(s) prediction"),
     ([["id", "prediction", "score"], ["a", "0", "1"]], None, "unexpected column(s) score"),

@@ -54,6 +54,7 @@ DEFAULT_SUBMISSION_FORMAT = "kit"
 DUMMY_FIELD_VALUE = "0"  # the kit: dp_df["dummy_field"] = 0
 KEY_COLUMNS = ("id", "eval_type", "target", "answer_choices")
 MAX_IDS_SHOWN = 10
+_ABSENT = ("", "none", "nan", "null")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -179,7 +180,8 @@ def _key_row(row_id: str, record: dict) -> KeyRow:
     if kind == GENERATION:
         return KeyRow(row_id, kind, target)
     choices_text = (record.get("answer_choices") or "").strip()
-    choices = tuple(parse_answer_choices(choices_text)) if choices_text not in ("", "None", "nan") else ()
+    # the task reader's words for "absent" (a generation row of the kit's writes None)
+    choices = tuple(parse_answer_choices(choices_text)) if choices_text.lower() not in _ABSENT else ()
     answer = _choice_index(target, choices)
     if answer is None:
         raise ValueError(f"target {target!r} is not a choice index" + (" nor one of the choices" if choices else ""))
@@ -290,19 +292,17 @@ def score_submission(submission: Union[str, Path], key: Union[str, Path]) -> Sco
     from mergesmith.evaluate.metrics import exact_match, rouge_l
 
     problems: list[str] = []
-    keys: list[KeyRow] = []
-    predictions: dict[str, str] = {}
-    for reader, path, sink in ((read_key, key, "keys"), (read_submission, submission, "predictions")):
-        try:
-            value = reader(path)
-        except InputError as err:
-            problems += err.problems
-            continue
-        if sink == "keys":
-            keys = value
-        else:
-            predictions = value
-    if keys and predictions:
+    keys: Optional[list[KeyRow]] = None
+    predictions: Optional[dict[str, str]] = None
+    try:
+        keys = read_key(key)
+    except InputError as err:
+        problems += err.problems
+    try:
+        predictions = read_submission(submission)
+    except InputError as err:
+        problems += err.problems
+    if keys is not None and predictions is not None:  # ids can be matched only when both files read
         key_ids = [k.id for k in keys]
         known = set(key_ids)
         missing = [i for i in key_ids if i not in predictions]
@@ -313,8 +313,8 @@ def score_submission(submission: Union[str, Path], key: Union[str, Path]) -> Sco
         if unknown:
             problems.append(f"{submission}: {len(unknown)} id(s) are not in the key {key}: {_id_list(unknown)}; "
                             "is it the key of the same task file?")
-    problems += rouge_problems(keys, str(key))
-    if problems:
+    problems += rouge_problems(keys or [], str(key))
+    if problems or keys is None or predictions is None:
         raise InputError(problems)
 
     values: dict[str, list[float]] = {MULTIPLE_CHOICE: [], GENERATION: []}
@@ -323,15 +323,19 @@ def score_submission(submission: Union[str, Path], key: Union[str, Path]) -> Sco
     invalid = 0
     for k in keys:
         prediction = predictions[k.id]
-        if not prediction.strip():
+        if not prediction.strip():  # a row compete did not run: wrong, and counted apart
             empty[k.eval_type] += 1
-        if k.eval_type == MULTIPLE_CHOICE:
-            chosen = _choice_index(prediction, k.choices) if prediction.strip() else None
+            values[k.eval_type].append(0.0)
+            if k.eval_type == GENERATION:
+                exact.append(0.0)
+        elif k.eval_type == MULTIPLE_CHOICE:
+            chosen = _choice_index(prediction, k.choices)
             valid = chosen is not None and (not k.choices or 0 <= chosen < len(k.choices))
-            invalid += bool(prediction.strip()) and not valid
+            if not valid:
+                invalid += 1
             values[MULTIPLE_CHOICE].append(float(valid and chosen == k.answer))
         else:
-            values[GENERATION].append(rouge_l(prediction, [k.target]) if prediction.strip() else 0.0)
+            values[GENERATION].append(rouge_l(prediction, [k.target]))
             exact.append(exact_match(prediction, [k.target]))
     by_type: dict[str, TypeScore] = {}
     if values[MULTIPLE_CHOICE]:

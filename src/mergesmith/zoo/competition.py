@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from mergesmith.errors import InputError
-from mergesmith.evaluate.competition import format_answer_choices, write_csv_atomic
+from mergesmith.evaluate.competition import KEY_COLUMNS, format_answer_choices, write_csv_atomic
 from mergesmith.evaluate.tasks import GENERATION, MULTIPLE_CHOICE, Item, read_jsonl
 
 VALIDATION_COLUMNS = ("id", "input", "target", "answer_choices", "eval_type")
 TEST_COLUMNS = ("id", "input", "eval_type", "answer_choices")
-KEY_COLUMNS = ("id", "eval_type", "target", "answer_choices")
 FILES = {"validation.csv": ("validation", VALIDATION_COLUMNS), "test.csv": ("test", TEST_COLUMNS),
          "test_key.csv": ("test", KEY_COLUMNS)}
 # the zoo's task forms, as Zoo.tasks[split][form] names them
