@@ -23,7 +23,6 @@ overrun the deadline (see ``Pacer``). What was not scored is listed by task in
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing
 import os

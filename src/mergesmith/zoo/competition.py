@@ -18,20 +18,24 @@ rows. The choice of an item depends only on the seed and the ids of its skill's
 items, so a skill with at least two items has both kinds.
 
 ``answer_choices`` is the ``repr`` of the choice list and ``target`` the index of the
-right choice (multiple choice) or the reference text (generation), which
+right choice (multiple choice) or the (first) reference text (generation), which
 ``mergesmith.evaluate.tasks.read_competition_csv`` reads back to the same items.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Union
 
 from mergesmith.errors import InputError
 from mergesmith.evaluate.competition import KEY_COLUMNS, format_answer_choices, write_csv_atomic
 from mergesmith.evaluate.tasks import GENERATION, MULTIPLE_CHOICE, Item, read_jsonl
+
+if TYPE_CHECKING:  # build imports torch; this module only reads the zoo's task files
+    from mergesmith.zoo.build import Zoo
 
 VALIDATION_COLUMNS = ("id", "input", "target", "answer_choices", "eval_type")
 TEST_COLUMNS = ("id", "input", "eval_type", "answer_choices")
@@ -73,7 +77,7 @@ def _items(path: Path, skill: str, split: str) -> dict[str, Item]:
     return {i.id: i for i in items}
 
 
-def competition_rows(zoo: Any, split: str) -> list[Row]:
+def competition_rows(zoo: "Zoo", split: str) -> list[Row]:
     """The split's rows, skill by skill (``zoo.skills`` order), each item in one form."""
     rows: list[Row] = []
     for skill in zoo.skills:
@@ -95,6 +99,10 @@ def competition_rows(zoo: Any, split: str) -> list[Row]:
     if bad:
         raise InputError(f"zoo {split} items {', '.join(bad[:5])}: the reference reads as 'no target' in a "
                          "competition CSV; such an item cannot be written as a generation row")
+    repeated = [i for i, n in Counter(r.item.id for r in rows).items() if n > 1]
+    if repeated:  # one file holds every skill, so ids must be unique across skills
+        raise InputError(f"zoo {split} items: id(s) {', '.join(repeated[:5])} appear in more than one skill; "
+                         "a competition file needs unique ids")
     return rows
 
 
@@ -125,7 +133,7 @@ class WrittenFile:
     per_skill: dict[str, tuple[int, int]]  # skill -> (multiple-choice rows, generation rows)
 
 
-def write_competition(zoo: Any, out: Union[str, Path], *, overwrite: bool = False) -> list[WrittenFile]:
+def write_competition(zoo: "Zoo", out: Union[str, Path], *, overwrite: bool = False) -> list[WrittenFile]:
     """Write ``validation.csv``, ``test.csv`` and ``test_key.csv`` into ``out``.
 
     Each file is written under a temporary name and renamed into place, after all
