@@ -31,7 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mc-metric", choices=("acc", "acc_norm_chars", "acc_norm_tokens"), default=None,
                    help="headline metric of multiple-choice tasks that do not set one (default acc)")
     p.add_argument("--gen-metric", choices=("exact_match", "f1", "rougeL"), default=None,
-                   help="headline metric of generation tasks that do not set one (default exact_match)")
+                   help="headline metric of generation tasks that do not set one (default: rougeL for a "
+                        "competition CSV, as the competition scores it; exact_match otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
