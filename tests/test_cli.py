@@ -23,5 +23,5 @@ def test_methods_unknown_name_is_exit_2(capsys):
 def test_console_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "mergesmith", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("merge", "methods", "evaluate", "compete"):
+    for command in ("merge", "methods", "evaluate", "compete", "score", "zoo"):
         assert command in out.stdout

@@ -112,7 +112,7 @@ def test_compete_end_to_end_with_the_merge_engine(tmp_path, two_models, capsys):
     assert set(results["tasks"]) == {"val.multiple_choice", "val.generation"}
     # the submission: every input row, in order, as the competition wants it
     rows = read_csv(out / "submission.csv")
-    assert rows[0] == ["id", "prediction"] and [r[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert rows[0] == ["id", "prediction", "dummy_field"] and [r[0] for r in rows[1:]] == ["0", "1", "2"]
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     by_id = {p["id"]: p for p in predictions}
     assert rows[1][1] == str(by_id["0"]["prediction"]) and rows[3][1] == by_id["2"]["prediction"]
@@ -199,7 +199,7 @@ def test_submission_matches_the_competition_format(tmp_path, tiny_model, tokeniz
     src.write_text(COMPETITION_CSV + '5,"Q?",multiple_choice,"[\'a\'"\n', encoding="utf-8")
     tasks = load_tasks([src], skip_bad_rows=True)
     result = evaluate(tiny_model, tasks, tokenizer=tokenizer, progress=False, bootstrap=0)
-    (path,) = write_submissions(tasks, result.predictions, tmp_path / "out")
+    (path,) = write_submissions(tasks, result.predictions, tmp_path / "out", submission_format="plain")
     rows = read_csv(path)
     source = read_csv(src)
     assert rows[0] == ["id", "prediction"]
@@ -214,10 +214,14 @@ def test_submission_matches_the_competition_format(tmp_path, tiny_model, tokeniz
                 preds[row_id].loglikelihoods)
         else:
             assert prediction == preds[row_id].prediction
-    (with_dummy,) = write_submissions(tasks, result.predictions, tmp_path / "kit", dummy_field=True)
-    kit_rows = read_csv(with_dummy)
+    # the default: the starter kit's columns, its constant dummy_field 0 (pandas writes the int 0 as "0")
+    (kit,) = write_submissions(tasks, result.predictions, tmp_path / "kit")
+    kit_rows = read_csv(kit)
     assert kit_rows[0] == ["id", "prediction", "dummy_field"]
     assert [r[:2] for r in kit_rows] == rows and {r[2] for r in kit_rows[1:]} == {"0"}
+    assert not [p for p in (tmp_path / "kit").iterdir() if p.name != "submission.csv"]  # no temporary file left
+    with pytest.raises(InputError, match="--submission-format 'kaggle'"):
+        write_submissions(tasks, result.predictions, tmp_path / "x", submission_format="kaggle")
 
 
 # ----------------------------------------------------------------------------- mergesmith evaluate

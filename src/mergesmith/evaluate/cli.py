@@ -1,4 +1,4 @@
-"""``mergesmith evaluate`` and ``mergesmith compete``.
+"""``mergesmith evaluate``, ``mergesmith compete`` and ``mergesmith score``.
 
 Exit codes: 0 done; 2 bad input (an ``InputError``, raised by the library and
 printed by the main CLI); 3 (compete only) the budget ran out before everything
@@ -8,9 +8,11 @@ was scored: the outputs are written and say what is missing.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 BUDGET_EXCEEDED = 3
+SUBMISSION_FORMATS = ("kit", "plain")  # as mergesmith.evaluate.competition's (kept torch- and import-free here)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mc-metric", choices=("acc", "acc_norm_chars", "acc_norm_tokens"), default=None,
                    help="headline metric of multiple-choice tasks that do not set one (default acc)")
     p.add_argument("--gen-metric", choices=("exact_match", "f1", "rougeL"), default=None,
-                   help="headline metric of generation tasks that do not set one (default exact_match)")
+                   help="headline metric of generation tasks that do not set one (default: rougeL for a "
+                        "competition CSV, as the competition scores it; exact_match otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -83,7 +86,8 @@ def run_compete(args: argparse.Namespace) -> int:
 
     result = compete(args.recipe, args.tasks, args.out, budget=args.budget, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
-                     isolate_merge=not args.inline_merge, dummy_field=args.dummy_field, bootstrap=args.bootstrap,
+                     isolate_merge=not args.inline_merge, submission_format=args.submission_format,
+                     bootstrap=args.bootstrap,
                      metric=_metric_defaults(args), progress=not args.no_progress)
     print(result.evaluation.table())
     print(result.summary())
@@ -91,6 +95,17 @@ def run_compete(args: argparse.Namespace) -> int:
     if not result.complete:
         print("the budget ran out before everything was scored (see above)", file=sys.stderr)
         return BUDGET_EXCEEDED
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from mergesmith.evaluate.competition import score_submission
+
+    report = score_submission(args.submission, args.key)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table())
     return 0
 
 
@@ -119,6 +134,22 @@ def register(subparsers) -> None:
                    help="merge in this process; such a merge CANNOT be stopped at the budget: it runs to its "
                         "end and an overrun is only found afterwards (default: a child process, stopped at "
                         "the budget, its partial output removed)")
-    c.add_argument("--dummy-field", action="store_true",
-                   help="add the starter kit's constant dummy_field column to the submission")
+    c.add_argument("--submission-format", choices=SUBMISSION_FORMATS, default="kit",
+                   help="kit: id,prediction,dummy_field, as the starter kit writes it for Kaggle (default); "
+                        "plain: id,prediction")
+    # kept so that scripts written when the kit's column was opt-in still run; it is the default now
+    c.add_argument("--dummy-field", dest="submission_format", action="store_const", const="kit",
+                   help=argparse.SUPPRESS)
     c.set_defaults(func=run_compete)
+
+    s = subparsers.add_parser("score", help="score a competition submission against its answer key",
+                              description="Score a submission (id,prediction[,dummy_field]) against an answer key "
+                                          "(id,eval_type,target[,answer_choices]; a labelled competition CSV works "
+                                          "too): accuracy for multiple choice (the prediction is the choice's index, "
+                                          "or its exact text), ROUGE-L for generation (exact match beside it), and "
+                                          "overall the mean of the two.")
+    s.add_argument("submission", metavar="SUBMISSION.csv", help="the submission, as compete writes it")
+    s.add_argument("--key", required=True, metavar="KEY.csv",
+                   help="the answers, e.g. test_key.csv from mergesmith zoo competition")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=run_score)

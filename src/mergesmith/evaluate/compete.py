@@ -13,16 +13,16 @@ overrun the deadline (see ``Pacer``). What was not scored is listed by task in
 - ``results.json`` and ``predictions.jsonl``: as ``mergesmith evaluate`` writes them,
   scores computed where targets exist;
 - ``submission.csv`` (one per input file when there are several:
-  ``submission-<stem>.csv``): the competition's format, ``id,prediction`` for every
-  input row in input order, the chosen index for multiple choice and the generated
-  text for generation; an empty prediction for a row that was not run (or was a
-  skipped bad row);
+  ``submission-<stem>.csv``): the starter kit's format, ``id,prediction,dummy_field``
+  for every input row in input order, the chosen index for multiple choice and the
+  generated text for generation, ``dummy_field`` the kit's constant 0; an empty
+  prediction for a row that was not run (or was a skipped bad row).
+  ``submission_format="plain"`` leaves out ``dummy_field`` (see ``competition``);
 - ``compete.json``: the budget, each phase's seconds and status, what was not scored.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing
 import os
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from mergesmith.errors import InputError
+from mergesmith.evaluate.competition import (DEFAULT_SUBMISSION_FORMAT, submission_header, submission_row,
+                                             write_csv_atomic)
 from mergesmith.paths import OutputLock
 
 _BUDGET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
@@ -243,12 +245,15 @@ def _submission_rows(tasks: Sequence, predictions: Sequence) -> dict[str, list[t
 
 
 def write_submissions(tasks: Sequence, predictions: Sequence, out_dir: Union[str, Path], *,
-                      dummy_field: bool = False) -> list[Path]:
-    """Write the competition's submission file(s): ``id,prediction`` per input row, input order.
+                      submission_format: str = DEFAULT_SUBMISSION_FORMAT) -> list[Path]:
+    """Write the competition's submission file(s), one row per input row in input order.
 
-    ``dummy_field`` adds the constant ``dummy_field`` column (0) that the starter
-    kit's evaluation script writes for Kaggle.
+    ``submission_format``: ``kit`` (default) writes ``id,prediction,dummy_field`` with
+    the constant ``dummy_field`` (0) of the starter kit's evaluation script, the
+    columns its Kaggle upload takes; ``plain`` writes ``id,prediction``. Each file is
+    written atomically.
     """
+    header = submission_header(submission_format)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_source = _submission_rows(tasks, predictions)
@@ -264,13 +269,8 @@ def write_submissions(tasks: Sequence, predictions: Sequence, out_dir: Union[str
                 n += 1
                 name = f"submission-{stem}-{n}.csv"
         used.add(name)
-        path = out / name
-        with open(path, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["id", "prediction"] + (["dummy_field"] if dummy_field else []))
-            for _, row_id, prediction in rows:
-                writer.writerow([row_id, prediction] + ([0] if dummy_field else []))
-        paths.append(path)
+        body = [submission_row(row_id, prediction, submission_format) for _, row_id, prediction in rows]
+        paths.append(write_csv_atomic(out / name, header, body))
     return paths
 
 
@@ -304,7 +304,8 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
             budget: Union[str, float], device: str = "cpu", dtype: Any = "auto", batch_size: int = 8,
             skip_bad_rows: bool = False, overwrite: bool = False, isolate_merge: bool = True,
             merge_fn: Optional[Callable] = None, check_fn: Optional[Callable] = None,
-            dummy_field: bool = False, bootstrap: int = 1000, metric: Optional[dict[str, str]] = None,
+            submission_format: str = DEFAULT_SUBMISSION_FORMAT, bootstrap: int = 1000,
+            metric: Optional[dict[str, str]] = None,
             progress: bool = True, write_reserve: Optional[float] = None,
             clock: Callable[[], float] = time.monotonic) -> CompeteResult:
     """Merge ``recipe`` and evaluate the result on ``task_paths`` within ``budget``.
@@ -312,7 +313,8 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     ``merge_fn(recipe, out_dir, device=..., overwrite=...)`` does the merge (default:
     ``mergesmith.merge``); ``check_fn`` validates the recipe first (default: a dry
     run; pass ``lambda *a, **k: None`` to skip). ``metric`` maps a task type to the
-    headline metric of tasks that set none (as ``load_tasks``). ``write_reserve``
+    headline metric of tasks that set none (as ``load_tasks``). ``submission_format``
+    is ``kit`` (``id,prediction,dummy_field``) or ``plain`` (``id,prediction``). ``write_reserve``
     seconds are kept for writing the outputs (default: 2% of the budget, at most
     30s). ``clock`` is the time source of the budget (tests pass a fake one).
 
@@ -333,6 +335,10 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     except InputError as err:
         problems += err.problems
     problems += settings_problems(batch_size=batch_size, bootstrap=bootstrap, device=device, dtype=dtype)
+    try:
+        submission_header(submission_format)
+    except InputError as err:
+        problems += err.problems
     if write_reserve is not None and not (isinstance(write_reserve, (int, float)) and write_reserve >= 0):
         problems.append(f"write_reserve {write_reserve!r}: must be a number of seconds, at least 0")
     out = Path(out_dir)
@@ -405,7 +411,8 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         def write() -> None:
             evaluation.save(out)
             result.not_scored = {k: len(v) for k, v in evaluation.not_run.items()}
-            result.submissions = write_submissions(tasks, evaluation.predictions, out, dummy_field=dummy_field)
+            result.submissions = write_submissions(tasks, evaluation.predictions, out,
+                                                   submission_format=submission_format)
 
         phase("write", write)
         (out / "compete.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -148,6 +148,9 @@ class EvalResult:
         if self.settings.get("rouge_available") is False:
             out.append("rougeL not computed: the rouge-score package is not installed (pip install 'mergesmith[eval]')")
         for t in self.tasks:
+            others = {m: v for m, v in t.metrics.items() if m != t.headline}
+            if t.type != MULTIPLE_CHOICE and others:  # e.g. exact match beside a ROUGE-L headline
+                out.append(f"{t.name}: also " + ", ".join(f"{m} {_fmt(v)}" for m, v in others.items()))
             if t.n_unlabelled:
                 out.append(f"{t.name}: {t.n_unlabelled} unlabelled item(s) predicted, not scored")
             if t.n_not_run:

@@ -12,7 +12,8 @@ Three sources, one result (a list of ``Task``):
 - CSV in the LLM Merging Competition's format: columns ``id, input, eval_type`` and,
   optionally, ``answer_choices`` (a list or a stringified Python list) and
   ``target`` (the index of the right choice, or a generation's reference); columns
-  may come in any order.
+  may come in any order. Its generation rows are headlined by ROUGE-L, the
+  competition's metric (``CSV_DEFAULT_METRIC``), not exact match.
 - A YAML task config (lm-evaluation-harness style) that points at one of the above
   (``data:``) or at a Hugging Face ``datasets`` dataset (``dataset:`` with a
   ``fields:`` mapping), and carries task-level settings: ``target_delimiter``,
@@ -51,6 +52,10 @@ TASK_TYPES = (MULTIPLE_CHOICE, GENERATION)
 MC_METRICS = ("acc", "acc_norm_chars", "acc_norm_tokens")
 GEN_METRICS = ("exact_match", "f1", "rougeL")
 DEFAULT_METRIC = {MULTIPLE_CHOICE: "acc", GENERATION: "exact_match"}
+# The competition scores generation by ROUGE-L (the starter kit's reports, its validation
+# runs): a competition CSV's generation rows are headlined by it unless a config or a flag
+# says otherwise. Exact match is still computed and reported beside it.
+CSV_DEFAULT_METRIC = {GENERATION: "rougeL"}
 MAX_PROBLEMS_SHOWN = 20
 
 
@@ -630,11 +635,16 @@ def load_task(path: Union[str, Path], *, skip_bad_rows: bool = False, limit: Opt
             items = [i for i in items if i.type == spec.type]
         tasks = _split_by_type(name, _limit(items, spec.limit or limit), skipped, settings, str(data_path))
     else:
+        data_path = path
         items, skipped = _read_items(path, skip_bad_rows)
         tasks = _split_by_type(path.stem, _limit(items, limit), skipped, TaskSettings(), str(path))
+    # precedence: the YAML config's metric, then the caller's (--mc-metric, --gen-metric),
+    # then the competition's own for a CSV, then DEFAULT_METRIC (through Task.headline)
+    defaults = dict(CSV_DEFAULT_METRIC) if data_path.suffix.lower() == ".csv" else {}
+    defaults.update(metric or {})
     for task in tasks:
-        if metric and task.settings.metric is None and task.type in metric:
-            task.settings = replace(task.settings, metric=metric[task.type])
+        if task.settings.metric is None and task.type in defaults:
+            task.settings = replace(task.settings, metric=defaults[task.type])
         _check_task(task, str(path))
     return tasks
 

@@ -1,4 +1,4 @@
-"""``mergesmith zoo build`` and ``mergesmith bench``."""
+"""``mergesmith zoo build``, ``mergesmith zoo competition`` and ``mergesmith bench``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def register(subparsers) -> None:
     pool.add_argument("--finetune-seed", type=int, default=None, help="seed of the fine-tuning only")
     pool.add_argument("--json", action="store_true", help="print the pool as JSON")
     pool.set_defaults(func=run_pool)
+
+    comp = zoo_sub.add_parser("competition", help="write the zoo's tasks as LLM Merging Competition CSV files",
+                              description="Write the zoo's validation and test tasks (every skill, trained and "
+                                          "held-out; multiple choice and generation rows mixed) as the competition's "
+                                          "CSV files: DIR/validation.csv (with targets), DIR/test.csv (hidden: no "
+                                          "target column) and DIR/test_key.csv (its answers, for mergesmith score). "
+                                          "Builds the zoo first, or reuses the cached one.")
+    _add_zoo_options(comp)
+    comp.add_argument("--finetune-seed", type=int, default=None,
+                      help="the zoo entry to reuse (default: --seed); the task files do not depend on it")
+    comp.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the three files")
+    comp.add_argument("--overwrite", action="store_true", help="replace the files if they exist")
+    comp.set_defaults(func=run_competition)
 
     from mergesmith.zoo.bench import add_bench_parser
 
@@ -80,4 +93,26 @@ def run_pool(args) -> int:
     for m in members:
         flag = "" if m.clean else "  (distractor: a careful user would not merge it)"
         print(f"{m.name:{width}s}  {m.doc}{flag}\n{'':{width}s}  {m.path}")
+    return 0
+
+
+def run_competition(args) -> int:
+    from mergesmith.errors import InputError
+    from mergesmith.zoo.build import build_zoo
+    from mergesmith.zoo.competition import competition_problems, write_competition
+
+    problems = competition_problems(args.out, args.overwrite)  # before minutes of building a zoo
+    if problems:
+        raise InputError(problems)
+    zoo = build_zoo(args.size, args.seed, args.cache, finetune_seed=args.finetune_seed, device=args.device)
+    written = write_competition(zoo, args.out, overwrite=args.overwrite)
+    print(f"competition files of the zoo ({zoo.size}, seed {zoo.seed}) in {args.out}:")
+    for f in written:
+        print(f"  {f.path.name:<15} {f.rows:5d} rows: {f.multiple_choice} multiple choice, {f.generation} generation")
+    test = next(f for f in written if f.path.name == "test.csv")
+    held = set(zoo.heldout)
+    print("  test rows per skill (multiple choice + generation):")
+    for skill, (mc, gen) in test.per_skill.items():
+        print(f"    {skill:<14} {mc:3d} + {gen:3d}" + ("  (held-out)" if skill in held else ""))
+    print(f"score a submission with: mergesmith score SUBMISSION.csv --key {Path(args.out) / 'test_key.csv'}")
     return 0
