@@ -262,3 +262,15 @@ def test_a_zoo_of_an_earlier_layout_is_completed_not_retrained(zoo, zoo_cache):
     assert (again.distractors[name] / "model.safetensors").exists()
     assert [(p / "model.safetensors").stat().st_mtime_ns for p in models] == stamps
     assert again.manifest["build_seconds"]["base"] == manifest["build_seconds"]["base"]
+
+
+def test_cli_zoo_pool_lists_every_member(zoo, zoo_cache, capsys):
+    from mergesmith.cli import main
+
+    assert main(["zoo", "pool", "--size", "test", "--cache", str(zoo_cache), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed] == [m.name for m in zoo.pool]
+    assert {m["name"] for m in listed if not m["clean"]} == set(zoo.distractors)
+    assert main(["zoo", "pool", "--size", "test", "--cache", str(zoo_cache)]) == 0
+    text = capsys.readouterr().out
+    assert "noisy:compare" in text and "a careful user would not merge it" in text
