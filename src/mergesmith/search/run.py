@@ -82,9 +82,9 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
         if not hasattr(options, key):
             raise TypeError(f"search() got an unknown option {key!r}")
         setattr(options, key, value)
-    deadline = started + options.budget_s
     out = Path(out_dir)
     space, tasks, test_tasks, weights = _check(space_path, out, options)
+    deadline = started + options.budget_s  # the checks count against the budget too
     per_task = options.per_task or space.limit or DEFAULT_PER_TASK
     fitness_tasks = stratified_subsample(tasks, per_task, options.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +233,8 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
     """Generations until the budget (less the final phase's reserve) runs out; returns why it stopped."""
     import numpy as np
 
+    from mergesmith.search.workers import LocalPool
+
     while True:
         generation = optimizer.generation
         us = optimizer.ask()
@@ -240,14 +242,14 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
         results: dict[int, dict] = {}
         queue = list(range(len(batch)))
         while len(results) < len(batch):
-            reserve = _final_reserve(records, full_items, options.save_model)
+            reserve = _final_reserve(records, full_items, options.save_model, not isinstance(pool, LocalPool))
             while queue and pool.free() and _fits(records, reserve, deadline):
                 k = queue.pop(0)
                 pool.submit(k, space.recipe(batch[k][1]))
             if not pool.in_flight():
                 return "budget"
-            left = deadline - reserve - time.monotonic()
-            result = pool.wait(max(left, 0.0)) if left > 0 else None
+            # Past the deadline, a result already back is still taken (wait(0)), never waited for.
+            result = pool.wait(max(deadline - reserve - time.monotonic(), 0.0))
             if result is None:
                 return "budget"
             k = result["index"]
@@ -274,7 +276,7 @@ def _record(index: int, generation: int, optimizer: str, u: Any, values: dict, r
             "fitness": fitness, "scores": scores,
             "objectives": [scores.get(name) or 0.0 for name in weights] if optimizer == "nsga2" else [fitness],
             "params": values, "u": [float(x) for x in u], "merge_s": round(result["merge_s"], 4),
-            "eval_s": round(result["eval_s"], 4), "items": result.get("items", 0), "t": round(t, 3), "worker": result.get("worker"),
+            "eval_s": round(result["eval_s"], 4), "setup_s": round(result.get("setup_s", 0.0), 4), "items": result.get("items", 0), "t": round(t, 3), "worker": result.get("worker"),
             **({"error": result["error"]} if "error" in result else {})}
 
 
@@ -287,15 +289,17 @@ def _fits(records: list[dict], reserve: float, deadline: float) -> bool:
     return time.monotonic() + _candidate_s(records) + reserve <= deadline
 
 
-def _final_reserve(records: list[dict], full_items: int, save_model: bool) -> float:
+def _final_reserve(records: list[dict], full_items: int, save_model: bool, driver_builds: bool) -> float:
     """Seconds the final phase needs: an in-memory merge that reads every input (as a worker's first
-    candidate did), the full evaluation at the slowest rate seen, a merge to disk, and the writes."""
+    candidate did), the full evaluation at the slowest rate seen, a merge to disk, and the writes.
+    With Ray workers this process builds its own resident model too (``driver_builds``)."""
     ok = [r for r in records if r["status"] == "ok"]
     if not ok:
         return WRITE_MARGIN_S
     merge = max(r["merge_s"] for r in ok)
+    setup = max(r.get("setup_s", 0.0) for r in ok) if driver_builds else 0.0
     rate = max(r["eval_s"] / max(r.get("items", 1), 1) for r in ok)
-    return merge * (3 if save_model else 1) + 1.2 * rate * full_items + WRITE_MARGIN_S
+    return setup + merge * (3 if save_model else 1) + 1.2 * rate * full_items + WRITE_MARGIN_S
 
 
 def _best(records: list[dict]) -> Optional[dict]:

@@ -40,6 +40,7 @@ class Scorer:
         started = time.perf_counter()
         result = self.merger.evaluate(self.tasks, batch_size=self.batch_size)
         return {"index": index, "status": "ok", "scores": task_scores(result), "merge_s": merge_s,
+                "setup_s": self.merger.setup_s,
                 "eval_s": time.perf_counter() - started, "items": sum(len(t.items) for t in self.tasks),
                 "worker": self.pid, "input_bytes": self.merger.cache.nbytes}
 
