@@ -43,7 +43,7 @@ STATE = "optimizer.pkl"
 SETTINGS = "search.json"
 DEFAULT_PER_TASK = 40
 # Time kept back for writing best.yml, the summary and the plots.
-WRITE_MARGIN_S = 1.0
+WRITE_MARGIN_S = 2.0
 
 
 @dataclass
@@ -373,7 +373,10 @@ def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, tes
         summary["validation_minus_test"] = (final["validation"]["macro"] or 0.0) - final["test"]["macro"]
     if options.save_model:
         summary["model"] = _save_model(out, recipe, ok, deadline, log)
-    _plots(records, out, options.optimizer == "nsga2", summary)
+    if time.monotonic() < deadline - WRITE_MARGIN_S / 2:
+        _plots(records, out, options.optimizer == "nsga2", summary)
+    else:
+        summary["plots"] = "skipped: the budget ran out"
     return summary
 
 
