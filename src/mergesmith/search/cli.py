@@ -37,6 +37,15 @@ def register(subparsers) -> None:
                    help="fitness items per validation task (default: the space's limit, else 40)")
     p.add_argument("--population", type=int, default=None, help="candidates per generation (default: "
                    "CMA-ES's 4 + 3 ln(genes), 8 for the others, at least --workers)")
+    p.add_argument("--fitness", choices=("subsample", "irt"), default="subsample",
+                   help="subsample: accuracy on the fitness items (default); irt: full-validation accuracy "
+                        "estimated from them by item response theory fitted on the base, the experts and the "
+                        "first candidates (MERGE³)")
+    p.add_argument("--irt-calibration", type=int, default=8,
+                   help="with --fitness irt: candidates evaluated on every item before the fit (default 8)")
+    p.add_argument("--irt-holdout-every", type=int, default=5,
+                   help="with --fitness irt: every n-th later candidate is also evaluated in full, to report "
+                        "the estimator's error (default 5)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: the cores divided among the workers)")
     p.add_argument("--batch-size", type=int, default=16, help="items per forward pass (default 16)")
@@ -52,7 +61,8 @@ def run_search(args: argparse.Namespace) -> int:
                             workers=args.workers, ray_address=args.ray_address, resume=args.resume,
                             optimizer=args.optimizer, seed=args.seed, per_task=args.per_task,
                             population=args.population, threads=args.threads, batch_size=args.batch_size,
-                            save_model=not args.no_model, progress=not args.no_progress)
+                            save_model=not args.no_model, progress=not args.no_progress, fitness=args.fitness,
+                            irt_calibration=args.irt_calibration, irt_holdout_every=args.irt_holdout_every)
     result = search(args.space, args.out, options)
     s = result.summary
     if result.best is None:
@@ -64,5 +74,10 @@ def run_search(args: argparse.Namespace) -> int:
         if isinstance(final, dict) and final.get("macro") is not None:
             print(f"full {label}: mean accuracy {final['macro']:.4f}" + ("" if final["complete"] else
                                                                          " (partial: the budget ran out)"))
+    irt = s.get("irt")
+    if irt and irt.get("mae") is not None:
+        print(f"IRT estimate: mean absolute error {irt['mae']:.4f} against full evaluation on {irt['held_back']} "
+              f"held-back candidates (anchor accuracy alone: {irt['mae_of_subsample_alone']:.4f}); evaluation "
+              f"{irt['speedup']:.1f}x faster than in full")
     print(f"wrote {result.out_dir / 'best.yml'}; next: mergesmith merge {result.out_dir / 'best.yml'} OUT_DIR")
     return 0

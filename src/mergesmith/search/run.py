@@ -40,6 +40,7 @@ from mergesmith.search.space import SearchSpace, load_space, space_problems
 
 TRACE = "trace.jsonl"
 STATE = "optimizer.pkl"
+IRT_STATE = "irt.pkl"
 SETTINGS = "search.json"
 DEFAULT_PER_TASK = 40
 # Time kept back for writing best.yml, the summary and the plots.
@@ -62,6 +63,9 @@ class SearchOptions:
     batch_size: int = 16
     save_model: bool = True
     progress: bool = True
+    fitness: str = "subsample"  # or "irt": estimate full-validation accuracy from the subsample (irt.py)
+    irt_calibration: int = 8  # candidates evaluated in full before the items are fitted
+    irt_holdout_every: int = 5  # then every n-th candidate is evaluated in full to measure the error
 
 
 @dataclass
@@ -90,6 +94,7 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
     out.mkdir(parents=True, exist_ok=True)
     settings = {"space_sha256": _sha(space_path), "space": str(space_path), "tasks": [t.source for t in tasks],
                 "optimizer": options.optimizer, "seed": options.seed, "per_task": per_task,
+                "fitness": options.fitness,
                 "genes": [g.name for g in space.genes]}
     records, optimizer, elapsed_before = _start_or_resume(out, settings, space, options, len(tasks))
     log = _Log(options.progress)
@@ -99,23 +104,35 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
         f"{sum(len(t.items) for t in fitness_tasks)} fitness items over {len(tasks)} tasks, "
         f"{options.workers} worker(s), budget {options.budget_s:.0f} s")
 
+    irt = _irt_state(out, tasks, fitness_tasks, weights, options) if options.fitness == "irt" else None
     from mergesmith.search.workers import LocalPool, make_pool
 
     pool_start = time.monotonic()
-    pool = make_pool(fitness_tasks, options.workers, options.ray_address, options.threads, options.batch_size)
+    pool = make_pool(fitness_tasks, options.workers, options.ray_address, options.threads, options.batch_size,
+                     full_tasks=tasks if irt is not None else None)
     timings = {"start_workers_s": time.monotonic() - pool_start}
     full_items = sum(len(t.items) for t in tasks) + sum(len(t.items) for t in test_tasks)
     stop_reason = "budget"
     trace = (out / TRACE).open("a")
+    before = len(records)
+    loop_start = time.monotonic()
     try:
+        if irt is not None and not irt.responses:
+            _evaluate_references(space, pool, irt, deadline, out, log)
+            timings["irt_references_s"] = time.monotonic() - loop_start
+            loop_start = time.monotonic()
         stop_reason = _loop(space, optimizer, pool, records, trace, out, weights, deadline, full_items,
-                            options, started, elapsed_before, log)
+                            options, started, elapsed_before, log, irt)
     finally:
         trace.close()
         local_scorer = pool.scorer if isinstance(pool, LocalPool) else None
         pool.close()
+    timings["loop_s"] = time.monotonic() - loop_start
     search_s = time.monotonic() - started
     summary = _finish(space, records, out, tasks, test_tasks, weights, deadline, options, local_scorer, log)
+    summary["throughput"] = _throughput(records[before:], timings["loop_s"], options.workers)
+    if irt is not None:
+        summary["irt"] = irt.report()
     summary.update(stop_reason=stop_reason, search_s=round(search_s, 3), budget_s=options.budget_s,
                    candidates=len(records), **{k: round(v, 3) for k, v in timings.items()})
     summary["seconds"] = round(time.monotonic() - started, 3)
@@ -147,6 +164,12 @@ def _check(space_path: Union[str, Path], out: Path, options: SearchOptions):
     for flag, value in (("--per-task", options.per_task), ("--population", options.population),
                         ("--threads", options.threads)):
         if value is not None and value < 1:
+            problems.append(f"{flag} {value} must be at least 1")
+    if options.fitness not in ("subsample", "irt"):
+        problems.append(f"--fitness {options.fitness!r} must be subsample or irt")
+    for flag, value in (("--irt-calibration", options.irt_calibration),
+                        ("--irt-holdout-every", options.irt_holdout_every)):
+        if value < 1:
             problems.append(f"{flag} {value} must be at least 1")
     needed = {"cma": ["cma"], "nsga2": ["optuna"]}.get(options.optimizer, [])
     if options.workers > 1 or options.ray_address:
@@ -204,7 +227,7 @@ def _start_or_resume(out: Path, settings: dict, space: SearchSpace, options: Sea
     state = out / STATE
     if options.resume:
         saved = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).is_file() else {}
-        changed = [k for k in ("space_sha256", "tasks", "optimizer", "seed", "per_task", "genes")
+        changed = [k for k in ("space_sha256", "tasks", "optimizer", "seed", "per_task", "fitness", "genes")
                    if saved.get(k) != settings.get(k)]
         if changed:
             raise InputError(f"{out}: --resume, but {', '.join(changed)} differ from the interrupted search's "
@@ -229,7 +252,7 @@ def _start_or_resume(out: Path, settings: dict, space: SearchSpace, options: Sea
 
 def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], trace: Any, out: Path,
           weights: dict[str, float], deadline: float, full_items: int, options: SearchOptions, started: float,
-          elapsed_before: float, log: "_Log") -> str:
+          elapsed_before: float, log: "_Log", irt: Any = None) -> str:
     """Generations until the budget (less the final phase's reserve) runs out; returns why it stopped."""
     import numpy as np
 
@@ -245,7 +268,8 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
             reserve = _final_reserve(records, full_items, options.save_model, not isinstance(pool, LocalPool))
             while queue and pool.free() and _fits(records, reserve, deadline):
                 k = queue.pop(0)
-                pool.submit(k, space.recipe(batch[k][1]))
+                full = irt is not None and irt.wants_full(len(records) + pool.in_flight())
+                pool.submit(k, space.recipe(batch[k][1]), full)
             if not pool.in_flight():
                 return "budget"
             # Past the deadline, a result already back is still taken (wait(0)), never waited for.
@@ -255,7 +279,7 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
             k = result["index"]
             u, values = batch[k]
             record = _record(len(records), generation, optimizer.name, u, values, result, weights,
-                             time.monotonic() - started + elapsed_before)
+                             time.monotonic() - started + elapsed_before, irt)
             records.append(record)
             results[k] = record
             trace.write(json.dumps(record) + "\n")
@@ -266,18 +290,71 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
         objectives = [results[k]["objectives"] for k in range(len(batch))]
         optimizer.tell([np.asarray(u) for u, _ in batch], objectives)
         save_optimizer(optimizer, out / STATE)
+        if irt is not None:
+            save_optimizer(irt, out / IRT_STATE)
 
 
 def _record(index: int, generation: int, optimizer: str, u: Any, values: dict, result: dict,
-            weights: dict[str, float], t: float) -> dict:
+            weights: dict[str, float], t: float, irt: Any = None) -> dict:
     scores = result.get("scores") or {}
     fitness = weighted_fitness(scores, weights) if result["status"] == "ok" else 0.0
+    extra: dict[str, Any] = {}
+    if irt is not None and result["status"] == "ok":
+        extra = irt.score(result)
+        scores, fitness = extra.pop("scores"), extra.pop("fitness")
     return {"index": index, "generation": generation, "optimizer": optimizer, "status": result["status"],
-            "fitness": fitness, "scores": scores,
+            "fitness": fitness, "scores": scores, **extra,
             "objectives": [scores.get(name) or 0.0 for name in weights] if optimizer == "nsga2" else [fitness],
             "params": values, "u": [float(x) for x in u], "merge_s": round(result["merge_s"], 4),
             "eval_s": round(result["eval_s"], 4), "setup_s": round(result.get("setup_s", 0.0), 4), "items": result.get("items", 0), "t": round(t, 3), "worker": result.get("worker"),
             **({"error": result["error"]} if "error" in result else {})}
+
+
+def _irt_state(out: Path, tasks: list, fitness_tasks: list, weights: dict[str, float], options: SearchOptions):
+    from mergesmith.search.irt import IRTFitness
+
+    if options.resume and (out / IRT_STATE).is_file():
+        return load_optimizer(out / IRT_STATE)
+    keys = [(t.name, item.position) for t in tasks for item in t.items]
+    anchors = {(t.name, item.position) for t in fitness_tasks for item in t.items}
+    return IRTFitness(keys, anchors, weights, options.irt_calibration, options.irt_holdout_every, seed=options.seed)
+
+
+def _evaluate_references(space: SearchSpace, pool: Any, irt: Any, deadline: float, out: Path, log: "_Log") -> None:
+    """Every model the space names (base, experts), evaluated in full: the IRT fit's first answers."""
+    refs = space.model_refs()
+    queue = list(range(len(refs)))
+    pending = 0
+    while queue or pending:
+        while queue and pool.free():
+            k = queue.pop(0)
+            pool.submit(k, {"merge_method": "linear", "dtype": "float32",
+                            "models": [{"model": refs[k], "parameters": {"weight": 1.0}}]}, True)
+            pending += 1
+        result = pool.wait(max(deadline - time.monotonic(), 0.0))
+        if result is None:
+            return
+        pending -= 1
+        if result["status"] == "ok":
+            irt.add_reference(result)
+            log(f"IRT reference {refs[result['index']]}: full validation "
+                f"{statistics.mean(v for v in result['scores'].values() if v is not None):.4f}")
+    save_optimizer(irt, out / IRT_STATE)
+
+
+def _throughput(records: list[dict], loop_s: float, workers: int) -> dict[str, Any]:
+    """Candidates per minute of this run's search loop, and how the workers' time was spent:
+    merging, evaluating, building their resident model once, and waiting (idle, or a candidate cut
+    off by the deadline)."""
+    capacity = max(loop_s, 1e-9) * workers
+    merge = sum(r["merge_s"] for r in records)
+    evaluate = sum(r["eval_s"] for r in records)
+    setup = sum(r.get("setup_s", 0.0) for r in records)
+    return {"candidates": len(records), "loop_s": round(loop_s, 3),
+            "candidates_per_min": round(60 * len(records) / max(loop_s, 1e-9), 2),
+            "merge_share": round(merge / capacity, 3), "eval_share": round(evaluate / capacity, 3),
+            "setup_share": round(setup / capacity, 3),
+            "wait_share": round(max(0.0, 1 - (merge + evaluate + setup) / capacity), 3)}
 
 
 def _candidate_s(records: list[dict]) -> float:
@@ -342,11 +419,6 @@ def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, tes
     if options.optimizer == "nsga2":
         summary["pareto"] = [r["index"] for r in pareto_front(records)]
     ok = [r for r in records if r["status"] == "ok"]
-    if ok:
-        busy = sum(r["merge_s"] + r["eval_s"] for r in ok)
-        summary["throughput"] = {"candidates_per_min": round(60 * len(ok) / max(ok[-1]["t"], 1e-9), 3),
-                                 "merge_share": round(sum(r["merge_s"] for r in ok) / busy, 3) if busy else None,
-                                 "eval_share": round(sum(r["eval_s"] for r in ok) / busy, 3) if busy else None}
 
     # Full evaluation of the best recipe, in memory: it never costs a write and a reload.
     from mergesmith.search.candidate import ResidentMerger

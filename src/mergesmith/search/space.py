@@ -135,6 +135,19 @@ class SearchSpace:
         _keep_method_params(raw)
         return _plain(raw)
 
+    def model_refs(self) -> list[str]:
+        """Every model the space names (base first), as written."""
+        refs: dict[str, None] = {}
+        if isinstance(self.template.get("base_model"), str):
+            refs[self.template["base_model"]] = None
+        entries = list(self.template.get("models") or [])
+        for sl in self.template.get("slices") or []:
+            entries += sl.get("sources") or [] if isinstance(sl, dict) else []
+        for e in entries:
+            if isinstance(e, dict) and isinstance(e.get("model"), str):
+                refs[e["model"]] = None
+        return list(refs)
+
     def midpoint(self) -> list[float]:
         return [0.5] * self.dim
 

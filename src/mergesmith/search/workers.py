@@ -23,41 +23,51 @@ from mergesmith.search.fitness import task_scores
 class Scorer:
     """One worker's state: the input cache and resident model, and the fitness tasks."""
 
-    def __init__(self, tasks: list, threads: Optional[int] = None, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, tasks: list, threads: Optional[int] = None, device: str = "cpu", batch_size: int = 16,
+                 full_tasks: Optional[list] = None):
         self.merger = ResidentMerger(device=device, threads=threads)
-        self.tasks = tasks
+        self.tasks = tasks  # the fitness subsample (the IRT anchors)
+        self.full_tasks = full_tasks or tasks  # every validation item, for calibration and held-back checks
         self.batch_size = batch_size
         self.pid = os.getpid()
 
-    def score(self, index: int, recipe: dict) -> dict[str, Any]:
-        """Merge and evaluate one candidate; an error in the recipe is a result, not a crash."""
+    def score(self, index: int, recipe: dict, full: bool = False) -> dict[str, Any]:
+        """Merge and evaluate one candidate (on every validation item with ``full``); an error in
+        the recipe is a result, not a crash. ``answers``: task -> [[item position, 1.0 or 0.0], ...]."""
         start = time.perf_counter()
         try:
             merge_s = self.merger.merge(recipe)
         except InputError as err:
             return {"index": index, "status": "invalid", "error": "; ".join(err.problems)[:2000],
-                    "merge_s": time.perf_counter() - start, "eval_s": 0.0, "worker": self.pid}
+                    "merge_s": time.perf_counter() - start, "eval_s": 0.0, "worker": self.pid, "full": full}
+        tasks = self.full_tasks if full else self.tasks
         started = time.perf_counter()
-        result = self.merger.evaluate(self.tasks, batch_size=self.batch_size)
-        return {"index": index, "status": "ok", "scores": task_scores(result), "merge_s": merge_s,
-                "setup_s": self.merger.setup_s,
-                "eval_s": time.perf_counter() - started, "items": sum(len(t.items) for t in self.tasks),
-                "worker": self.pid, "input_bytes": self.merger.cache.nbytes}
+        result = self.merger.evaluate(tasks, batch_size=self.batch_size)
+        answers: dict[str, list] = {}
+        for p in result.predictions:
+            if p.scores:
+                headline = next(t.headline for t in result.tasks if t.name == p.task)
+                answers.setdefault(p.task, []).append([p.position, float(p.scores[headline])])
+        return {"index": index, "status": "ok", "scores": task_scores(result), "answers": answers,
+                "merge_s": merge_s, "setup_s": self.merger.setup_s, "eval_s": time.perf_counter() - started,
+                "items": sum(len(t.items) for t in tasks), "full": full, "worker": self.pid,
+                "input_bytes": self.merger.cache.nbytes}
 
 
 class LocalPool:
     """``--workers 1``: candidates scored one at a time in this process."""
 
-    def __init__(self, tasks: list, threads: Optional[int] = None, batch_size: int = 16):
-        self.scorer = Scorer(tasks, threads, batch_size=batch_size)
+    def __init__(self, tasks: list, threads: Optional[int] = None, batch_size: int = 16,
+                 full_tasks: Optional[list] = None):
+        self.scorer = Scorer(tasks, threads, batch_size=batch_size, full_tasks=full_tasks)
         self.size = 1
         self._done: deque = deque()
 
     def free(self) -> int:
         return 0 if self._done else 1
 
-    def submit(self, index: int, recipe: dict) -> None:
-        self._done.append(self.scorer.score(index, recipe))
+    def submit(self, index: int, recipe: dict, full: bool = False) -> None:
+        self._done.append(self.scorer.score(index, recipe, full))
 
     def in_flight(self) -> int:
         return len(self._done)
@@ -73,7 +83,7 @@ class RayPool:
     """One Ray actor per worker; each reads the inputs once and keeps them for all its candidates."""
 
     def __init__(self, tasks: list, workers: int, *, address: Optional[str] = None, threads: Optional[int] = None,
-                 batch_size: int = 16):
+                 batch_size: int = 16, full_tasks: Optional[list] = None):
         require_extras("mergesmith search with --workers > 1 or --ray-address", "search", ["ray"])
         import ray
 
@@ -88,7 +98,8 @@ class RayPool:
             ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         actor = ray.remote(num_cpus=threads)(Scorer)
-        self.actors = [actor.remote(tasks, threads, batch_size=batch_size) for _ in range(workers)]
+        self.actors = [actor.remote(tasks, threads, batch_size=batch_size, full_tasks=full_tasks)
+                       for _ in range(workers)]
         self.size = workers
         self.idle = list(range(workers))
         self.running: dict[Any, int] = {}  # object ref -> actor number
@@ -96,9 +107,9 @@ class RayPool:
     def free(self) -> int:
         return len(self.idle)
 
-    def submit(self, index: int, recipe: dict) -> None:
+    def submit(self, index: int, recipe: dict, full: bool = False) -> None:
         k = self.idle.pop()
-        self.running[self.actors[k].score.remote(index, recipe)] = k
+        self.running[self.actors[k].score.remote(index, recipe, full)] = k
 
     def in_flight(self) -> int:
         return len(self.running)
@@ -120,7 +131,8 @@ class RayPool:
             self.ray.shutdown()
 
 
-def make_pool(tasks: list, workers: int, address: Optional[str], threads: Optional[int], batch_size: int = 16):
+def make_pool(tasks: list, workers: int, address: Optional[str], threads: Optional[int], batch_size: int = 16,
+              full_tasks: Optional[list] = None):
     if workers == 1 and address is None:
-        return LocalPool(tasks, threads, batch_size)
-    return RayPool(tasks, workers, address=address, threads=threads, batch_size=batch_size)
+        return LocalPool(tasks, threads, batch_size, full_tasks)
+    return RayPool(tasks, workers, address=address, threads=threads, batch_size=batch_size, full_tasks=full_tasks)
