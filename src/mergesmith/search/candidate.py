@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 
 from mergesmith.checkpoint.memory import ModelWriter
+from mergesmith.errors import InputError
 from mergesmith.engine import MergeOptions, MergePlan, TensorPlan, load_inputs, merge_tensor, plan_merge
 
 
@@ -73,6 +74,10 @@ class ResidentMerger:
         start = time.perf_counter()
         plan = plan_merge(recipe, MergeOptions(progress=False))
         try:
+            if plan.stats is not None or any(t.stats is not None for t in plan.tensors):
+                # The cache holds weights only; statistics would have to be computed per candidate.
+                raise InputError(f"merge_method {plan.recipe.method.name} needs calibration statistics, "
+                                 "which search does not support yet; offer another method")
             built = time.perf_counter()
             self._ensure_model(plan)
             self.setup_s = time.perf_counter() - built

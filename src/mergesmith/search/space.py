@@ -309,6 +309,10 @@ def _method_problems(space: SearchSpace, where: str) -> list[str]:
             methods.append(get_method(name))
         except (InputError, KeyError, ValueError) as err:
             problems.append(f"{where}: merge_method: {err}")
+    for m in methods:
+        if m.needs_stats or any(p.stats_file for p in m.params):
+            problems.append(f"{where}: merge_method {m.name} needs calibration statistics, which search does not "
+                            "support yet; offer another method")
     if not methods:
         return problems
     for gene in space.genes:
