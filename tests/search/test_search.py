@@ -55,8 +55,8 @@ def test_search_writes_best_recipe_trace_plots_and_final_evaluation(search_world
 def test_the_budget_holds_and_the_best_so_far_is_kept(search_world, tmp_path):
     space, _, _ = search_world
     out = tmp_path / "short"
-    result = search(space, out, budget_s=5, per_task=8, population=50, progress=False)
-    # A generation of 50 cannot finish: the search stops inside the budget, untold, with the best so far.
+    result = search(space, out, budget_s=5, per_task=8, population=500, progress=False)
+    # A generation of 500 cannot finish: the search stops inside the budget, untold, with the best so far.
     assert result.seconds <= 5
     assert result.summary["stop_reason"] == "budget"
     assert not (out / "optimizer.pkl").exists()

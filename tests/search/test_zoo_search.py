@@ -78,5 +78,5 @@ def test_a_mergekit_evolve_genome_over_the_zoo_is_accepted(zoo, tmp_path):
     path.write_text(yaml.safe_dump(config))
     space = load_space(path)
     assert space_problems(space) == []
-    result = search(path, tmp_path / "evol", budget_s=20, population=2, save_model=False, progress=False)
+    result = search(path, tmp_path / "evol", budget_s=12, population=2, save_model=False, progress=False)
     assert result.best is not None and yaml.safe_load((tmp_path / "evol" / "best.yml").read_text())["slices"]
