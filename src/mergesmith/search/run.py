@@ -368,14 +368,16 @@ def _fits(records: list[dict], reserve: float, deadline: float) -> bool:
 
 def _final_reserve(records: list[dict], full_items: int, save_model: bool, driver_builds: bool) -> float:
     """Seconds the final phase needs: an in-memory merge that reads every input (as a worker's first
-    candidate did), the full evaluation at the slowest rate seen, a merge to disk, and the writes.
-    With Ray workers this process builds its own resident model too (``driver_builds``)."""
+    candidate did), the full evaluation at the recent rate per item (a median: a worker's first
+    evaluation also warms up, and would make the reserve swallow a short budget) with a 1.2 safety
+    factor, a merge to disk, and the writes. With Ray workers this process builds its own resident
+    model too (``driver_builds``)."""
     ok = [r for r in records if r["status"] == "ok"]
     if not ok:
         return WRITE_MARGIN_S
     merge = max(r["merge_s"] for r in ok)
     setup = max(r.get("setup_s", 0.0) for r in ok) if driver_builds else 0.0
-    rate = max(r["eval_s"] / max(r.get("items", 1), 1) for r in ok)
+    rate = statistics.median(r["eval_s"] / max(r.get("items", 1), 1) for r in ok[-20:])
     return setup + merge * (3 if save_model else 1) + 1.2 * rate * full_items + WRITE_MARGIN_S
 
 

@@ -41,15 +41,17 @@ class Scorer:
             return {"index": index, "status": "invalid", "error": "; ".join(err.problems)[:2000],
                     "merge_s": time.perf_counter() - start, "eval_s": 0.0, "worker": self.pid, "full": full}
         tasks = self.full_tasks if full else self.tasks
+        setup_before = self.merger.setup_s
         started = time.perf_counter()
         result = self.merger.evaluate(tasks, batch_size=self.batch_size)
+        eval_s = time.perf_counter() - started - (self.merger.setup_s - setup_before)
         answers: dict[str, list] = {}
         for p in result.predictions:
             if p.scores:
                 headline = next(t.headline for t in result.tasks if t.name == p.task)
                 answers.setdefault(p.task, []).append([p.position, float(p.scores[headline])])
         return {"index": index, "status": "ok", "scores": task_scores(result), "answers": answers,
-                "merge_s": merge_s, "setup_s": self.merger.setup_s, "eval_s": time.perf_counter() - started,
+                "merge_s": merge_s, "setup_s": self.merger.setup_s, "eval_s": eval_s,
                 "items": sum(len(t.items) for t in tasks), "full": full, "worker": self.pid,
                 "input_bytes": self.merger.cache.nbytes}
 
