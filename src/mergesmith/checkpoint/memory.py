@@ -51,7 +51,7 @@ class ModelWriter:
         self._written.add(target.data.untyped_storage().data_ptr())
 
     def missing(self) -> list[str]:
-        """Tensors of the model no ``write`` reached since ``begin()`` (tied names written through their twin are fine)."""
+        """Tensors no ``write`` reached since ``begin()`` (a tied name written through its twin counts)."""
         return [name for name, t in self.targets.items()
                 if t.data.untyped_storage().data_ptr() not in self._written]
 

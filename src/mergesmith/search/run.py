@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -306,7 +305,8 @@ def _record(index: int, generation: int, optimizer: str, u: Any, values: dict, r
             "fitness": fitness, "scores": scores, **extra,
             "objectives": [scores.get(name) or 0.0 for name in weights] if optimizer == "nsga2" else [fitness],
             "params": values, "u": [float(x) for x in u], "merge_s": round(result["merge_s"], 4),
-            "eval_s": round(result["eval_s"], 4), "setup_s": round(result.get("setup_s", 0.0), 4), "items": result.get("items", 0), "t": round(t, 3), "worker": result.get("worker"),
+            "eval_s": round(result["eval_s"], 4), "setup_s": round(result.get("setup_s", 0.0), 4),
+            "items": result.get("items", 0), "t": round(t, 3), "worker": result.get("worker"),
             **({"error": result["error"]} if "error" in result else {})}
 
 

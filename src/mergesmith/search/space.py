@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -107,7 +106,8 @@ class SearchSpace:
         """Gene values (by name) for a unit vector; model selection always keeps one model."""
         values = {g.name: g.value(x) for g, x in zip(self.genes, u)}
         includes = [(x, g) for g, x in zip(self.genes, u) if g.path[-1] == "include"]
-        fixed_in = any(isinstance(e, dict) and e.get("include", True) is True and e.get("model") != self.template.get("base_model")
+        base = self.template.get("base_model")
+        fixed_in = any(isinstance(e, dict) and e.get("include", True) is True and e.get("model") != base
                        for e in self.template.get("models") or [])
         if includes and not fixed_in and not any(values[g.name] for _, g in includes):
             values[max(includes, key=lambda p: p[0])[1].name] = True
@@ -247,7 +247,7 @@ def _is_marker(node: dict) -> bool:
 
 def _marker_gene(node: dict, path: tuple, where: str, problems: list[str]) -> Optional[Gene]:
     field_name = _path_text(path)
-    name = _gene_name(path)
+    name = _path_text(path)  # label_models renames it after the model's folder where it can
     if len(node) != 1:
         problems.append(f"{where}: {field_name}: give either range or choice, not both")
         return None
@@ -528,11 +528,6 @@ def _path_text(path: tuple) -> str:
     for key in path:
         text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
     return text
-
-
-def _gene_name(path: tuple) -> str:
-    """``facts.weight`` for models[i].parameters.weight of a model folder named facts; the path otherwise."""
-    return _path_text(path)
 
 
 def label_models(space: SearchSpace) -> None:
