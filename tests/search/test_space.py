@@ -142,3 +142,13 @@ def test_genome_problems_are_listed_together(model_family):
     assert "slerp genomes are not supported yet" in text and "genome.colour" in text and "'extra'" in text
     with pytest.raises(InputError, match="base_model is required for ties"):
         load_space({"genome": {"models": [str(variants[0])], "merge_method": "ties"}, "tasks": ["x"]})
+
+
+def test_methods_that_need_statistics_are_refused_up_front(model_family):
+    base, variants = model_family("llama", 3)
+    with pytest.raises(InputError) as err:
+        load_space({"merge_method": {"choice": ["ties", "regmean", "dam"]}, "base_model": str(base),
+                    "models": [{"model": str(variants[0]), "parameters": {"weight": {"range": [0, 1]}}}]})
+    assert err.value.problems == [
+        f"space: merge_method {m} needs calibration statistics, which search does not support yet; offer another "
+        "method" for m in ("regmean", "dam")]
