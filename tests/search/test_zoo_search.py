@@ -87,3 +87,21 @@ def test_a_mergekit_evolve_genome_over_the_zoo_is_accepted(zoo, tmp_path):
     assert result.best is not None and yaml.safe_load((out / "best.yml").read_text())["slices"]
     mergesmith.merge(out / "best.yml", tmp_path / "ours", progress=False)
     _mergekit_yaml_runs_and_agrees(out / "best.yml", tmp_path / "ours", tmp_path / "mergekit")
+
+
+def test_a_lora_expert_merges_in_memory_as_on_disk(zoo, tmp_path):
+    """Model selection pools may hold the zoo's LoRA experts (base+adapter references)."""
+    from transformers import AutoModelForCausalLM
+
+    from mergesmith.search.candidate import ResidentMerger
+
+    lora = next(iter(zoo.lora.values()))
+    recipe = {"merge_method": "ties", "base_model": str(zoo.base), "dtype": "float32",
+              "parameters": {"normalize": True},
+              "models": [{"model": str(zoo.experts["facts"]), "parameters": {"weight": 0.7, "density": 0.5}},
+                         {"model": f"{zoo.base}+{lora}", "parameters": {"weight": 0.5, "density": 0.6}}]}
+    merger = ResidentMerger()
+    merger.merge(recipe)
+    mergesmith.merge(recipe, tmp_path / "disk", progress=False)
+    disk = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).state_dict()
+    assert all(torch.equal(merger.model.state_dict()[k], v) for k, v in disk.items())
