@@ -44,6 +44,8 @@ SETTINGS = "search.json"
 DEFAULT_PER_TASK = 40
 # Time kept back for writing best.yml, the summary and the plots.
 WRITE_MARGIN_S = 2.0
+# Stopping the Ray actors and the local cluster (measured 1.2 s on the project machine).
+RAY_CLOSE_S = 2.0
 
 
 @dataclass
@@ -122,13 +124,21 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
             loop_start = time.monotonic()
         stop_reason = _loop(space, optimizer, pool, records, trace, out, weights, deadline, full_items,
                             options, started, elapsed_before, log, irt)
+    except BaseException:
+        pool.close()
+        raise
     finally:
         trace.close()
-        local_scorer = pool.scorer if isinstance(pool, LocalPool) else None
-        pool.close()
-    timings["loop_s"] = time.monotonic() - loop_start
+        timings["loop_s"] = time.monotonic() - loop_start
     search_s = time.monotonic() - started
-    summary = _finish(space, records, out, tasks, test_tasks, weights, deadline, options, local_scorer, log)
+    # Ray's shutdown is part of the budget: the final phase leaves room for it.
+    close_s = 0.0 if isinstance(pool, LocalPool) else RAY_CLOSE_S
+    try:
+        summary = _finish(space, records, out, tasks, test_tasks, weights, deadline - close_s, options, pool, log)
+    finally:
+        closing = time.monotonic()
+        pool.close()
+        timings["close_workers_s"] = time.monotonic() - closing
     summary["throughput"] = _throughput(records[before:], timings["loop_s"], options.workers)
     if irt is not None:
         summary["irt"] = irt.report()
@@ -257,6 +267,7 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
 
     from mergesmith.search.workers import LocalPool
 
+    driver_builds = not isinstance(pool, LocalPool)  # then the Ray cluster's shutdown counts too
     while True:
         generation = optimizer.generation
         us = optimizer.ask()
@@ -264,7 +275,7 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
         results: dict[int, dict] = {}
         queue = list(range(len(batch)))
         while len(results) < len(batch):
-            reserve = _final_reserve(records, full_items, options.save_model, not isinstance(pool, LocalPool))
+            reserve = _final_reserve(records, full_items, options.save_model) + (RAY_CLOSE_S if driver_builds else 0.0)
             while queue and pool.free() and _fits(records, reserve, deadline):
                 k = queue.pop(0)
                 full = irt is not None and irt.wants_full(len(records) + pool.in_flight())
@@ -366,19 +377,18 @@ def _fits(records: list[dict], reserve: float, deadline: float) -> bool:
     return time.monotonic() + _candidate_s(records) + reserve <= deadline
 
 
-def _final_reserve(records: list[dict], full_items: int, save_model: bool, driver_builds: bool) -> float:
+def _final_reserve(records: list[dict], full_items: int, save_model: bool) -> float:
     """Seconds the final phase needs: an in-memory merge that reads every input (as a worker's first
     candidate did), the full evaluation at the recent rate per item (a median: a worker's first
     evaluation also warms up, and would make the reserve swallow a short budget) with a 1.2 safety
-    factor, a merge to disk, and the writes. With Ray workers this process builds its own resident
-    model too (``driver_builds``)."""
+    factor, a merge to disk, and the writes. The final evaluation runs on a worker, whose model and
+    inputs are warm."""
     ok = [r for r in records if r["status"] == "ok"]
     if not ok:
         return WRITE_MARGIN_S
     merge = max(r["merge_s"] for r in ok)
-    setup = max(r.get("setup_s", 0.0) for r in ok) if driver_builds else 0.0
     rate = statistics.median(r["eval_s"] / max(r.get("items", 1), 1) for r in ok[-20:])
-    return setup + merge * (3 if save_model else 1) + 1.2 * rate * full_items + WRITE_MARGIN_S
+    return merge * (3 if save_model else 1) + 1.2 * rate * full_items + WRITE_MARGIN_S
 
 
 def _best(records: list[dict]) -> Optional[dict]:
@@ -408,7 +418,7 @@ def pareto_front(records: list[dict]) -> list[dict]:
 
 
 def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, test_tasks: list,
-            weights: dict[str, float], deadline: float, options: SearchOptions, scorer: Any, log: "_Log") -> dict:
+            weights: dict[str, float], deadline: float, options: SearchOptions, pool: Any, log: "_Log") -> dict:
     best = _best(records)
     summary: dict[str, Any] = {"optimizer": options.optimizer, "seed": options.seed, "workers": options.workers}
     if best is None:
@@ -422,17 +432,18 @@ def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, tes
         summary["pareto"] = [r["index"] for r in pareto_front(records)]
     ok = [r for r in records if r["status"] == "ok"]
 
-    # Full evaluation of the best recipe, in memory: it never costs a write and a reload.
-    from mergesmith.search.candidate import ResidentMerger
-
-    merger = scorer.merger if scorer is not None else ResidentMerger(threads=options.threads)
+    # Full evaluation of the best recipe, in memory on a worker: it never costs a write and a reload.
     final: dict[str, Any] = {}
-    if time.monotonic() < deadline - WRITE_MARGIN_S:
-        merge_s = merger.merge(recipe)
-        for label, group in (("validation", tasks), ("test", test_tasks)):
-            if not group:
-                continue
-            result = merger.evaluate(group, deadline=deadline - WRITE_MARGIN_S, batch_size=options.batch_size)
+    merge = max((r["merge_s"] for r in ok), default=0.0)
+    done = None
+    left = deadline - WRITE_MARGIN_S - time.monotonic()
+    if left > merge:
+        done = pool.final(recipe, [("validation", tasks), ("test", test_tasks)], left)
+    if done is None:
+        final["skipped"] = "no time left in the budget for the final evaluation"
+    else:
+        merge_s = done["merge_s"]
+        for label, result in done["results"].items():
             result.save(out / "final" / label)
             scored = [t for t in result.tasks if t.score is not None]
             final[label] = {"macro": result.macro, "scores": task_scores(result),

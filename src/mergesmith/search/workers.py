@@ -56,6 +56,16 @@ class Scorer:
                 "input_bytes": self.merger.cache.nbytes}
 
 
+    def final(self, recipe: dict, groups: list[tuple[str, list]], seconds: float) -> dict[str, Any]:
+        """The best recipe on whole task groups (validation, test), inside ``seconds``: merged into this
+        worker's warm model from its cached inputs; the harness leaves what does not fit ``not_run``."""
+        deadline = time.monotonic() + seconds
+        merge_s = self.merger.merge(recipe)
+        results = {label: self.merger.evaluate(tasks, deadline=deadline, batch_size=self.batch_size)
+                   for label, tasks in groups if tasks}
+        return {"merge_s": merge_s, "results": results}
+
+
 class LocalPool:
     """``--workers 1``: candidates scored one at a time in this process."""
 
@@ -76,6 +86,9 @@ class LocalPool:
 
     def wait(self, timeout: Optional[float]) -> Optional[dict]:
         return self._done.popleft() if self._done else None
+
+    def final(self, recipe: dict, groups: list[tuple[str, list]], seconds: float) -> Optional[dict]:
+        return self.scorer.final(recipe, groups, seconds)
 
     def close(self) -> None:
         pass
@@ -125,6 +138,17 @@ class RayPool:
         ref = ready[0]
         self.idle.append(self.running.pop(ref))
         return self.ray.get(ref)
+
+    def final(self, recipe: dict, groups: list[tuple[str, list]], seconds: float) -> Optional[dict]:
+        """``Scorer.final`` on an idle actor (its model and inputs are warm); if every actor is busy, the
+        first to finish is taken (its candidate's result is dropped). None if none frees up in time."""
+        started = time.monotonic()
+        if not self.idle and self.wait(seconds / 2) is None:
+            return None
+        left = seconds - (time.monotonic() - started)
+        ref = self.actors[self.idle[-1]].final.remote(recipe, groups, left)
+        ready, _ = self.ray.wait([ref], timeout=max(left, 0.0) + 5.0)  # the actor keeps to `left` itself
+        return self.ray.get(ready[0]) if ready else None
 
     def close(self) -> None:
         for a in self.actors:
