@@ -74,6 +74,8 @@ def test_resume_continues_the_trace_and_the_optimizer(search_world, tmp_path):
         search(space, out, budget_s=6, per_task=6, population=2, progress=False)
     with pytest.raises(InputError, match="seed"):
         search(space, out, budget_s=6, per_task=6, population=2, seed=1, resume=True, progress=False)
+    with (out / "trace.jsonl").open("a") as f:
+        f.write('{"index": 99, "fitn')  # a line cut by a killed run
     result = search(space, out, budget_s=6, per_task=6, population=2, save_model=False, resume=True,
                     progress=False)
     records = _trace(out)

@@ -241,12 +241,17 @@ def _start_or_resume(out: Path, settings: dict, space: SearchSpace, options: Sea
         if changed:
             raise InputError(f"{out}: --resume, but {', '.join(changed)} differ from the interrupted search's "
                              f"({SETTINGS}); resume with the same space, tasks and options, or start a new --out")
-        for line in (out / TRACE).read_text().splitlines():
+        lines = (out / TRACE).read_text().splitlines()
+        for line in lines:
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by the interruption
+                except json.JSONDecodeError:  # a line cut by a killed run
                     continue
+        if len(records) != len(lines):  # rewrite without the cut line, so the trace stays valid JSON lines
+            tmp = out / (TRACE + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            tmp.replace(out / TRACE)
         elapsed_before = max((r.get("t", 0.0) for r in records), default=0.0)
         if state.is_file():
             return records, load_optimizer(state), elapsed_before
