@@ -441,7 +441,10 @@ def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, tes
     final: dict[str, Any] = {}
     merge = max((r["merge_s"] for r in ok), default=0.0)
     done = None
-    left = deadline - WRITE_MARGIN_S - time.monotonic()
+    # The merged model's write is kept out of the final evaluation's time: the evaluation may end
+    # partial (items not_run), the model should not go missing.
+    keep = _model_write_s(ok) if options.save_model else 0.0
+    left = deadline - WRITE_MARGIN_S - keep - time.monotonic()
     if left > merge:
         done = pool.final(recipe, [("validation", tasks), ("test", test_tasks)], left)
     if done is None:
@@ -474,13 +477,17 @@ def _save_model(out: Path, recipe: dict, ok: list[dict], deadline: float, log: "
     """Merge the best recipe to ``DIR/model`` if the measured merge time still fits in the budget."""
     import mergesmith
 
-    need = 2 * max((r["merge_s"] for r in ok), default=0.0) + WRITE_MARGIN_S
-    if time.monotonic() + need > deadline:
+    if time.monotonic() + _model_write_s(ok) + WRITE_MARGIN_S / 2 > deadline:
         log("note: no time left in the budget to write the merged model; run mergesmith merge best.yml")
         return None
     target = out / "model"
     mergesmith.merge(out / "best.yml", target, overwrite=True, progress=False)
     return str(target)
+
+
+def _model_write_s(ok: list[dict]) -> float:
+    """A merge to disk: reading every input and writing the output, taken as two in-memory merges."""
+    return 2 * max((r["merge_s"] for r in ok), default=0.0)
 
 
 def _plots(records: list[dict], out: Path, multi: bool, summary: dict) -> None:
