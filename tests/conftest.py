@@ -24,3 +24,21 @@ def model_family(tmp_path_factory):
         return cache[key]
 
     return family
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory):
+    """Where the test zoo is built; ``MERGESMITH_TEST_ZOO_CACHE`` reuses one built earlier (local runs)."""
+    import os
+
+    given = os.environ.get("MERGESMITH_TEST_ZOO_CACHE")
+    return Path(given) if given else tmp_path_factory.mktemp("zoo-cache")
+
+
+@pytest.fixture(scope="session")
+def zoo(zoo_cache):
+    """The ``--size test`` zoo, built once per test session (about half a minute on two idle cores)
+    and shared by the zoo and search tests."""
+    from mergesmith.zoo import build_zoo
+
+    return build_zoo("test", seed=0, cache_dir=zoo_cache, progress=False)

@@ -618,16 +618,21 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
 
 
 def merge_tensor(plan: MergePlan, task: TensorPlan, device: Union[str, torch.device] = "cpu",
-                 stats: Optional[list[dict[str, torch.Tensor]]] = None) -> torch.Tensor:
+                 stats: Optional[list[dict[str, torch.Tensor]]] = None,
+                 inputs: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     """One planned tensor, read and merged exactly as the streaming executor does it (output dtype, CPU).
 
     For collectors whose statistics depend on merged tensors (RegMean++'s Grams of
     block l are taken on the activations of the merged blocks below it): they pass
     the statistics they hold in memory, and get the very tensor the later streamed
     merge will write from the same statistics once cached.
+
+    ``inputs``: the task's input tensors as ``load_inputs`` returns them, for callers that
+    keep inputs in memory across merges (search); the method may overwrite them in place,
+    so pass copies of anything kept.
     """
     device = torch.device(device)
-    tensors, _ = load_inputs(plan, task, device)
+    tensors = inputs if inputs is not None else load_inputs(plan, task, device)[0]
     return _run_method(plan, task, tensors, device, False, stats)
 
 

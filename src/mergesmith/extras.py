@@ -16,6 +16,7 @@ from mergesmith.errors import InputError
 EXTRAS: dict[str, dict[str, str]] = {
     "eval": {"rouge_score": "rouge-score"},
     "zoo": {"peft": "peft", "tokenizers": "tokenizers", "matplotlib": "matplotlib"},
+    "search": {"ray": "ray", "cma": "cma", "optuna": "optuna"},
 }
 
 
