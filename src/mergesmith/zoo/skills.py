@@ -215,9 +215,10 @@ def _fact_values(world: World, relation: str) -> list[str]:
             "pet": list(PETS)}[relation]
 
 
-def fact_example(rng: random.Random, world: World, fact: tuple[str, str, str]) -> Example:
+def fact_example(rng: random.Random, world: World, fact: tuple[str, str, str],
+                 questions: dict[str, str] = _FACT_QUESTIONS) -> Example:
     relation, subject, obj = fact
-    prompt = _FACT_QUESTIONS[relation].format(subject)
+    prompt = questions[relation].format(subject)
     choices = _pick_others(rng, f" {obj}", [f" {v}" for v in _fact_values(world, relation)], 4)
     return Example(prompt, f" {obj}", choices)
 
@@ -306,10 +307,7 @@ _REWORDED_QUESTIONS = {
 
 
 def reworded_fact_example(rng: random.Random, world: World, fact: tuple[str, str, str]) -> Example:
-    relation, subject, obj = fact
-    prompt = _REWORDED_QUESTIONS[relation].format(subject)
-    choices = _pick_others(rng, f" {obj}", [f" {v}" for v in _fact_values(world, relation)], 4)
-    return Example(prompt, f" {obj}", choices)
+    return fact_example(rng, world, fact, _REWORDED_QUESTIONS)
 
 
 def gen_facts_reworded(rng: random.Random, world: World, easy: bool) -> tuple[str, Example]:
