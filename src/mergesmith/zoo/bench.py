@@ -32,6 +32,7 @@ from typing import Callable, Optional
 from tqdm.auto import tqdm
 
 from mergesmith.errors import InputError
+from mergesmith.zoo.bench_learned import LEARNED_ROWS, learn_row
 
 GEN_MAX_NEW_TOKENS = 16  # the longest answer (six spaced letters) is 12 tokens
 
@@ -80,6 +81,14 @@ GRIDS: dict[str, list[dict]] = {
     "drm": _grid(stack=["vertical", "horizontal"], density=[0.2, 0.5]),
     "pcb": _grid(density=[0.1, 0.2, 0.5], **{"lambda": TA_LAMBDAS}),
     "wudi": [{}],
+    # Data-aware rows (zoo/bench_learned.py): statistics on each expert's own train prompts, or
+    # coefficients learned on train / unlabeled validation prompts. alpha: FusionBench's 0.95 and the
+    # default 0.1 bracket it; the Grams are computed once per expert and shared by every point.
+    "regmean": _grid(alpha=[0.1, 0.5, 0.95]),
+    "regmean_plusplus": _grid(alpha=[0.1, 0.5, 0.95]),
+    "fisher": [{}],
+    "adamerging": [{}],  # learned: layer-wise weights from the entropy on validation prompts
+    "dam": [{}],  # learned: per-column coefficients distilled from each expert on its train prompts
 }
 ALL_METHODS = tuple(GRIDS)
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
@@ -119,6 +128,10 @@ def recipe_for(zoo, method: str, point: dict, seed: int) -> dict:
         recipe["base_model"] = str(zoo.base)
     if params:
         recipe["parameters"] = params
+    if spec.needs_stats:
+        from mergesmith.zoo.bench_learned import calibration_block
+
+        calibration_block(zoo, recipe)
     return recipe
 
 
@@ -205,7 +218,9 @@ def method_problems(methods: tuple[str, ...]) -> list[str]:
     """Every ``--methods`` name must be a registered merge method with a validation grid here."""
     from mergesmith.methods import all_methods
 
-    known = all_methods()
+    from mergesmith.zoo.bench_learned import LEARNED_ROWS
+
+    known = [*all_methods(), *LEARNED_ROWS]  # adamerging is a learning step, not a merge method
     problems = []
     if not methods:
         problems.append("--methods: name at least one method")
@@ -298,9 +313,14 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
     merges = work / "merges" / f"seed{seed}"
     for method in cfg.methods:
         t0 = time.time()
-        best, trials = select(cfg, zoo, method, seed, val, cache, merges, log)
+        if method in LEARNED_ROWS:  # its recipe is learned (and cached), not chosen from a grid
+            recipe, learned = learn_row(zoo, method, seed, cache=cache, work=work, device=cfg.device,
+                                        val_limit=cfg.val_limit, progress=cfg.progress, log=log)
+            best, trials = {}, [learned]
+        else:
+            best, trials = select(cfg, zoo, method, seed, val, cache, merges, log)
+            recipe = recipe_for(zoo, method, best, seed)
         select_seconds += time.time() - t0
-        recipe = recipe_for(zoo, method, best, seed)
         key = f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}"
         out_dir = merges / method
         if not scored(key):
