@@ -81,7 +81,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_compete(args: argparse.Namespace) -> int:
     from mergesmith.evaluate.compete import compete
 
-    result = compete(args.recipe, args.tasks, args.out, budget=args.budget, device=args.device, dtype=args.dtype,
+    adamerge = None
+    if args.adamerge:
+        from mergesmith.learn.adamerging import AdaMergingSettings
+
+        adamerge = AdaMergingSettings(granularity=args.learn_granularity, steps=args.learn_steps,
+                                      batch_size=args.learn_batch_size, seed=args.learn_seed, device=args.device,
+                                      progress=not args.no_progress)
+    result = compete(args.recipe, args.tasks, args.out, budget=args.budget, validation=args.validation or (),
+                     adamerge=adamerge, learn_share=args.learn_share, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
                      isolate_merge=not args.inline_merge, dummy_field=args.dummy_field, bootstrap=args.bootstrap,
                      metric=_metric_defaults(args), progress=not args.no_progress)
@@ -119,6 +127,21 @@ def register(subparsers) -> None:
                    help="merge in this process; such a merge CANNOT be stopped at the budget: it runs to its "
                         "end and an overrun is only found afterwards (default: a child process, stopped at "
                         "the budget, its partial output removed)")
+    c.add_argument("--validation", nargs="+", metavar="FILE", default=None,
+                   help="the competition's validation task files: the calibration data of a data-aware recipe "
+                        "(regmean, regmean_plusplus, fisher) that has no calibration: block (prompts only)")
+    c.add_argument("--adamerge", action="store_true",
+                   help="learn the recipe's task-vector weights (task_arithmetic; ties: AdaMerging++) by "
+                        "AdaMerging on the unlabeled prompts of --tasks, then merge the learned recipe "
+                        "(DIR/learned.yml); the learning counts against the budget")
+    c.add_argument("--learn-share", type=float, default=0.5, metavar="F",
+                   help="fraction of the budget the learning may use; it then stops with the weights learned "
+                        "so far (default 0.5)")
+    c.add_argument("--learn-steps", type=int, default=1000, help="AdaMerging's Adam steps at most (default 1000)")
+    c.add_argument("--learn-batch-size", type=int, default=16, help="prompts per task per step (default 16)")
+    c.add_argument("--learn-granularity", choices=("layer", "task"), default="layer",
+                   help="one weight per model and layer (default), or per model")
+    c.add_argument("--learn-seed", type=int, default=0, help="seed of the prompt order (default 0)")
     c.add_argument("--dummy-field", action="store_true",
                    help="add the starter kit's constant dummy_field column to the submission")
     c.set_defaults(func=run_compete)
