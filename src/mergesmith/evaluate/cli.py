@@ -124,9 +124,9 @@ def register(subparsers) -> None:
     c.add_argument("--budget", required=True, help="wall-clock budget for the whole job: 1h, 45m, 90s, 1h30m")
     c.add_argument("--overwrite", action="store_true", help="replace DIR/model if it exists")
     c.add_argument("--inline-merge", action="store_true",
-                   help="merge in this process; such a merge CANNOT be stopped at the budget: it runs to its "
-                        "end and an overrun is only found afterwards (default: a child process, stopped at "
-                        "the budget, its partial output removed)")
+                   help="merge (and collect statistics, learn) in this process; such a merge CANNOT be stopped "
+                        "at the budget: it runs to its end and an overrun is only found afterwards (default: a "
+                        "child process, stopped at the budget, its partial output removed)")
     c.add_argument("--validation", nargs="+", metavar="FILE", default=None,
                    help="the competition's validation task files: the calibration data of a data-aware recipe "
                         "(regmean, regmean_plusplus, fisher) that has no calibration: block (prompts only)")
