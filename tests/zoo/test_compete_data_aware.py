@@ -143,3 +143,10 @@ def test_the_child_deadline_is_a_moment_on_the_shared_monotonic_clock():
 
     assert pickle.loads(pickle.dumps(D.Deadline(time.monotonic() - 1)))()
     assert not D.Deadline(time.monotonic() + 60)()
+
+
+def test_learning_flags_without_adamerge_are_refused(tmp_path, capsys):
+    (tmp_path / "t.jsonl").write_text("")
+    code = main(["compete", "r.yml", "--tasks", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o"),
+                 "--budget", "1m", "--learn-steps", "5"])
+    assert code == 2 and "--learn-steps: only used with --adamerge" in capsys.readouterr().err

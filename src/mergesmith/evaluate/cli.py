@@ -81,6 +81,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_compete(args: argparse.Namespace) -> int:
     from mergesmith.evaluate.compete import compete
 
+    from mergesmith.errors import InputError
+
+    learn_flags = {"--learn-share": (args.learn_share, 0.5), "--learn-steps": (args.learn_steps, 1000),
+                   "--learn-batch-size": (args.learn_batch_size, 16),
+                   "--learn-granularity": (args.learn_granularity, "layer"), "--learn-seed": (args.learn_seed, 0)}
+    unused = [flag for flag, (value, default) in learn_flags.items() if value != default]
+    if unused and not args.adamerge:
+        raise InputError(f"{', '.join(unused)}: only used with --adamerge; add --adamerge or leave them out")
     adamerge = None
     if args.adamerge:
         from mergesmith.learn.adamerging import AdaMergingSettings
