@@ -412,6 +412,8 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
             to_merge, status, detail = _before_merge(data, out, phase, isolate=isolate_merge, device=device,
                                                      clock=clock, deadline=deadline,
                                                      learn_deadline=start + learn_share * budget_s)
+            if status == FAILED:  # its process died: a fault, as for the merge
+                raise RuntimeError(detail)
             if status == DONE and clock() < deadline:
                 (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, to_merge,
                                                                          model_dir, merge_kwargs, deadline - clock()))

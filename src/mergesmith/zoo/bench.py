@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from tqdm.auto import tqdm
 
 from mergesmith.errors import InputError
-from mergesmith.zoo.bench_learned import LEARNED_ROWS, learn_row
+from mergesmith.zoo.bench_learned import LEARNED_ROWS, calibration_block, learn_row
 
 GEN_MAX_NEW_TOKENS = 16  # the longest answer (six spaced letters) is 12 tokens
 
@@ -128,9 +128,7 @@ def recipe_for(zoo, method: str, point: dict, seed: int) -> dict:
         recipe["base_model"] = str(zoo.base)
     if params:
         recipe["parameters"] = params
-    if spec.needs_stats:
-        from mergesmith.zoo.bench_learned import calibration_block
-
+    if spec.needs_stats:  # each expert's statistics on its own skill's train prompts
         calibration_block(zoo, recipe)
     return recipe
 
@@ -217,8 +215,6 @@ class BenchConfig:
 def method_problems(methods: tuple[str, ...]) -> list[str]:
     """Every ``--methods`` name must be a registered merge method with a validation grid here."""
     from mergesmith.methods import all_methods
-
-    from mergesmith.zoo.bench_learned import LEARNED_ROWS
 
     known = [*all_methods(), *LEARNED_ROWS]  # adamerging is a learning step, not a merge method
     problems = []
