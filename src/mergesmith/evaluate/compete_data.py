@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -101,7 +101,7 @@ def _plan_adamerge(recipe: Any, raw: dict, where: str, task_paths: list[str], se
     problems = list(problems) + at_least("--learn-steps", settings.steps, 1) \
         + at_least("--learn-batch-size", settings.batch_size, 1)
     # A ties recipe means AdaMerging++ (the TIES trim and sign election, with its density).
-    settings.prune = raw.get("merge_method") == "ties"
+    settings = replace(settings, prune=raw.get("merge_method") == "ties")
     problems += [p.replace("--prune", "a ties recipe") for p in recipe_problems(recipe, settings)]
     if problems:
         raise InputError(problems)
