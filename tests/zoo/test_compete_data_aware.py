@@ -93,9 +93,11 @@ def test_adamerge_learns_on_the_test_prompts_then_merges_the_learned_recipe(zoo,
 def test_adamerge_stops_at_its_share_of_the_budget_and_still_merges(zoo, tmp_path):
     recipe = recipe_file(zoo, tmp_path, "task_arithmetic", base_model=str(zoo.base))
     settings = AdaMergingSettings(steps=1000, batch_size=4, progress=False)
+    ticks = iter(range(10 ** 6))  # a clock that moves one second at every reading
     # 1e-4 of ten minutes (60 ms) is spent before the first step: the learning stops with the initial weights
     result = compete(recipe, files(zoo, "test"), tmp_path / "out", budget="10m", adamerge=settings,
-                     learn_share=1e-4, isolate_merge=False, batch_size=16, bootstrap=0, progress=False)
+                     learn_share=1e-4, isolate_merge=False, batch_size=16, bootstrap=0, progress=False,
+                     clock=lambda: float(next(ticks)))
     learn = phases(result)["learn"]
     assert learn.status == DONE and "0 of 1000 steps" in learn.detail and "no step fitted" in learn.detail
     assert result.complete and (tmp_path / "out" / "model" / "config.json").is_file()
