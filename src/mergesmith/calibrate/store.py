@@ -122,3 +122,14 @@ class EntryWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def remove_partial_entries(cache_dir: Path, pid: int) -> list[Path]:
+    """Remove the entries process ``pid`` was still writing in ``cache_dir`` (it was stopped or died):
+    they were never committed, so no merge would read them, but they hold disk space."""
+    removed = []
+    if Path(cache_dir).is_dir():
+        for tmp in Path(cache_dir).glob(f".*.tmp-{pid}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed

@@ -84,7 +84,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_compete(args: argparse.Namespace) -> int:
     from mergesmith.evaluate.compete import compete
 
-    result = compete(args.recipe, args.tasks, args.out, budget=args.budget, device=args.device, dtype=args.dtype,
+    from mergesmith.errors import InputError
+
+    learn_flags = {"--learn-share": (args.learn_share, 0.5), "--learn-steps": (args.learn_steps, 1000),
+                   "--learn-batch-size": (args.learn_batch_size, 16),
+                   "--learn-granularity": (args.learn_granularity, "layer"), "--learn-seed": (args.learn_seed, 0)}
+    unused = [flag for flag, (value, default) in learn_flags.items() if value != default]
+    if unused and not args.adamerge:
+        raise InputError(f"{', '.join(unused)}: only used with --adamerge; add --adamerge or leave them out")
+    adamerge = None
+    if args.adamerge:
+        from mergesmith.learn.adamerging import AdaMergingSettings
+
+        adamerge = AdaMergingSettings(granularity=args.learn_granularity, steps=args.learn_steps,
+                                      batch_size=args.learn_batch_size, seed=args.learn_seed, device=args.device,
+                                      progress=not args.no_progress)
+    result = compete(args.recipe, args.tasks, args.out, budget=args.budget, validation=args.validation or (),
+                     adamerge=adamerge, learn_share=args.learn_share, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
                      isolate_merge=not args.inline_merge, submission_format=args.submission_format,
                      bootstrap=args.bootstrap,
@@ -131,9 +147,24 @@ def register(subparsers) -> None:
     c.add_argument("--budget", required=True, help="wall-clock budget for the whole job: 1h, 45m, 90s, 1h30m")
     c.add_argument("--overwrite", action="store_true", help="replace DIR/model if it exists")
     c.add_argument("--inline-merge", action="store_true",
-                   help="merge in this process; such a merge CANNOT be stopped at the budget: it runs to its "
-                        "end and an overrun is only found afterwards (default: a child process, stopped at "
-                        "the budget, its partial output removed)")
+                   help="merge (and collect statistics, learn) in this process; such a merge CANNOT be stopped "
+                        "at the budget: it runs to its end and an overrun is only found afterwards (default: a "
+                        "child process, stopped at the budget, its partial output removed)")
+    c.add_argument("--validation", nargs="+", metavar="FILE", default=None,
+                   help="the competition's validation task files: the calibration data of a data-aware recipe "
+                        "(regmean, regmean_plusplus, fisher) that has no calibration: block (prompts only)")
+    c.add_argument("--adamerge", action="store_true",
+                   help="learn the recipe's task-vector weights (task_arithmetic; ties: AdaMerging++) by "
+                        "AdaMerging on the unlabeled prompts of --tasks, then merge the learned recipe "
+                        "(DIR/learned.yml); the learning counts against the budget")
+    c.add_argument("--learn-share", type=float, default=0.5, metavar="F",
+                   help="fraction of the budget the learning may use; it then stops with the weights learned "
+                        "so far (default 0.5)")
+    c.add_argument("--learn-steps", type=int, default=1000, help="AdaMerging's Adam steps at most (default 1000)")
+    c.add_argument("--learn-batch-size", type=int, default=16, help="prompts per task per step (default 16)")
+    c.add_argument("--learn-granularity", choices=("layer", "task"), default="layer",
+                   help="one weight per model and layer (default), or per model")
+    c.add_argument("--learn-seed", type=int, default=0, help="seed of the prompt order (default 0)")
     c.add_argument("--submission-format", choices=SUBMISSION_FORMATS, default="kit",
                    help="kit: id,prediction,dummy_field, as the starter kit writes it for Kaggle (default); "
                         "plain: id,prediction")

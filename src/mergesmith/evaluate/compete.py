@@ -74,6 +74,7 @@ class CompeteResult:
     evaluation: Any = None  # EvalResult (every item not_run when the merge used up the budget)
     submissions: list[Path] = field(default_factory=list)
     not_scored: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what compete decided for the user (calibration data, ...)
 
     @property
     def used_s(self) -> float:
@@ -85,12 +86,12 @@ class CompeteResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget_s": self.budget_s, "used_s": self.used_s, "complete": self.complete,
-                "phases": [asdict(p) for p in self.phases], "not_scored": self.not_scored,
+                "phases": [asdict(p) for p in self.phases], "not_scored": self.not_scored, "notes": self.notes,
                 "submissions": [str(p) for p in self.submissions],
                 "macro_average": self.evaluation.macro if self.evaluation else None}
 
     def summary(self) -> str:
-        lines = [f"budget {self.budget_s:.0f}s, used {self.used_s:.1f}s"]
+        lines = [f"note: {n}" for n in self.notes] + [f"budget {self.budget_s:.0f}s, used {self.used_s:.1f}s"]
         lines += [f"  {p.name:<12} {p.seconds:8.1f}s  {p.status}" + (f"  ({p.detail})" if p.detail else "")
                   for p in self.phases]
         if self.not_scored:
@@ -115,10 +116,9 @@ def check_recipe(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: 
     merge(recipe, out_dir, dry_run=True, device=device, overwrite=overwrite, progress=False)
 
 
-def _merge_child(send: Any, merge_fn: Callable, recipe: Any, out_dir: str, kwargs: dict) -> None:
+def _child(send: Any, fn: Callable, args: tuple, kwargs: dict) -> None:
     try:
-        merge_fn(recipe, Path(out_dir), **kwargs)
-        send.put(("ok", ""))
+        send.put(("ok", fn(*args, **kwargs)))
     except InputError as err:
         send.put(("input_error", err.problems))
     except BaseException:  # reported to the parent, which decides
@@ -150,6 +150,59 @@ def _stop(child: Any) -> None:
     child.join()
 
 
+def run_isolated(fn: Callable, args: tuple, kwargs: dict, timeout: float, *, what: str,
+                 cleanup: Callable[[int], None], committed: Callable[[], bool] = lambda: False
+                 ) -> tuple[str, str, Any]:
+    """Run ``fn(*args, **kwargs)`` in a child process; stop it if it outlives ``timeout`` seconds.
+
+    Returns (status, detail, the value ``fn`` returned). InputError in the child is raised again
+    here. When the child is stopped, dies or fails, ``cleanup(pid)`` removes what it was writing,
+    and so it does when this process is interrupted (Ctrl-C) while waiting. ``committed()`` says
+    whether the child's work was finished (put in place atomically at its very end) although its
+    "done" message had not arrived when it was stopped; ``what`` names the work in messages.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_child, args=(results, fn, args, kwargs), daemon=True)
+    child.start()
+    deadline = time.monotonic() + timeout
+    outcome = None
+    try:
+        while outcome is None:
+            try:
+                outcome = results.get(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
+            except queue_module.Empty:
+                if time.monotonic() >= deadline:
+                    _stop(child)
+                    outcome = _last_message(results)
+                    if outcome is None:
+                        done = committed()
+                        cleanup(child.pid)
+                        if done:
+                            return DONE, "finished as the budget ran out", None
+                        return STOPPED, (f"the {what} did not finish within the budget and was stopped; "
+                                         "its partial output was removed"), None
+                elif not child.is_alive():
+                    outcome = _last_message(results)
+                    if outcome is None:
+                        child.join()
+                        cleanup(child.pid)
+                        return FAILED, f"the {what} process died (exit code {child.exitcode})", None
+    except BaseException:  # Ctrl-C: stop the child and leave no partial output behind
+        _stop(child)
+        cleanup(child.pid)
+        raise
+    child.join()
+    kind, payload = outcome
+    if kind != "ok":
+        cleanup(child.pid)
+    if kind == "input_error":
+        raise InputError(payload)
+    if kind == "error":
+        raise RuntimeError(f"the {what} failed:\n{payload}")
+    return DONE, "", payload
+
+
 def run_merge_isolated(merge_fn: Callable, recipe: Any, out_dir: Path, kwargs: dict,
                        timeout: float) -> tuple[str, str]:
     """Run the merge in a child process; stop it if it outlives ``timeout`` seconds.
@@ -164,46 +217,10 @@ def run_merge_isolated(merge_fn: Callable, recipe: Any, out_dir: Path, kwargs: d
     writer does (build under a temporary name, then rename).
     """
     before = _identity(out_dir)
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    child = ctx.Process(target=_merge_child, args=(results, merge_fn, recipe, str(out_dir), kwargs), daemon=True)
-    child.start()
-    deadline = time.monotonic() + timeout
-    outcome = None
-    try:
-        while outcome is None:
-            try:
-                outcome = results.get(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
-            except queue_module.Empty:
-                if time.monotonic() >= deadline:
-                    _stop(child)
-                    outcome = _last_message(results)
-                    if outcome is None:
-                        committed = _identity(out_dir) not in (None, before)
-                        clean_after_merge(out_dir, child.pid)
-                        if committed:
-                            return DONE, "finished as the budget ran out"
-                        return STOPPED, ("the merge did not finish within the budget and was stopped; "
-                                         "its partial output was removed")
-                elif not child.is_alive():
-                    outcome = _last_message(results)
-                    if outcome is None:
-                        child.join()
-                        clean_after_merge(out_dir, child.pid)
-                        return FAILED, f"the merge process died (exit code {child.exitcode})"
-    except BaseException:  # Ctrl-C: stop the child and leave no partial model behind
-        _stop(child)
-        clean_after_merge(out_dir, child.pid)
-        raise
-    child.join()
-    kind, payload = outcome
-    if kind != "ok":
-        clean_after_merge(out_dir, child.pid)
-    if kind == "input_error":
-        raise InputError(payload)
-    if kind == "error":
-        raise RuntimeError(f"the merge failed:\n{payload}")
-    return DONE, ""
+    status, detail, _ = run_isolated(merge_fn, (recipe, out_dir), kwargs, timeout, what="merge",
+                                     cleanup=lambda pid: clean_after_merge(out_dir, pid),
+                                     committed=lambda: _identity(out_dir) not in (None, before))
+    return status, detail
 
 
 def _last_message(results: Any) -> Optional[tuple[str, Any]]:
@@ -277,7 +294,8 @@ def write_submissions(tasks: Sequence, predictions: Sequence, out_dir: Union[str
 # ----------------------------------------------------------------------------- the job
 
 
-COMPETE_FILES = (r"results\.json", r"predictions\.jsonl", r"compete\.json", r"submission(-.+)?\.csv")
+COMPETE_FILES = (r"results\.json", r"predictions\.jsonl", r"compete\.json", r"submission(-.+)?\.csv",
+                 r"learned\.yml", r"learned\.json")
 
 
 def output_problems_for(out: Path, recipe: Any, task_paths: Sequence[Union[str, Path]]) -> list[str]:
@@ -301,7 +319,8 @@ def output_problems_for(out: Path, recipe: Any, task_paths: Sequence[Union[str, 
 
 
 def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[str, Path], *,
-            budget: Union[str, float], device: str = "cpu", dtype: Any = "auto", batch_size: int = 8,
+            budget: Union[str, float], validation: Sequence[Union[str, Path]] = (), adamerge: Any = None,
+            learn_share: float = 0.5, device: str = "cpu", dtype: Any = "auto", batch_size: int = 8,
             skip_bad_rows: bool = False, overwrite: bool = False, isolate_merge: bool = True,
             merge_fn: Optional[Callable] = None, check_fn: Optional[Callable] = None,
             submission_format: str = DEFAULT_SUBMISSION_FORMAT, bootstrap: int = 1000,
@@ -318,11 +337,20 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     seconds are kept for writing the outputs (default: 2% of the budget, at most
     30s). ``clock`` is the time source of the budget (tests pass a fake one).
 
+    Data-aware merges (``compete_data``): a recipe whose method reads calibration
+    statistics and that names no calibration data gets the ``validation`` task files
+    as every model's data; its statistics are collected in a ``calibrate`` phase.
+    ``adamerge`` (``AdaMergingSettings``) learns the recipe's task-vector weights on the
+    unlabeled prompts of ``task_paths`` in a ``learn`` phase, which stops at
+    ``learn_share`` of the budget with what it learned (``OUT/learned.yml``, then merged).
+    Both count against the budget; stopped by it, they leave no partial output.
+
     Every argument, the output folder and every task file are checked first, and
     all their problems raised as one ``InputError``, before anything is merged.
-    With ``isolate_merge=False`` the merge runs in this process and cannot be
-    stopped at the budget; it runs to its end.
+    With ``isolate_merge=False`` the merge (and the statistics collection) runs in this
+    process and cannot be stopped at the budget; it runs to its end.
     """
+    from mergesmith.evaluate import compete_data as D
     from mergesmith.checks import prepare_output_dir, remove_if_empty, resolve_device
     from mergesmith.evaluate.model import load_model
     from mergesmith.evaluate.runner import Pacer, evaluate, metric_problems, settings_problems, unrun_result
@@ -341,15 +369,22 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         problems += err.problems
     if write_reserve is not None and not (isinstance(write_reserve, (int, float)) and write_reserve >= 0):
         problems.append(f"write_reserve {write_reserve!r}: must be a number of seconds, at least 0")
+    if not (isinstance(learn_share, (int, float)) and 0 < learn_share <= 1):
+        problems.append(f"--learn-share {learn_share!r}: must be a fraction of the budget in (0, 1]")
     out = Path(out_dir)
     model_dir = out / "model"
-    problems += output_problems_for(out, recipe, task_paths)
+    problems += output_problems_for(out, recipe, [*task_paths, *validation])
+    data = D.DataPlan(D.PLAIN, recipe)
+    try:
+        data = D.plan_data(recipe, task_paths, validation, adamerge)
+    except InputError as err:
+        problems += err.problems
     if model_dir.exists() and not overwrite:
         problems.append(f"{model_dir}: already exists; choose another --out or pass --overwrite")
     start = clock()
     deadline = start + budget_s
     reserve = min(30.0, 0.02 * budget_s) if write_reserve is None else write_reserve
-    result = CompeteResult(budget_s)
+    result = CompeteResult(budget_s, notes=list(data.notes))
     device = resolve_device(device)
     merge_kwargs = {"device": device, "overwrite": overwrite}
 
@@ -370,7 +405,7 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         check_fn = check_recipe
     if check_fn is not None:  # the recipe's problems join the others: one report, not two rounds
         try:
-            phase("check_recipe", lambda: check_fn(recipe, model_dir, **merge_kwargs))
+            phase("check_recipe", lambda: check_fn(data.recipe, model_dir, **merge_kwargs))
         except InputError as err:
             problems += err.problems
     if problems:
@@ -380,8 +415,19 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         created = prepare_output_dir(out)
         runner = run_merge_isolated if isolate_merge else run_merge_inline
         try:
-            (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, recipe, model_dir,
-                                                                     merge_kwargs, deadline - clock()))
+            to_merge, status, detail = _before_merge(data, out, phase, isolate=isolate_merge, device=device,
+                                                     clock=clock, deadline=deadline,
+                                                     learn_deadline=start + learn_share * budget_s)
+            if status == FAILED:  # its process died: a fault, as for the merge
+                raise RuntimeError(detail)
+            if status == DONE and clock() < deadline:
+                (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, to_merge,
+                                                                         model_dir, merge_kwargs, deadline - clock()))
+            else:
+                status, detail = SKIPPED, ("no time left for the merge" if status == DONE else
+                                           f"not run: the {result.phases[-1].name} phase did not finish")
+                merged = Phase("merge", 0.0, status, detail)
+                result.phases.append(merged)
         except BaseException:
             if created:  # the merge failed or was interrupted: no empty output folder stays behind
                 remove_if_empty(out)
@@ -403,7 +449,8 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
                 evaluated.status = STOPPED
                 evaluated.detail = "stopped before a batch that would overrun the budget"
         else:
-            reason = "no time left after the merge" if status == DONE else "the merge did not finish"
+            reason = ("no time left after the merge" if status == DONE else "the merge did not run" if
+                      status == SKIPPED else "the merge did not finish")
             result.phases.append(Phase("evaluate", 0.0, SKIPPED, reason))
             evaluation = unrun_result(tasks, str(model_dir), reason)
         result.evaluation = evaluation
@@ -417,3 +464,56 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         phase("write", write)
         (out / "compete.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
         return result
+
+
+def _before_merge(data: Any, out: Path, phase: Callable, *, isolate: bool, device: str,
+                  clock: Callable[[], float], deadline: float, learn_deadline: float) -> tuple[Any, str, str]:
+    """The ``calibrate`` or ``learn`` phase a data-aware recipe needs; returns (the recipe to merge,
+    status, detail). Stopped at the budget, a phase's partial output is removed (``compete_data.clean_after``)."""
+    from mergesmith.evaluate import compete_data as D
+
+    if data.kind == D.PLAIN:
+        return data.recipe, DONE, ""
+
+    def cleanup(pid: int) -> None:
+        D.clean_after(data, out, pid)
+
+    def run(fn: Callable, args: tuple, kwargs: dict, what: str) -> tuple[str, str, Any]:
+        if isolate:
+            return run_isolated(fn, args, kwargs, deadline - clock(), what=what, cleanup=cleanup)
+        try:
+            return DONE, "", fn(*args, **kwargs)
+        except BaseException:
+            cleanup(os.getpid())
+            raise
+
+    if data.kind == D.CALIBRATE:
+        def calibrate() -> tuple[str, str, Any]:
+            missing = D.missing_statistics(data.recipe)
+            if not missing:
+                return DONE, "every statistic was cached", []
+            status, detail, computed = run(D.calibrate_recipe, (data.recipe,), {"device": device},
+                                           "statistics collection")
+            return status, detail or f"computed {len(computed or missing)}: {', '.join(computed or missing)}", computed
+
+        (status, detail, _), record = phase("calibrate", calibrate)
+        record.status, record.detail = status, detail
+        return data.recipe, status, detail
+    learned = out / D.LEARNED_RECIPE
+    for old in (learned, learned.with_suffix(".json")):  # an old learned recipe is never merged by mistake
+        if old.exists():
+            old.unlink()
+    if isolate:  # the child stops itself at the learning share: a moment on the shared monotonic clock
+        stop: Any = D.Deadline(time.monotonic() + max(0.0, learn_deadline - clock()))
+    else:
+        stop = lambda: clock() >= learn_deadline  # noqa: E731 (the budget's clock, which tests fake)
+    (status, detail, info), record = phase("learn", lambda: run(
+        D.learn_recipe, (data.recipe, data.learn_files, learned, data.settings, stop), {}, "AdaMerging learning"))
+    if status == DONE:
+        steps, of = info["steps"], info["of"]
+        detail = f"AdaMerging: {steps} of {of} steps; wrote {learned}"
+        if steps < of:
+            detail += (" (stopped at its share of the budget" +
+                       ("; no step fitted, so the weights are the initial ones" if steps == 0 else "") + ")")
+    record.status, record.detail = status, detail
+    return str(learned), status, detail

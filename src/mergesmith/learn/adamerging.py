@@ -58,7 +58,7 @@ import random
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import yaml
@@ -303,12 +303,14 @@ def load_task_vectors(plan: Any, lm: Any, settings: AdaMergingSettings) -> TaskV
 # ----------------------------------------------------------------------------- learning
 
 
-def learn(vectors: TaskVectors, lm: Any, tasks: list[PromptTask], settings: AdaMergingSettings
-          ) -> tuple[torch.Tensor, list[float]]:
+def learn(vectors: TaskVectors, lm: Any, tasks: list[PromptTask], settings: AdaMergingSettings,
+          should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, list[float]]:
     """Adam on λ (T x G, every entry ``init``) for ``steps`` steps; returns λ and each step's loss.
 
     Each step merges once, backpropagates every task's batch loss to the merged tensors (so one
     task's activations are held at a time), then carries the summed gradient through the merge to λ.
+    ``should_stop`` is asked before every step (a time budget): when it says so, the λ learned so far
+    is returned, with fewer losses than ``steps``.
     """
     columns = (vectors.layers + 1) if settings.granularity == "layer" else 1
     lambdas = torch.full((len(vectors.models), columns), float(settings.init), dtype=torch.float32,
@@ -317,6 +319,8 @@ def learn(vectors: TaskVectors, lm: Any, tasks: list[PromptTask], settings: AdaM
     losses = []
     bar = tqdm(range(settings.steps), desc="adamerge", disable=not settings.progress)
     for _ in bar:
+        if should_stop is not None and should_stop():
+            break
         optimizer.zero_grad()
         merged = merged_parameters(vectors, lambdas)
         leaves = {name: t.detach().requires_grad_(True) for name, t in merged.items()}
@@ -330,6 +334,7 @@ def learn(vectors: TaskVectors, lm: Any, tasks: list[PromptTask], settings: AdaM
         optimizer.step()
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
+    bar.close()
     return lambdas.detach(), losses
 
 
@@ -457,7 +462,9 @@ def argument_problems(recipe: PathLike, task_files: list[str], out: PathLike, se
     if Path(out).suffix.lower() not in (".yml", ".yaml"):
         problems.append(f"--out {out}: give a recipe file name ending in .yml or .yaml (the PNG and JSON "
                         "are written beside it)")
-    inputs = {f"the recipe {recipe}": recipe, **{f"task file {f}": f for f in task_files}}
+    inputs = {f"task file {f}": f for f in task_files}
+    if not isinstance(recipe, dict):  # a recipe given as a dict has no file to protect
+        inputs[f"the recipe {recipe}"] = recipe
     png, trace = side_files(out)
     for path in (Path(out), trace) + ((png,) if plot else ()):
         problems += [f"--out {p}" for p in output_problems(path, inputs, what="--out")]
@@ -509,21 +516,17 @@ def recipe_problems(recipe: PathLike, settings: AdaMergingSettings) -> list[str]
     return []
 
 
-def adamerge(recipe: PathLike, task_files: list[str], out: PathLike, settings: Optional[AdaMergingSettings] = None,
-             *, overwrite: bool = False, plot: bool = True) -> AdaMergingResult:
-    """Learn AdaMerging coefficients for ``recipe`` on the prompts of ``task_files``; write the learned
-    recipe to ``out`` (a .yml), its coefficients' plot beside it (.png) and a trace (.json).
-
-    Raises one ``InputError`` with every problem of the arguments before any weight is read.
+def learn_adamerging(recipe: PathLike, task_files: list[str], settings: AdaMergingSettings, *,
+                     should_stop: Optional[Callable[[], bool]] = None, objectives: bool = True) -> AdaMergingResult:
+    """Load the base model and the task vectors of ``recipe``, learn λ on the prompts of ``task_files``
+    and return the learned recipe (nothing is written). Arguments are assumed checked
+    (``argument_problems``). ``should_stop``: asked before every step (see ``learn``). Without
+    ``objectives`` the objective over all prompts is not evaluated before and after (NaN), which
+    saves two passes over the data where time is counted (``mergesmith compete``).
     """
     from mergesmith.engine import plan_merge
     from mergesmith.evaluate.model import load_model
 
-    settings = settings or AdaMergingSettings()
-    task_files = [str(f) for f in task_files]
-    problems = argument_problems(recipe, task_files, out, settings, overwrite=overwrite, plot=plot)
-    if problems:
-        raise InputError(problems)
     raw, where = read_recipe_raw(recipe)
     parsed = load_recipe(_raw_with_default_weight(raw, settings.init))
     parsed.source_name = where
@@ -540,27 +543,57 @@ def adamerge(recipe: PathLike, task_files: list[str], out: PathLike, settings: O
             m.checkpoint.close()
     start = torch.full((len(vectors.models), (vectors.layers + 1) if settings.granularity == "layer" else 1),
                        float(settings.init), device=lm.device)
-    before = objective(lm, tasks, merged_parameters(vectors, start), settings.batch_size)
-    lambdas, losses = learn(vectors, lm, tasks, settings)
-    after = objective(lm, tasks, merged_parameters(vectors, lambdas), settings.batch_size)
+    nan = float("nan")
+    before = objective(lm, tasks, merged_parameters(vectors, start), settings.batch_size) if objectives else nan
+    lambdas, losses = learn(vectors, lm, tasks, settings, should_stop)
+    after = objective(lm, tasks, merged_parameters(vectors, lambdas), settings.batch_size) if objectives else nan
     learned = learned_recipe(raw, vectors, lambdas.cpu(), settings)
     check_recipe_reproduces(learned, vectors, lambdas.cpu())
+    return AdaMergingResult(lambdas.cpu(), learned, losses, before, after, vectors, lm)
+
+
+def write_learned(result: AdaMergingResult, out: PathLike, settings: AdaMergingSettings, *, where: str,
+                  task_files: list[str], plot: bool = True) -> None:
+    """The learned recipe at ``out``, its trace (.json) and plot (.png) beside it, each written whole."""
     out = Path(out)
     png, trace = side_files(out)
     pruned = ", TIES-pruned" if settings.prune else ""
+    steps = len(result.losses)
+    cut = "" if steps == settings.steps else f" (stopped at its time budget, of {settings.steps})"
+    scores = ("" if math.isnan(result.objective_before) else
+              f"# Entropy objective {result.objective_before:.4f} at λ = {settings.init:g}, "
+              f"{result.objective_after:.4f} learned.\n")
     header = (f"# Learned by mergesmith adamerge (AdaMerging, Yang et al. ICLR 2024{pruned}): "
-              f"{settings.granularity}-wise, {settings.steps} steps, seed {settings.seed}.\n"
-              f"# Entropy objective {before:.4f} at λ = {settings.init:g}, {after:.4f} learned. "
-              "Run it with: mergesmith merge THIS_FILE OUT_DIR\n")
-    _write_atomic(out, header + yaml.safe_dump(learned, sort_keys=False, allow_unicode=True))
+              f"{settings.granularity}-wise, {steps} steps{cut}, seed {settings.seed}.\n"
+              f"{scores}# Run it with: mergesmith merge THIS_FILE OUT_DIR\n")
+    _write_atomic(out, header + yaml.safe_dump(result.recipe, sort_keys=False, allow_unicode=True))
+    nan_free = {k: (None if math.isnan(v) else v) for k, v in (("objective_before", result.objective_before),
+                                                               ("objective_after", result.objective_after))}
     _write_atomic(trace, json.dumps({
         "method": "adamerging", "settings": {k: v for k, v in vars(settings).items() if k != "progress"},
-        "recipe": where, "tasks": task_files, "models": vectors.models, "layers": vectors.layers,
-        "lambdas": lambdas.cpu().tolist(), "losses": losses, "objective_before": before,
-        "objective_after": after}, indent=2) + "\n")
+        "recipe": where, "tasks": task_files, "models": result.vectors.models, "layers": result.vectors.layers,
+        "steps_done": steps, "lambdas": result.lambdas.tolist(), "losses": result.losses, **nan_free},
+        indent=2) + "\n")
     if plot:
-        plot_coefficients(vectors, lambdas.cpu(), png, settings.granularity)
-    return AdaMergingResult(lambdas.cpu(), learned, losses, before, after, vectors, lm)
+        plot_coefficients(result.vectors, result.lambdas, png, settings.granularity)
+
+
+def adamerge(recipe: PathLike, task_files: list[str], out: PathLike, settings: Optional[AdaMergingSettings] = None,
+             *, overwrite: bool = False, plot: bool = True,
+             should_stop: Optional[Callable[[], bool]] = None) -> AdaMergingResult:
+    """Learn AdaMerging coefficients for ``recipe`` on the prompts of ``task_files``; write the learned
+    recipe to ``out`` (a .yml), its coefficients' plot beside it (.png) and a trace (.json).
+
+    Raises one ``InputError`` with every problem of the arguments before any weight is read.
+    """
+    settings = settings or AdaMergingSettings()
+    task_files = [str(f) for f in task_files]
+    problems = argument_problems(recipe, task_files, out, settings, overwrite=overwrite, plot=plot)
+    if problems:
+        raise InputError(problems)
+    result = learn_adamerging(recipe, task_files, settings, should_stop=should_stop)
+    write_learned(result, out, settings, where=read_recipe_raw(recipe)[1], task_files=task_files, plot=plot)
+    return result
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 from tqdm.auto import tqdm
 
 from mergesmith.errors import InputError
+from mergesmith.zoo.bench_learned import LEARNED_ROWS, calibration_block, learn_row
 
 GEN_MAX_NEW_TOKENS = 16  # the longest answer (six spaced letters) is 12 tokens
 
@@ -80,8 +81,19 @@ GRIDS: dict[str, list[dict]] = {
     "drm": _grid(stack=["vertical", "horizontal"], density=[0.2, 0.5]),
     "pcb": _grid(density=[0.1, 0.2, 0.5], **{"lambda": TA_LAMBDAS}),
     "wudi": [{}],
+    # Data-aware rows (zoo/bench_learned.py): statistics on each expert's own train prompts, or
+    # coefficients learned on train / unlabeled validation prompts. alpha: FusionBench's 0.95 and the
+    # default 0.1 bracket it; the Grams are computed once per expert and shared by every point.
+    "regmean": _grid(alpha=[0.1, 0.5, 0.95]),
+    "regmean_plusplus": _grid(alpha=[0.1, 0.5, 0.95]),
+    "fisher": [{}],
+    "adamerging": [{}],  # learned: layer-wise weights from the entropy on validation prompts
+    "dam": [{}],  # learned: per-column coefficients distilled from each expert on its train prompts
 }
-ALL_METHODS = tuple(GRIDS)
+# 'all' is every training-free method, the README's table; the data-aware rows need statistics or a
+# learning step each (an hour or more per seed on two CPU cores) and are named by 'data-aware'.
+DATA_AWARE_METHODS = ("regmean", "regmean_plusplus", "fisher", "adamerging", "dam")
+ALL_METHODS = tuple(m for m in GRIDS if m not in DATA_AWARE_METHODS)
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
 
@@ -120,6 +132,8 @@ def recipe_for(zoo, method: str, point: dict, seed: int, skills: Optional[tuple[
         recipe["base_model"] = str(zoo.base)
     if params:
         recipe["parameters"] = params
+    if spec.needs_stats:  # each expert's statistics on its own skill's train prompts
+        calibration_block(zoo, recipe)
     return recipe
 
 
@@ -215,7 +229,7 @@ def method_problems(methods: tuple[str, ...]) -> list[str]:
     """Every ``--methods`` name must be a registered merge method with a validation grid here."""
     from mergesmith.methods import all_methods
 
-    known = all_methods()
+    known = [*all_methods(), *LEARNED_ROWS]  # adamerging is a learning step, not a merge method
     problems = []
     if not methods:
         problems.append("--methods: name at least one method")
@@ -310,9 +324,14 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
     merges = work / "merges" / f"seed{seed}"
     for method in cfg.methods:
         t0 = time.time()
-        best, trials = select(cfg, zoo, method, seed, val, cache, merges, log)
+        if method in LEARNED_ROWS:  # its recipe is learned (and cached), not chosen from a grid
+            recipe, learned = learn_row(zoo, method, seed, cache=cache, work=work, device=cfg.device,
+                                        val_limit=cfg.val_limit, progress=cfg.progress, log=log)
+            best, trials = {}, [learned]
+        else:
+            best, trials = select(cfg, zoo, method, seed, val, cache, merges, log)
+            recipe = recipe_for(zoo, method, best, seed)
         select_seconds += time.time() - t0
-        recipe = recipe_for(zoo, method, best, seed)
         key = f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}"
         out_dir = merges / method
         if not scored(key):
@@ -547,7 +566,8 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
                    help="fine-tune seeds of the zoo; the spread over them is reported "
                         "(default: 0; use three or more for the ranking's uncertainty)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated merge methods, 'all' ({', '.join(ALL_METHODS)}) or "
+                   help=f"comma-separated merge methods, 'all' (the training-free ones: {', '.join(ALL_METHODS)}), "
+                        f"'data-aware' ({', '.join(DATA_AWARE_METHODS)}), 'everything' (both) or "
                         f"'demo' ({', '.join(DEMO_METHODS)}) (default: all; with --study scaling: "
                         "linear,task_arithmetic,ties)")
     p.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
@@ -575,6 +595,10 @@ def parse_methods(text: str) -> tuple[str, ...]:
         return ALL_METHODS
     if text == "demo":
         return DEMO_METHODS
+    if text == "data-aware":
+        return DATA_AWARE_METHODS
+    if text == "everything":
+        return ALL_METHODS + DATA_AWARE_METHODS
     return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
