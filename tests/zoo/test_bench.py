@@ -122,8 +122,12 @@ def test_unknown_method_is_an_input_error():
 
 def test_every_grid_method_is_registered():
     from mergesmith.methods import all_methods
+    from mergesmith.zoo.bench_learned import LEARNED_ROWS
 
-    assert set(BN.GRIDS) <= set(all_methods())
+    assert set(BN.GRIDS) <= set(all_methods()) | set(LEARNED_ROWS)  # adamerging is a learning step
+    assert set(BN.ALL_METHODS) | set(BN.DATA_AWARE_METHODS) == set(BN.GRIDS)
+    assert not set(BN.ALL_METHODS) & set(BN.DATA_AWARE_METHODS)
+    assert BN.parse_methods("everything") == BN.ALL_METHODS + BN.DATA_AWARE_METHODS
 
 
 def test_cli_zoo_build_and_bench_help(zoo, zoo_cache, capsys):
