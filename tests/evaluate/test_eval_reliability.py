@@ -284,9 +284,15 @@ def test_ctrl_c_while_the_merge_runs_leaves_no_partial_output(tmp_path):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt_once_writing, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_merge_isolated(partial_then_sleep, {}, out / "model", {}, timeout=60)
+    # A shell's background job inherits SIGINT ignored, and Python then keeps it ignored: give this
+    # test Python's own Ctrl-C handler, whatever started pytest.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_writing, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_merge_isolated(partial_then_sleep, {}, out / "model", {}, timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (out / "merge-started").exists()
     assert leftovers(out) == [] and not (out / "model").exists()
 
