@@ -533,9 +533,8 @@ def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[st
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> str:
     """Run the benchmark; returns the markdown table (also written to ``cfg.out``)."""
-    from mergesmith.zoo import skills as S
-
     from mergesmith.checks import prepare_output_dir, resolve_device
+    from mergesmith.zoo.build import Zoo
     from mergesmith.paths import OutputLock
 
     problems = config_problems(cfg)
@@ -550,7 +549,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> str:
             work = cfg.out / "work" / f"{cfg.size}-s{cfg.zoo_seed}"
             results.append(run_seed(cfg, seed, work, log))
         seconds = {"total": round(time.time() - start, 1)}
-        return write_outputs(cfg, results, S.TRAINED, S.HELDOUT, seconds)
+        # the skills of the zoo that was evaluated (its manifest), not of this version of skills.py
+        zoo = Zoo.load(Path(results[0].zoo_root))
+        return write_outputs(cfg, results, zoo.trained, zoo.heldout, seconds)
 
 
 # ----------------------------------------------------------------------------- CLI
