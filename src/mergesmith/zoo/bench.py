@@ -357,10 +357,11 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
     if len(grid) == 1:
         return grid[0], []
     trials = []
+    val_key = task_set_key(val)
     for i, point in enumerate(grid):
         recipe = recipe_for(zoo, method, point, seed, skills)
         key = (f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}|validation|limit={cfg.val_limit}"
-               f"|{task_set_key(val)}")
+               f"|{val_key}")
 
         def run(recipe=recipe, i=i) -> dict:
             out_dir = merges / f"{method}-val{i}"

@@ -523,7 +523,6 @@ def _manifest(spec: ZooSize, seed: int, ft_seed: int, root: Path, timings: dict,
         "multitask": f"{ft}/multitask",
         "distractors": {d.name: distractor_folder(root, spec, d).relative_to(root.parent).as_posix()
                         for d in DISTRACTORS},
-        "pool": {d.name: d.doc for d in DISTRACTORS},
         "tasks": tasks,
         "training": logs,
         "build_seconds": {"this_run": round(seconds, 1), **timings},

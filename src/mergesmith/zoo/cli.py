@@ -12,7 +12,7 @@ SIZE_NAMES = ("test", "default", "medium", "large")  # as in mergesmith.zoo.mode
 
 def _add_zoo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="default", choices=SIZE_NAMES,
-                   help="test: seconds, for the test suite; default: about 10 minutes on two CPU "
+                   help="test: seconds, for the test suite; default: about 11 minutes on two CPU "
                         "cores; medium: 11.4M parameters, for the scaling study; large: for a GPU "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="world and base seed (default: 0)")

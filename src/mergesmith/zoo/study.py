@@ -31,7 +31,7 @@ import random
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -60,7 +60,6 @@ class StudyConfig:
     batch_size: int = 32
     progress: bool = True
     command: str = ""
-    rows: list = field(default_factory=list)
 
 
 def draws(trained: tuple[str, ...], k: int, n: int, seed: int) -> list[tuple[str, ...]]:
@@ -247,6 +246,6 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> str:
         text = markdown(cfg, rows, time.time() - start)
         (cfg.out / "study.md").write_text(text)
         (cfg.out / "results.json").write_text(json.dumps({
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "rows"},
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()},
             "rows": rows}, indent=1, default=str))
         return text
