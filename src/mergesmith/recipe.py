@@ -77,6 +77,9 @@ class CalibrationSpec(_Strict):
     batch_size: int = 8
     memory: Union[int, str] = "2GiB"  # statistics accumulators held at once
     cache_dir: Optional[str] = None
+    # true: each sequence is the item's context followed by its gold answer (calibrate/data.py).
+    # Any, so that a wrong value is reported with the block's other problems, not alone by the schema.
+    include_answers: Any = False
 
 
 class ModelSpec(_Strict):
@@ -165,6 +168,7 @@ class Calibration:
     batch_size: int = 8
     memory: int = 2 * 1024 ** 3
     cache_dir: Optional[str] = None
+    include_answers: bool = False
 
     def files_for(self, model: str) -> tuple[str, ...]:
         return self.per_model.get(model) or self.files
@@ -418,6 +422,9 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
         memory = 0
     if memory < 1:
         problems.append(f"{where}: calibration.memory = {block.memory!r} must be a positive size like 2GiB or 500MB")
+    if not isinstance(block.include_answers, bool):
+        problems.append(f"{where}: calibration.include_answers = {block.include_answers!r} must be true or false "
+                        "(true: calibrate on each item's prompt followed by its gold answer; false: prompts only)")
     if method.needs_stats:
         for sl in slices:
             for src in sl.sources:
@@ -427,7 +434,7 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
                     problems.append(f"{where}: {src.field} ({src.model}): {method.name} needs calibration data for "
                                     f"every model and this one has none; {fix}")
     return Calibration(tuple(block.files), per_model, block.samples, block.max_length, block.seed,
-                       block.batch_size, memory, block.cache_dir)
+                       block.batch_size, memory, block.cache_dir, block.include_answers is True)
 
 
 def _check_files(where: str, field_name: str, files: list[str], problems: list[str]) -> None:

@@ -128,7 +128,8 @@ class StatsPlan:
 
 def settings_for(recipe: Any, ref: str) -> CalibrationSettings:
     c = recipe.calibration
-    return CalibrationSettings(tuple(c.files_for(ref)), c.samples, c.max_length, c.seed, c.batch_size, c.memory)
+    return CalibrationSettings(tuple(c.files_for(ref)), c.samples, c.max_length, c.seed, c.batch_size, c.memory,
+                               c.include_answers)
 
 
 def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> StatsPlan:
@@ -159,7 +160,8 @@ def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> S
                 out.append(None)
                 continue
         folders = {k: cache / cache_key(k, [model.path], fingerprints[settings.files], settings.samples,
-                                        settings.max_length, settings.seed) for k in kinds if k != sequential.KIND}
+                                        settings.max_length, settings.seed, settings.include_answers)
+                   for k in kinds if k != sequential.KIND}
         weight_bytes = sum(4 * _numel(info.shape) for info in model.checkpoint.infos.values())
         out.append(ModelStats(model.ref, model.path, settings, folders, model.config, weight_bytes))
     if problems:
@@ -179,7 +181,7 @@ def _joint_folders(recipe: Any, entries: list[Optional[ModelStats]], fingerprint
         data = hashlib.sha256(f"{joint}#{position}".encode()).hexdigest()
         s = m.settings
         m.folders[sequential.KIND] = cache / cache_key(sequential.KIND, [x.path for x in inputs], data, s.samples,
-                                                       s.max_length, s.seed)
+                                                       s.max_length, s.seed, s.include_answers)
 
 
 def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str], folders: dict[str, Path], *,
@@ -189,7 +191,7 @@ def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str],
 
     lm = load_model(path, device=device, dtype="float32", max_length=settings.max_length)
     try:
-        sequences = encode_items(lm, select_items(settings), settings.max_length)
+        sequences = encode_items(lm, select_items(settings), settings.max_length, settings.include_answers)
         if not sequences:
             raise InputError(f"{', '.join(settings.files)}: the calibration data gives no tokens; give prompts")
         tokens = token_count(sequences)
@@ -220,7 +222,8 @@ def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str],
             index = {"kind": kind, "model": str(path), "tensors": written.tensors, "counts": written.counts,
                      "sequences": len(sequences), "tokens": tokens, "passes": written.passes,
                      "settings": {"files": list(settings.files), "samples": settings.samples,
-                                  "max_length": settings.max_length, "seed": settings.seed},
+                                  "max_length": settings.max_length, "seed": settings.seed,
+                                  "include_answers": settings.include_answers},
                      "seconds": round(time.perf_counter() - start, 3)}
             if kind == "fisher":
                 index["fisher_norm"] = written.sum_of_squares ** 0.5

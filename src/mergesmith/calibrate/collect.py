@@ -33,6 +33,19 @@ position's next token drawn from the model's softmax there (teacher forcing on t
 prompt). The draws use a CPU generator seeded with ``seed + example index``, so they
 do not depend on the device, the batch or the pass. One backward pass per example: squared gradients of a
 batch's summed loss would not be per-example squares.
+
+**With answers** (``calibration.include_answers``, ``data.encode_items``): the
+sequences are each item's context followed by its gold answer. The Gram then sums
+over the answer positions too. Fisher keeps the paper's estimator unchanged: the
+gold tokens are only *inputs* (teacher forcing, as the expert saw them in
+fine-tuning), and every position's target is still drawn from the model, never
+the gold token. Matena & Raffel use the model's own predictive distribution, not
+dataset labels (their code takes the exact expectation over the classes, or
+samples them); the empirical Fisher on gold tokens is a different quantity, and
+fine-tuned experts fit their gold answers, so its gradients there are small for
+each expert's own data. What the answers add is the conditioning: the positions
+inside and at the end of an answer, where the model's predictive distribution is
+the skill's.
 """
 
 from __future__ import annotations

@@ -4,8 +4,17 @@ Items come from task files in any format the evaluation harness reads
 (``evaluate.tasks.load_tasks``); each becomes the exact context the harness would
 condition on (``evaluate.prompts.render_context``: description, few-shot examples,
 chat template), tokenized as the harness does (the BOS prefix put back by hand).
-Only prompts are used: Fisher merging samples its targets from the model itself
-(see ``collect.collect_fisher``), so no answer is needed.
+
+By default only prompts are used: Fisher merging samples its targets from the
+model itself (see ``collect.collect_fisher``), so no answer is needed. With
+``include_answers`` (the recipe's ``calibration.include_answers: true``) each
+sequence is the context *followed by the item's gold answer*, tokenized exactly as
+the harness scores a choice (``evaluate.scoring.encode_continuations``: the context
+with its trailing whitespace moved into the continuation ``target_delimiter +
+answer``, split where the encoding of the whole has the context's tokens): for
+multiple choice the gold choice, for generation the first reference. A model
+fine-tuned on prompt + answer then shows its activations at the answer positions,
+where experts differ most; every item must then have a gold answer.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ import torch
 
 from mergesmith.evaluate.model import LoadedModel
 from mergesmith.evaluate.prompts import render_context
-from mergesmith.evaluate.scoring import batches, prefix_for
-from mergesmith.evaluate.tasks import Item, Task, load_tasks
+from mergesmith.errors import InputError
+from mergesmith.evaluate.scoring import batches, encode_continuations, prefix_for
+from mergesmith.evaluate.tasks import MULTIPLE_CHOICE, Item, Task, load_tasks
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,7 @@ class CalibrationSettings:
     batch_size: int = 8
     # Bytes of statistics accumulators held at once; more passes over the data when they exceed it.
     memory: int = 2 * 1024 ** 3
+    include_answers: bool = False  # each sequence is context + gold answer, not the context alone
 
 
 @dataclass
@@ -46,6 +57,8 @@ class Sequence:
 def select_items(settings: CalibrationSettings) -> list[tuple[Task, Item]]:
     """``samples`` items drawn without replacement (seeded) from every task of the files, in file order."""
     tasks = load_tasks(list(settings.files))
+    if settings.include_answers:
+        check_answers(tasks)
     pool = [(task, item) for task in tasks for item in task.items]
     if len(pool) > settings.samples:
         keep = sorted(random.Random(settings.seed).sample(range(len(pool)), settings.samples))
@@ -62,12 +75,36 @@ def data_fingerprint(selected: list[tuple[Task, Item]]) -> str:
     return digest.hexdigest()
 
 
-def encode_items(lm: LoadedModel, selected: list[tuple[Task, Item]], max_length: int) -> list[Sequence]:
-    """Token ids of each item's context, as the harness feeds it; the last ``max_length`` tokens kept."""
+def check_answers(tasks: list[Task]) -> None:
+    """Calibrating on answers needs every item to have one (all items: the draw must not decide)."""
+    problems = []
+    for task in tasks:
+        missing = [item for item in task.items if not item.labelled]
+        if missing:
+            first = missing[0]
+            what = "an answer" if first.type == MULTIPLE_CHOICE else "references"
+            problems.append(f"{task.source}: {len(missing)} of {len(task.items)} items have no gold answer (first: "
+                            f"{first.row}, id {first.id}); calibrating on answers (calibration.include_answers: "
+                            f"true, or --include-answers) needs {what} on every item; label them, or calibrate "
+                            "on prompts only")
+    if problems:
+        raise InputError(problems)
+
+
+def encode_items(lm: LoadedModel, selected: list[tuple[Task, Item]], max_length: int,
+                 include_answers: bool = False) -> list[Sequence]:
+    """Token ids of each item's context as the harness feeds it, followed by its gold answer's
+    continuation with ``include_answers`` (see the module docstring); the last ``max_length`` kept."""
     out = []
     for index, (task, item) in enumerate(selected):
         ctx = render_context(task, item, lm.tokenizer)
-        ids = prefix_for(lm, ctx, ctx.text) + lm.encode([ctx.text])[0]
+        if include_answers:
+            if not item.labelled:
+                check_answers([task])  # the message for the whole file
+            request = encode_continuations(lm, task, [item], [ctx], [(item.gold_text,)])[0]
+            ids = request.context + request.continuations[0]
+        else:
+            ids = prefix_for(lm, ctx, ctx.text) + lm.encode([ctx.text])[0]
         if not ids and lm.start_id is not None:
             ids = [lm.start_id]
         if ids:

@@ -260,7 +260,7 @@ def collect_plusplus(plan: Any, entries: dict[int, Any], device: str = "cpu",
     for i in order:
         settings = entries[i].settings
         lm = load_model(skeleton.model, tokenizer=str(plan.models[i].path), max_length=settings.max_length)
-        sequences = encode_items(lm, select_items(settings), settings.max_length)
+        sequences = encode_items(lm, select_items(settings), settings.max_length, settings.include_answers)
         if not sequences:
             raise InputError(f"{', '.join(settings.files)}: the calibration data gives no tokens; give prompts")
         tokens[i] = token_count(sequences)
@@ -326,7 +326,7 @@ def collect_plusplus(plan: Any, entries: dict[int, Any], device: str = "cpu",
                      "tokens": tokens[i], "passes": 1,
                      "merged_with": [str(plan.models[j].path) for j in order],
                      "settings": {"files": list(s.files), "samples": s.samples, "max_length": s.max_length,
-                                  "seed": s.seed},
+                                  "seed": s.seed, "include_answers": s.include_answers},
                      "seconds": seconds}
             done[i] = writers[i].commit(index)
         return done

@@ -45,9 +45,12 @@ def model_identity(paths: list[Path]) -> list[tuple[str, str, int, int]]:
     return out
 
 
-def cache_key(kind: str, model_paths: list[Path], data: str, samples: int, max_length: int, seed: int) -> str:
+def cache_key(kind: str, model_paths: list[Path], data: str, samples: int, max_length: int, seed: int,
+              include_answers: bool = False) -> str:
     record = {"version": FORMAT_VERSION, "kind": kind, "model": model_identity(model_paths), "data": data,
               "samples": samples, "max_length": max_length, "seed": seed}
+    if include_answers:  # only then: prompt-only entries keep the keys they were cached under
+        record["include_answers"] = True
     return f"{kind}-{hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]}"
 
 

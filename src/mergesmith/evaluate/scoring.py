@@ -63,14 +63,23 @@ class MCScore:
 
 
 def encode_mc(lm: LoadedModel, task: Task, items: list[Item], contexts: list[Context]) -> list[MCRequest]:
-    """Token ids for each item's context and choices (see the module docstring)."""
+    """Token ids for each item's context and choices (see the module docstring), fitted to the window."""
+    requests = encode_continuations(lm, task, items, contexts, [item.choices for item in items])
+    return [_truncate(lm, task, item, req) for item, req in zip(items, requests)]
+
+
+def encode_continuations(lm: LoadedModel, task: Task, items: list[Item], contexts: list[Context],
+                         texts: list[tuple[str, ...]]) -> list[MCRequest]:
+    """Token ids for each item's context and the continuations ``target_delimiter + text`` of its
+    ``texts`` (its choices, when scoring), split as the module docstring says; not truncated.
+    Calibration on answers (``calibrate.data``) feeds the gold one through this same split."""
     delimiter = task.settings.target_delimiter
     stripped, conts = [], []
-    for item, ctx in zip(items, contexts):
+    for ctx, choices in zip(contexts, texts):
         text = ctx.text.rstrip()
         moved = ctx.text[len(text):]
         stripped.append(text)
-        conts.append([moved + delimiter + choice for choice in item.choices])
+        conts.append([moved + delimiter + choice for choice in choices])
     ctx_ids = lm.encode(stripped)
     whole_ids = lm.encode([s + c for s, cs in zip(stripped, conts) for c in cs])
     requests, k = [], 0
@@ -94,9 +103,9 @@ def encode_mc(lm: LoadedModel, task: Task, items: list[Item], contexts: list[Con
             context = [lm.start_id]
         for j, cont in enumerate(continuations):
             if not cont:
-                raise InputError(f"task {task.name}: {item.row} (id {item.id}): choice {j} encodes to no "
-                                 "tokens; check the choice text")
-        requests.append(_truncate(lm, task, item, MCRequest(n, context, continuations, merged=merged)))
+                raise InputError(f"task {task.name}: {item.row} (id {item.id}): continuation {conts[n][j]!r} "
+                                 "encodes to no tokens; check the choice or reference text")
+        requests.append(MCRequest(n, context, continuations, merged=merged))
     return requests
 
 

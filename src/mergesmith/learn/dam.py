@@ -38,7 +38,9 @@ Where we deviate, and why:
 - The data are the experts' task files as the evaluation harness renders their
   prompts (``calibrate.data``: the same selection, tokenization and padding as
   calibration), not DAM's templated instruction/response pairs; the KL covers
-  every position of those prompts.
+  every position of those prompts. With ``include_answers`` each prompt is followed
+  by its gold answer, tokenized as the harness scores it, and the KL covers the
+  answer positions too: the nearest thing to DAM's instruction/response pairs.
 - The KL is averaged over a batch's non-padded tokens. DAM's ``kl_div(batchmean)``
   then ``/ non_padded_tokens`` also divides by the batch size; at DAM's default
   batch size of 1 the two are the same.
@@ -92,6 +94,9 @@ class DamSettings:
     samples: int = 256  # items drawn from each expert's files
     max_length: int = 512
     seed: int = 0
+    # true: each expert's sequences are its items' prompts followed by their gold answers (calibrate/data.py),
+    # so the KL also covers the answer tokens; false: prompts only
+    include_answers: bool = False
 
     def problems(self) -> list[str]:
         out = []
@@ -253,7 +258,8 @@ def learn_dam(model_paths: list[Path], experts: list[ExpertData], settings: DamS
     trainable = [c for cs in coefficients.values() for c in cs]
 
     for e in experts:
-        e.sequences = encode_items(lm, select_items(_calibration(e, settings)), settings.max_length)
+        e.sequences = encode_items(lm, select_items(_calibration(e, settings)), settings.max_length,
+                                   settings.include_answers)
         if not e.sequences:
             raise InputError(f"{', '.join(e.files)}: these task files give no tokens; give prompts")
 
@@ -323,7 +329,8 @@ def learn_dam(model_paths: list[Path], experts: list[ExpertData], settings: DamS
 
 
 def _calibration(e: ExpertData, settings: DamSettings) -> CalibrationSettings:
-    return CalibrationSettings(e.files, settings.samples, settings.max_length, settings.seed, settings.batch_size)
+    return CalibrationSettings(e.files, settings.samples, settings.max_length, settings.seed, settings.batch_size,
+                               include_answers=settings.include_answers)
 
 
 # ----------------------------------------------------------------------------- the flow: recipe + data -> DIR

@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=d.samples, help=f"items drawn per expert (default {d.samples})")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data draw and order (default 0)")
+    p.add_argument("--include-answers", action="store_true",
+                   help="distill on each item's prompt followed by its gold answer (the gold choice, or the first "
+                        "reference), so that the KL covers the answer tokens; every item needs one "
+                        "(default: prompts only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace dam.yml and the coefficients in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,7 +71,8 @@ def run_dam_command(args: argparse.Namespace) -> int:
 
     settings = DamSettings(lr=args.lr, epochs=args.epochs, temperature=args.temperature, similarity=args.similarity,
                            mofo_alpha=args.mofo_alpha, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                           samples=args.samples, max_length=args.max_length, seed=args.seed)
+                           samples=args.samples, max_length=args.max_length, seed=args.seed,
+                           include_answers=args.include_answers)
     device = str(_pick_device(args.device))
     result, recipe_path, coef_path = run_dam(args.recipe, parse_data(args.data), args.out, settings, device=device,
                                              progress=not args.no_progress, overwrite=args.overwrite)
