@@ -24,7 +24,7 @@ def settings_for(data: Path, **kw) -> CalibrationSettings:
 
 def sequences_of(model_dir: Path, settings: CalibrationSettings) -> list[list[int]]:
     lm = load_model(model_dir, dtype="float32")
-    return [s.ids for s in encode_items(lm, select_items(settings), settings.max_length)]
+    return [s.ids for s in encode_items(lm, select_items(settings), settings.max_length, settings.include_answers)]
 
 
 def run(model_dir: Path, settings: CalibrationSettings, kinds: list[str], root: Path) -> dict[str, StatsStore]:
@@ -163,3 +163,68 @@ def test_an_interrupted_calibration_leaves_no_entry(tmp_path, model_family, monk
         calibrate_model(model_dir, settings, ["gram", "fisher"], {"gram": tmp_path / "c" / "g",
                                                                   "fisher": tmp_path / "c" / "f"}, progress=False)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["g"]  # the finished kind stays, nothing else
+
+
+# ----------------------------------------------------------------------------- calibration on answers
+
+
+def write_labelled(folder: Path) -> Path:
+    """A generation item whose prompt ends in a space, a multiple-choice item, under a YAML config whose
+    target_delimiter is a space: the harness's split moves the prompt's space into the continuation."""
+    import json
+
+    rows = [{"id": "g0", "type": "generation", "prompt": "t4 t8 ", "references": ["t9 t10", "t11"]},
+            {"id": "m0", "type": "multiple_choice", "prompt": "t4 t8 t15", "choices": ["t3", "t5 t6"], "answer": 1}]
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "task.yml").write_text("task: answers\ndata: items.jsonl\ntarget_delimiter: ' '\n")
+    return folder / "task.yml"
+
+
+def test_answer_sequences_are_the_context_and_continuation_the_harness_scores(tmp_path, model_family):
+    from mergesmith.evaluate.prompts import render_context
+    from mergesmith.evaluate.scoring import encode_mc
+
+    _, (model_dir, _, _) = model_family()
+    lm = load_model(model_dir, dtype="float32")
+    selected = select_items(settings_for(write_labelled(tmp_path), samples=10, include_answers=True))
+    ids = [item.id for _, item in selected]  # a mixed file is one task per type
+    got = dict(zip(ids, (s.ids for s in encode_items(lm, selected, 100, include_answers=True))))
+    # by hand: the word-level tokenizer maps tN to N; no BOS prefix; the gold choice is "t5 t6", the
+    # generation answer the first reference
+    assert got == {"g0": [4, 8, 9, 10], "m0": [4, 8, 15, 5, 6]}
+    assert dict(zip(ids, (s.ids for s in encode_items(lm, selected, 100)))) == {"g0": [4, 8], "m0": [4, 8, 15]}
+    task, item = selected[ids.index("m0")]
+    (request,) = encode_mc(lm, task, [item], [render_context(task, item, lm.tokenizer)])
+    assert got["m0"] == request.context + request.continuations[item.answer]  # what multiple choice scores
+    short = dict(zip(ids, (s.ids for s in encode_items(lm, selected, 3, include_answers=True))))
+    assert short == {"g0": [8, 9, 10], "m0": [15, 5, 6]}  # the last max_length tokens, as the harness cuts
+
+
+def test_grams_on_answers_equal_a_plain_hook_computation(tmp_path, model_family):
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"), max_length=8, include_answers=True)
+    sequences = sequences_of(model_dir, settings)
+    prompts = sequences_of(model_dir, settings_for(write_calibration(tmp_path / "cal.jsonl"), max_length=8))
+    assert [s[:len(p)] for s, p in zip(sequences, prompts)] == prompts  # the answers follow the prompts
+    assert sum(map(len, sequences)) > sum(map(len, prompts))
+    store = run(model_dir, settings, ["gram"], tmp_path / "cache")["gram"]
+    assert store.index["settings"]["include_answers"] is True
+    assert store.index["tokens"] == sum(map(len, sequences))
+    for name, gram in plain_grams(model_dir, sequences).items():
+        got = StatsStore.read(store.refs(name)["gram"]).double()
+        torch.testing.assert_close(got, gram, rtol=1e-5, atol=1e-5)
+
+
+def test_answers_need_a_gold_answer_on_every_item(tmp_path, model_family):
+    from mergesmith.errors import InputError
+
+    data = write_calibration(tmp_path / "cal.jsonl")
+    with data.open("a") as f:
+        f.write('{"id": "u0", "type": "generation", "prompt": "t4 t5", "references": []}\n')
+        f.write('{"id": "u1", "type": "generation", "prompt": "t6 t7", "references": []}\n')
+    assert len(select_items(settings_for(data, samples=100))) == 10  # prompts only: unlabelled is fine
+    with pytest.raises(InputError) as err:
+        select_items(settings_for(data, samples=1, include_answers=True))  # whatever the draw
+    text = str(err.value)
+    assert f"{data}: 2 of 9 items have no gold answer (first: line 9, id u0)" in text
+    assert "calibration.include_answers" in text and "needs references on every item" in text

@@ -128,3 +128,57 @@ def test_recipe_checks_name_the_field_and_the_fix(tmp_path, model_family):
         load_recipe(recipe_for("linear", [a, b], data, tmp_path / "c", parameters={"weight": 1.0}))
     assert load_recipe({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}],
                         "parameters": {"weight": 1.0}}).calibration is None
+
+
+def test_answers_and_prompts_are_cached_apart(tmp_path, model_family):
+    _, (a, b, _) = model_family()
+    data = write_calibration(tmp_path / "cal.jsonl")
+    prompts = recipe_for("regmean", [a, b], data, tmp_path / "cache")
+    answers = recipe_for("regmean", [a, b], data, tmp_path / "cache")
+    answers["calibration"]["include_answers"] = True
+    first = mergesmith.merge(answers, tmp_path / "out1", progress=False)
+    assert len(first.plan.stats.computed) == 2
+    assert all(StatsStore(m.folders["gram"]).index["settings"]["include_answers"] for m in first.plan.stats.models)
+    second = mergesmith.merge(prompts, tmp_path / "out2", progress=False)
+    assert len(second.plan.stats.computed) == 2  # the entries on answers are not reused for prompts
+    assert {m.folders["gram"] for m in first.plan.stats.models}.isdisjoint(
+        m.folders["gram"] for m in second.plan.stats.models)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(load_state(tmp_path / "out1")[name], load_state(tmp_path / "out2")[name])
+
+    def joint_folders(rec):  # RegMean++'s entries: planned, not computed
+        plan = plan_merge({**rec, "merge_method": "regmean_plusplus"})
+        try:
+            return {m.folders["gram_plusplus"] for m in plan.stats.models}
+        finally:
+            for m in plan.models:
+                m.checkpoint.close()
+
+    assert joint_folders(prompts).isdisjoint(joint_folders(answers))
+
+
+def test_answers_setting_and_missing_answers_are_reported_up_front(tmp_path, model_family):
+    _, (a, b, _) = model_family()
+    data = write_calibration(tmp_path / "cal.jsonl")
+    bad = recipe_for("regmean", [a, b], tmp_path / "nope.jsonl", tmp_path / "c")
+    bad["calibration"].update(include_answers="yes", samples=0)
+    with pytest.raises(InputError) as err:
+        load_recipe(bad)
+    text = str(err.value)  # reported with the block's other problems
+    assert "calibration.include_answers = 'yes' must be true or false" in text
+    assert "calibration.samples = 0 must be at least 1" in text and "no such file" in text
+    with pytest.raises(InputError, match=r"calibration\.taregts"):
+        load_recipe({**bad, "calibration": {"files": [str(data)], "taregts": True}})  # a misspelt key
+
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text('{"id": "q0", "type": "multiple_choice", "prompt": "t4", "choices": ["t3", "t5"], '
+                          '"answer": null}\n')
+    recipe = recipe_for("fisher", [a, b], data, tmp_path / "c")
+    recipe["models"][1]["calibration"] = {"files": [str(unlabelled)]}
+    plan = plan_merge(recipe)  # prompts only: an unlabelled item is fine
+    for m in plan.models:
+        m.checkpoint.close()
+    recipe["calibration"]["include_answers"] = True
+    with pytest.raises(InputError, match=rf"{unlabelled}: 1 of 1 items have no gold answer .*needs an answer"):
+        plan_merge(recipe)
+    assert not (tmp_path / "c").exists()  # found before any model ran

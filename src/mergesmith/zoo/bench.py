@@ -112,9 +112,11 @@ class SeedResult:
 # ----------------------------------------------------------------------------- merging
 
 
-def recipe_for(zoo, method: str, point: dict, seed: int, skills: Optional[tuple[str, ...]] = None) -> dict:
+def recipe_for(zoo, method: str, point: dict, seed: int, skills: Optional[tuple[str, ...]] = None,
+               calibration_answers: bool = False) -> dict:
     """A mergekit-style recipe merging the full experts of ``skills`` (default: every trained
-    skill) of ``zoo`` with ``method``."""
+    skill) of ``zoo`` with ``method``; a data-aware one calibrates on prompts and answers with
+    ``calibration_answers``."""
     from mergesmith.methods import BasePolicy, get_method
 
     spec = get_method(method)
@@ -132,8 +134,8 @@ def recipe_for(zoo, method: str, point: dict, seed: int, skills: Optional[tuple[
         recipe["base_model"] = str(zoo.base)
     if params:
         recipe["parameters"] = params
-    if spec.needs_stats:  # each expert's statistics on its own skill's train prompts
-        calibration_block(zoo, recipe)
+    if spec.needs_stats:  # each expert's statistics on its own skill's train data
+        calibration_block(zoo, recipe, include_answers=calibration_answers)
     return recipe
 
 
@@ -223,6 +225,9 @@ class BenchConfig:
     generation: bool = True
     progress: bool = True
     command: str = ""
+    # data-aware rows (regmean, regmean_plusplus, fisher, dam) calibrate on train prompts followed by
+    # their answers, not prompts alone (calibration.include_answers); adamerging stays prompt-only
+    calibration_answers: bool = False
 
 
 def method_problems(methods: tuple[str, ...]) -> list[str]:
@@ -326,11 +331,12 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
         t0 = time.time()
         if method in LEARNED_ROWS:  # its recipe is learned (and cached), not chosen from a grid
             recipe, learned = learn_row(zoo, method, seed, cache=cache, work=work, device=cfg.device,
-                                        val_limit=cfg.val_limit, progress=cfg.progress, log=log)
+                                        val_limit=cfg.val_limit, progress=cfg.progress, log=log,
+                                        include_answers=cfg.calibration_answers)
             best, trials = {}, [learned]
         else:
             best, trials = select(cfg, zoo, method, seed, val, cache, merges, log)
-            recipe = recipe_for(zoo, method, best, seed)
+            recipe = recipe_for(zoo, method, best, seed, calibration_answers=cfg.calibration_answers)
         select_seconds += time.time() - t0
         key = f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}"
         out_dir = merges / method
@@ -359,7 +365,7 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
     trials = []
     val_key = task_set_key(val)
     for i, point in enumerate(grid):
-        recipe = recipe_for(zoo, method, point, seed, skills)
+        recipe = recipe_for(zoo, method, point, seed, skills, calibration_answers=cfg.calibration_answers)
         key = (f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}|validation|limit={cfg.val_limit}"
                f"|{val_key}")
 
@@ -469,7 +475,9 @@ def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[st
         f"Command: `{cfg.command}`" if cfg.command else "",
         f"Zoo: size `{cfg.size}`, world seed {cfg.zoo_seed}, fine-tune seeds {seeds}. "
         f"Test items per task: {cfg.limit or 'all'}. Hyperparameters chosen on the validation "
-        "split (multiple-choice accuracy over the trained skills).",
+        "split (multiple-choice accuracy over the trained skills)."
+        + (" Data-aware rows calibrated on each expert's train prompts followed by their answers "
+           "(`--calibration-answers`; adamerging on unlabeled prompts)." if cfg.calibration_answers else ""),
         "Cells are means over seeds" + (" (± standard deviation)" if spread else "") +
         "; `normalized` is accuracy divided by the expert's own accuracy, averaged over the "
         "trained skills. Chance: 0.25 with four choices, 0.5 for yes/no and up/down.",
@@ -578,6 +586,11 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-generation", action="store_true",
                    help="skip the generation table (multiple choice only)")
+    p.add_argument("--calibration-answers", action="store_true",
+                   help="the data-aware rows (regmean, regmean_plusplus, fisher, dam) calibrate on each expert's "
+                        "train prompts followed by their answers, as the experts were fine-tuned, not on prompts "
+                        "alone (calibration.include_answers, docs/calibrate.md); adamerging stays on unlabeled "
+                        "prompts (default: prompts only)")
     study = p.add_argument_group("studies", "instead of the table, a study over zoo sizes (docs/zoo.md)")
     study.add_argument("--study", choices=("scaling",), default=None,
                        help="scaling: normalized held-in accuracy and held-out gain against the number "
@@ -617,6 +630,9 @@ def run_study_cli(args: argparse.Namespace) -> int:
     if len(args.seeds) != 1:
         raise InputError("--seeds: the scaling study uses one fine-tune seed; its spread comes from the "
                          "draws of experts (--subsets)")
+    if args.calibration_answers:
+        raise InputError("--calibration-answers: the scaling study does not take it; it applies to the bench "
+                         "table's data-aware rows (drop --study, or drop --calibration-answers)")
     cfg = StudyConfig(out=args.out or Path("runs") / args.study,
                       sizes=tuple(s.strip() for s in args.sizes.split(",") if s.strip()),
                       counts=_int_list(args.expert_counts, "--expert-counts"),
@@ -639,7 +655,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                       methods=parse_methods(args.methods or "all"), cache=args.cache,
                       device=args.device or SIZES[args.size].device, limit=args.limit, val_limit=args.val_limit,
                       batch_size=args.batch_size, generation=not args.no_generation,
-                      command="mergesmith " + " ".join(sys.argv[1:]))
+                      calibration_answers=args.calibration_answers, command="mergesmith " + " ".join(sys.argv[1:]))
     text = run_bench(cfg)
     print(text)
     print(f"wrote {cfg.out}/table.md, table.csv, table_generation.csv, accuracy.png, results.json")

@@ -3,15 +3,19 @@
 Rows and the data each one sees (never a test file):
 
 - ``regmean``, ``regmean_plusplus``, ``fisher``: statistics of each expert on **its own skill's
-  train file** (``zoo.tasks["train"]["gen"][skill]``, prompts only), given as
-  ``models[i].calibration`` by ``calibration_block``; their ``alpha`` is chosen on validation
-  like any other hyperparameter. The statistics are cached beside the zoo
+  train file** (``zoo.tasks["train"]["gen"][skill]``), given as ``models[i].calibration`` by
+  ``calibration_block``; their ``alpha`` is chosen on validation like any other hyperparameter.
+  Prompts only by default; with ``mergesmith bench --calibration-answers`` each prompt is
+  followed by its answer (``calibration.include_answers``), through a task config that gives the
+  train file the separating space its stripped references lost (``answer_task_file``), so the
+  sequences are the experts' own fine-tuning text. The statistics are cached beside the zoo
   (``<zoo root>/calibration``), so other ``--out`` folders and reruns reuse them.
 - ``adamerging``: layer-wise AdaMerging (``learn.adamerging``) of a ``task_arithmetic`` recipe
   over the base and the experts, learned on the **unlabeled validation prompts** of the trained
   skills (multiple-choice form: the entropy over the choices); the learned recipe is merged.
-- ``dam``: DAM (``learn.dam``) on the experts, each distilled on its own skill's train prompts;
-  the written ``dam`` recipe and coefficient file are merged.
+- ``dam``: DAM (``learn.dam``) on the experts, each distilled on its own skill's train prompts
+  (prompts and answers with ``--calibration-answers``, the same task configs); the written
+  ``dam`` recipe and coefficient file are merged.
 
 Learning is the expensive step, so like an evaluation it is cached under ``--out``/work
 (``EvalCache``, keyed by the zoo, the method, its settings and its data files): a rerun reads the
@@ -66,14 +70,47 @@ def train_file(zoo: Any, skill: str) -> Path:
     return Path(zoo.tasks["train"]["gen"][skill])
 
 
-def calibration_block(zoo: Any, recipe: dict[str, Any]) -> dict[str, Any]:
+def answer_task_file(zoo: Any, skill: str) -> Path:
+    """A task config over the expert's train file whose answers read as in fine-tuning.
+
+    The zoo's experts were fine-tuned on ``prompt + answer`` with the answer's leading
+    space (" 42", ``zoo.train.encode_examples``), but the train file's references are
+    stripped ("42", ``build._task_rows``) and a bare JSONL task has no target delimiter:
+    calibrating on it would glue the answer to the prompt ("12 + 30 =42"). The config sets
+    ``target_delimiter: " "``, so the calibration sequence is the fine-tuning text again.
+    Written beside the zoo's statistics (deterministic content, replaced atomically).
+    """
+    import os
+
+    import yaml
+
+    path = Path(zoo.root) / "calibration" / "answers" / f"{skill}.yml"
+    text = yaml.safe_dump({"task": f"{skill}-train", "data": str(train_file(zoo, skill).resolve()),
+                           "target_delimiter": " "}, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
+def expert_data_file(zoo: Any, skill: str, include_answers: bool) -> Path:
+    """The expert's own calibration data: its train file, as a task config when answers are included."""
+    return answer_task_file(zoo, skill) if include_answers else train_file(zoo, skill)
+
+
+def calibration_block(zoo: Any, recipe: dict[str, Any], include_answers: bool = False) -> dict[str, Any]:
     """``recipe`` (one model entry per trained skill, in ``zoo.trained`` order) with each expert's own
-    train file as its calibration data, and the statistics cached beside the zoo."""
+    train file as its calibration data (prompts, or prompts and answers), and the statistics cached
+    beside the zoo."""
     s = settings_for(zoo.size)
     for skill, entry in zip(zoo.trained, recipe["models"]):
-        entry["calibration"] = {"files": [str(train_file(zoo, skill))]}
+        entry["calibration"] = {"files": [str(expert_data_file(zoo, skill, include_answers))]}
     recipe["calibration"] = {"samples": s.calibration_samples, "max_length": s.calibration_max_length,
                              "cache_dir": str(Path(zoo.root) / "calibration")}
+    if include_answers:  # absent otherwise: prompt-only recipes, and their cache keys, stay as they were
+        recipe["calibration"]["include_answers"] = True
     return recipe
 
 
@@ -81,17 +118,21 @@ def calibration_block(zoo: Any, recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def learn_row(zoo: Any, method: str, seed: int, *, cache: Any, work: Path, device: str, val_limit: Optional[int],
-              progress: bool, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+              progress: bool, log: Callable[[str], None], include_answers: bool = False
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The learned recipe of row ``method`` (learned now, or read from ``cache``) and a summary of the
-    learning (seconds, steps, objective), for the table's notes."""
+    learning (seconds, steps, objective), for the table's notes. ``include_answers`` applies to DAM
+    (its experts' data); AdaMerging learns on unlabeled prompts by definition and ignores it."""
     s = settings_for(zoo.size)
     if method == "adamerging":
         data = [str(f) for f in zoo.task_files("validation", "mc", list(zoo.trained))]
         knobs = {"steps": s.adamerging_steps, "lr": s.adamerging_lr, "batch_size": s.adamerging_batch_size,
                  "samples": val_limit}
     elif method == "dam":
-        data = [str(train_file(zoo, skill)) for skill in zoo.trained]
+        data = [str(expert_data_file(zoo, skill, include_answers)) for skill in zoo.trained]
         knobs = {"samples": s.dam_samples, "epochs": s.dam_epochs, "max_length": s.dam_max_length}
+        if include_answers:  # only then: prompt-only entries keep their cache keys
+            knobs["include_answers"] = True
     else:
         raise ValueError(f"{method} is not a learned row; known: {', '.join(LEARNED_ROWS)}")
     key = f"{zoo.root}|learn|{method}|seed={seed}|{json.dumps(knobs, sort_keys=True)}|{json.dumps(data)}"
@@ -148,7 +189,7 @@ def _dam(zoo: Any, seed: int, data: list[str], knobs: dict[str, Any], folder: Pa
     recipe = {"merge_method": "linear", "models": [{"model": str(zoo.experts[skill])} for skill in zoo.trained]}
     experts = {str(zoo.experts[skill]): [f] for skill, f in zip(zoo.trained, data)}
     settings = DamSettings(samples=knobs["samples"], epochs=knobs["epochs"], max_length=knobs["max_length"],
-                           seed=seed)
+                           seed=seed, include_answers=knobs.get("include_answers", False))
     result, recipe_path, _ = run_dam(recipe, experts, folder, settings, device=device, progress=progress,
                                      overwrite=True)
     return {"recipe": yaml.safe_load(recipe_path.read_text()), "steps": len(result.losses),
