@@ -166,3 +166,37 @@ def test_tied_embeddings_get_no_head_coefficients_and_still_reproduce(model_fami
     streamed = load_state(tmp_path / "merged")
     for name, tensor in result.merged.items():
         assert torch.equal(streamed[name], tensor), name
+
+
+# ----------------------------------------------------------------------------- distilling on answers
+
+
+def test_include_answers_distills_on_prompts_and_their_answers(setup, tmp_path):
+    from mergesmith.calibrate.data import encode_items, select_items
+    from mergesmith.evaluate.model import load_model
+    from mergesmith.learn.dam import ExpertData, _calibration, learn_dam
+
+    _, _, variants, data = setup
+    settings = DamSettings(epochs=1, samples=3, max_length=16, include_answers=True)
+    experts = [ExpertData(k, tuple(data[str(v)])) for k, v in enumerate(variants)]
+    result = learn_dam(list(variants), experts, settings, progress=False)
+    assert math.isfinite(result.kl_after)
+    lm = load_model(variants[0], dtype="float32")
+    for e in experts:
+        selected = select_items(_calibration(e, settings))
+        prompts = [s.ids for s in encode_items(lm, selected, 16)]
+        answers = [s.ids for s in encode_items(lm, selected, 16, include_answers=True)]
+        assert [s.ids for s in e.sequences] == answers  # what the KL ran on
+        assert all(len(a) > len(p) and a[:len(p)] == p for a, p in zip(answers, prompts))
+
+
+def test_include_answers_needs_labelled_data_before_work(setup, tmp_path):
+    _, recipe, variants, data = setup
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text('{"id": "q0", "type": "generation", "prompt": "t4 t5", "references": []}\n')
+    bad = {**data, str(variants[1]): [str(unlabelled)]}
+    with pytest.raises(InputError, match=rf"--data {variants[1]}: {unlabelled}: 1 of 1 items have no gold answer"):
+        run_dam(recipe, bad, tmp_path / "out", DamSettings(include_answers=True), progress=False)
+    assert not (tmp_path / "out").exists()
+    assert main(["dam", str(recipe), "--out", str(tmp_path / "o"), "--include-answers", "--no-progress",
+                 "--data", *(f"{k}={','.join(v)}" for k, v in bad.items())]) == 2
