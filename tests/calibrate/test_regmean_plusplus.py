@@ -43,15 +43,17 @@ def merged_pp(tmp_path_factory, model_family):
     return {"models": [a, b], "data": data, "recipe": recipe, "result": result, "out": root / "out", "root": root}
 
 
-def sequences_of(path, data):
-    """The calibration prompts' token ids, as the harness makes them (the same for the reference)."""
+def sequences_of(path, data, answers=False):
+    """The calibration prompts' token ids (followed by their answers' with ``answers``), as the harness
+    makes them (the same for the reference)."""
     from mergesmith.calibrate.data import CalibrationSettings
 
     lm = load_model(path, dtype="float32")
-    return [s.ids for s in encode_items(lm, select_items(CalibrationSettings((str(data),), samples=5, max_length=8)), 8)]
+    settings = CalibrationSettings((str(data),), samples=5, max_length=8, include_answers=answers)
+    return [s.ids for s in encode_items(lm, select_items(settings), 8, answers)]
 
 
-def reference_regmean_plusplus(paths, data, alpha):
+def reference_regmean_plusplus(paths, data, alpha, answers=False):
     """RegMean++ written plainly on whole Hugging Face models, one sequence at a time, no padding.
 
     Step l: put expert t's layer l into the model merged so far, hook its linear layers'
@@ -62,7 +64,7 @@ def reference_regmean_plusplus(paths, data, alpha):
 
     experts = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in paths]
     merged = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.float32).eval()
-    prompts = [sequences_of(p, d) for p, d in zip(paths, data)]
+    prompts = [sequences_of(p, d, answers) for p, d in zip(paths, data)]
 
     def average(modules):
         return {k: torch.stack([m.state_dict()[k] for m in modules]).mean(0) for k in modules[0].state_dict()}
@@ -116,6 +118,22 @@ def test_matches_a_plain_whole_model_reference(merged_pp):
     expected = reference_regmean_plusplus(merged_pp["models"], merged_pp["data"], ALPHA)
     got = load_state(merged_pp["out"])
     assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_on_answers_matches_the_reference_on_answers(merged_pp, tmp_path):
+    """calibration.include_answers: every expert's stream carries its prompts and their answers."""
+    recipe = {**merged_pp["recipe"], "calibration": {**merged_pp["recipe"]["calibration"], "include_answers": True}}
+    result = mergesmith.merge(recipe, tmp_path / "out", progress=False)
+    assert len(result.plan.stats.computed) == 2  # the prompt-only entries are not reused
+    lengths = [sum(map(len, sequences_of(m, d, True))) for m, d in zip(merged_pp["models"], merged_pp["data"])]
+    prompts = [sum(map(len, sequences_of(m, d))) for m, d in zip(merged_pp["models"], merged_pp["data"])]
+    assert all(a > p for a, p in zip(lengths, prompts))
+    assert [StatsStore(m.folders[sequential.KIND]).index["tokens"] for m in result.plan.stats.models] == lengths
+    expected = reference_regmean_plusplus(merged_pp["models"], merged_pp["data"], ALPHA, answers=True)
+    got = load_state(tmp_path / "out")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
