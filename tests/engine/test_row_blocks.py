@@ -215,3 +215,19 @@ def test_the_writer_takes_row_blocks_in_any_order_and_counts_them(tmp_path):
         writer.write("w", data[1:3], row=1)
         writer.commit()
     assert torch.equal(load_file(tmp_path / "out" / "model-00001-of-00001.safetensors")["w"], data)
+
+
+def test_row_blocks_from_bin_checkpoints_and_lora_refs(model_family, tmp_path):
+    """``.bin`` inputs are read in blocks too; a tensor a LoRA adapter changes is computed whole
+    (a block of B A need not round as the whole product does), so it is merged whole."""
+    from tests.engine.test_lora_refs import make_adapter
+
+    base, fts = model_family("llama", 3)
+    as_bin = make_model(tmp_path / "bin", seed=5, base=base, safe_serialization=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes about embedding adapters
+        adapter = make_adapter(fts[0], tmp_path / "adapter", target_modules=["embed_tokens", "q_proj"])
+        r = recipe("task_arithmetic", base, [f"{fts[0]}+{adapter}", as_bin, fts[2]])
+        blocked = blocked_tensors(r)
+        assert EMBED not in blocked and "lm_head.weight" in blocked
+        assert_blocks_equal_whole(r, tmp_path)
