@@ -69,7 +69,7 @@ def balancing_scores(deltas: torch.Tensor, clipped: torch.Tensor) -> torch.Tenso
     """beta_t = exp(T Norm(a_t)^2) * tanh(tau_t * sum_s tau_s), shape (T, d)."""
     t = deltas.shape[0]
     intra = min_max_normalize(clipped.clone()).square_().mul_(t).exp_()
-    inter = torch.tanh(deltas * deltas.sum(dim=0))
+    inter = torch.mul(deltas, deltas.sum(dim=0)).tanh_()  # in place: one (T, d) temporary, not two
     return intra.mul_(inter)
 
 
@@ -82,10 +82,11 @@ def keep_top_scores(scores: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def pcb_merge_flat(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """The PCB merged task vector of (T, d) task vectors; see the module docstring."""
+    """The PCB merged task vector of (T, d) task vectors, which it overwrites (with their
+    signs); see the module docstring."""
     clipped = clip_magnitudes(deltas)
     scale = keep_top_scores(balancing_scores(deltas, clipped), density)
-    weighted = clipped.mul_(deltas.sign()).mul_(scale)
+    weighted = clipped.mul_(deltas.sign_()).mul_(scale)
     return weighted.sum(dim=0).div_(scale.sum(dim=0).clamp_(min=SCALE_FLOOR))
 
 
