@@ -196,7 +196,8 @@ def test_the_predicted_peak_counts_row_blocks(model_family):
         assert blocks <= (2 * n + 2) * chunk // n + chunk + 2 * chunk // n
         assert whole >= 2 * embedding_inputs > blocks
         text = plan.describe(MergeOptions(chunk_bytes=chunk), full=False)
-        assert "row blocks:" in text and EMBED in text or "tensors merged in blocks" in text
+        assert f"tensors merged in blocks of rows of about 1.0 KiB of inputs (e.g. {EMBED})" in text
+        assert "row blocks" not in plan.describe(MergeOptions(chunk_bytes=0), full=False)
     finally:
         for m in plan.models:
             m.checkpoint.close()
@@ -231,3 +232,27 @@ def test_row_blocks_from_bin_checkpoints_and_lora_refs(model_family, tmp_path):
         blocked = blocked_tensors(r)
         assert EMBED not in blocked and "lm_head.weight" in blocked
         assert_blocks_equal_whole(r, tmp_path)
+
+
+def test_the_cli_sets_the_chunk_budget_and_refuses_a_negative_one(model_family, tmp_path, capsys):
+    import yaml
+
+    from mergesmith.cli import main
+
+    base, fts = model_family("llama", 3)
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe("task_arithmetic", base, fts)))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--dry-run", "--chunk", "100"]) == 0
+    assert "row blocks:" in capsys.readouterr().out
+    assert main(["merge", str(path), str(tmp_path / "out"), "--dry-run"]) == 0  # 64 MiB: tiny tensors stay whole
+    assert "row blocks:" not in capsys.readouterr().out
+    with pytest.raises(InputError, match="--chunk -1 must not be negative"):
+        plan_merge(recipe("task_arithmetic", base, fts), MergeOptions(chunk_bytes=-1))
+
+
+@pytest.mark.parametrize("text,size", [("100", 100), ("100B", 100), ("1000000", 10 ** 6), ("2k", 2000),
+                                       ("1KiB", 1024), ("64MiB", 64 * 2 ** 20), ("5GB", 5 * 10 ** 9)])
+def test_sizes_without_a_unit_are_bytes(text, size):
+    from mergesmith.units import parse_size
+
+    assert parse_size(text) == size
