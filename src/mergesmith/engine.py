@@ -595,7 +595,10 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
             del tensors, stats
             while len(writes) >= 2:
                 writes.popleft().result()
-            writes.append(write_pool.submit(writer.write, task.name, out, span[0] if span else 0))
+            if span is None:
+                writes.append(write_pool.submit(writer.write, task.name, out))
+            else:
+                writes.append(write_pool.submit(writer.write, task.name, out, row=span[0]))
             # Whole tensors' bytes per block, so that the blocks of a tensor add up to it exactly.
             lo, hi = span or (0, 1)
             n = task.shape[0] if span else 1
