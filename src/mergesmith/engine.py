@@ -634,10 +634,9 @@ def row_spans(plan: MergePlan, task: TensorPlan, chunk_bytes: int) -> list[Span]
     in float32 or float64 (torch's CPU kernels compute a 16-bit float op in float32 in their
     vectorized body but round after each step in its scalar tail, so where a block ends would
     change the last bit); the tensor is a float tensor of at least two rows with no calibration
-    statistics; every input (and the
-    reference model, which pads short vocabularies) reads rows without computing the whole tensor
-    (not a LoRA-adapted one); and its inputs exceed ``chunk_bytes`` (0: never). Blocks hold
-    about ``chunk_bytes`` of inputs each, at least one row.
+    statistics; every input (and the reference model, which pads short vocabularies) reads rows
+    without computing the whole tensor (not a LoRA-adapted one); and its inputs exceed
+    ``chunk_bytes`` (0: never). Blocks hold about ``chunk_bytes`` of inputs each, at least one row.
     """
     method = plan.recipe.method
     if (chunk_bytes <= 0 or method.row_separable is None or method.stochastic or task.stats is not None
@@ -693,8 +692,7 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
         counts = nonfinite_counts(x)
         if counts:
             _nonfinite_found(f"{model.ref}: tensor {ref.name} holds {_counts_text(counts)}{_rows_text(rows)}; "
-                             "the checkpoint "
-                             "is damaged: re-download or re-save it", allow_nonfinite)
+                             "the checkpoint is damaged: re-download or re-save it", allow_nonfinite)
         if ref.rows is not None and x.shape[0] < hi - lo:
             filler = _reference_rows(plan, task, lo + x.shape[0], hi).to(x)
             x = torch.cat([x, filler])
