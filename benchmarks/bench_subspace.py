@@ -8,14 +8,16 @@ vectors formed, its merge function called (``TSVM_utils.compute_and_sum_svd_mem_
 added to the base and saved. mergesmith runs ``mergesmith merge`` on the same recipe. Each
 run is its own process under ``/usr/bin/time -v``; the script prints wall time, peak RSS,
 the ratios and the largest relative difference between the two outputs (per tensor,
-``|ours - theirs| / |theirs|``, max over tensors).
+``|ours - theirs| / |theirs|``, max over tensors). ``--ours-only`` runs our side alone (and a
+plain ``task_arithmetic`` merge of the family, the floor any method's streaming sets), for
+measuring our memory without waiting minutes for FusionBench.
 
 Part ``1b``: every method of the issue on the TinyLlama-1.1B family of
 ``bench_merge_1b.py`` (bf16), against our TIES on the same inputs: wall time and peak RSS.
 ``--layers`` cuts the family to fewer layers (a quick check of the script, or a
 per-layer cost to scale from); ``--methods`` picks methods.
 
-    python benchmarks/bench_subspace.py --part fusionbench
+    python benchmarks/bench_subspace.py --part fusionbench [--ours-only]
     python benchmarks/bench_subspace.py --part 1b [--layers 22] [--methods tsv_m,iso_c]
 """
 
@@ -96,10 +98,17 @@ def max_relative_difference(ours: Path, theirs_file: Path) -> float:
     return worst
 
 
-def part_fusionbench(work: Path) -> None:
+def part_fusionbench(work: Path, ours_only: bool = False) -> None:
     shape = argparse.Namespace(hidden=512, intermediate=1376, layers=8, vocab=32000, heads=8, kv_heads=8,
                                dtype=torch.float32)
     base, experts = build_checkpoints(work / "family-58m", shape)
+    if ours_only:
+        print("\nPart 1, our side only: 58M-parameter family, float32, 3 experts")
+        print(f"{'method':16s} {'ours s':>8s} {'ours GiB':>9s}")
+        for method in (*FUSIONBENCH_METHODS, "task_arithmetic"):
+            wall, rss = run_ours(method, base, experts, work / f"ours-{method}", work, "float32")
+            print(f"{method:16s} {wall:8.1f} {rss:9.2f}", flush=True)
+        return
     print("\nPart 1: against FusionBench 0.2.33, 58M-parameter family, float32, 3 experts")
     print(f"{'method':8s} {'ours s':>8s} {'ours GiB':>9s} {'FB s':>8s} {'FB GiB':>8s} {'speed':>7s} "
           f"{'memory':>7s} {'max rel diff':>13s}")
@@ -133,12 +142,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=22, help="layers of the 1.1B family (default 22, the full model)")
     parser.add_argument("--methods", default=",".join(ALL_METHODS),
                         help="methods for part 1b, comma-separated (ties first for the ratio)")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="part fusionbench: run only mergesmith (and a task_arithmetic merge), not FusionBench")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mergesmith-bench-subspace")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work in {args.workdir}")
     if args.part in ("fusionbench", "all"):
-        part_fusionbench(args.workdir)
+        part_fusionbench(args.workdir, args.ours_only)
     if args.part in ("1b", "all"):
         part_1b(args.workdir, args.layers, [m.strip() for m in args.methods.split(",") if m.strip()])
 

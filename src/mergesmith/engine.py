@@ -10,13 +10,23 @@ compute dtype (zero-copy views of memory-mapped safetensors, released from
 resident memory right after conversion) and prefetches ahead of the math as long
 as the prefetched bytes stay under a budget; the main thread runs the method; a
 writer thread writes each result into its place in the pre-laid-out shards.
-Peak memory is about
 
-    (inputs of the largest tensor, in the compute dtype) x (1 + method workspace)
-    + prefetch budget + 2 x the largest output tensor
+A tensor whose inputs exceed the chunk budget (``MergeOptions.chunk_bytes``, 64 MiB)
+is merged in blocks of rows when the method declares its result row-separable for
+it (``MethodSpec.row_separable``: each output row depends only on the same rows of
+the inputs, as for a weighted sum): each block is read (only its rows' pages),
+merged and written to its rows of the output, so such a tensor is never whole in
+memory, neither its inputs nor its output. The blocks flow through the same reader,
+prefetch and writer as whole tensors, and the result equals the whole-tensor merge
+bit for bit. Peak memory is about
+
+    (inputs of the largest tensor or row block, in the compute dtype) x (1 + method workspace)
+    + prefetch budget + 2 x the largest output tensor or row block
 
 which ``MergePlan.describe`` prints as the predicted peak. It does not grow with
-the model's size, only with its largest tensor and the number of inputs. Methods
+the model's size, only with its largest tensor the method must see whole (for
+entry-wise methods, the largest that is not merged in row blocks) and the number
+of inputs. Methods
 that read calibration statistics (``mergesmith.calibrate``) get them through the
 same reader thread, beside the weights; the bound then adds, per tensor, its
 inputs' statistics three times (as read, and a method's sums).
@@ -57,6 +67,8 @@ from mergesmith.units import human_bytes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 GB = 1024 ** 3
+# Rows lo:hi (first axis) of an output tensor merged in row blocks; None: the whole tensor.
+Span = Optional[tuple[int, int]]
 
 
 @dataclass
@@ -67,6 +79,9 @@ class MergeOptions:
     overwrite: bool = False
     vocab_mismatch: str = "resize"  # resize (with a warning) or error
     prefetch_bytes: int = 128 * 1024 ** 2  # how far the reader may run ahead (one tensor always may)
+    # Inputs (in the compute dtype) above which a tensor is merged in row blocks of about this many
+    # bytes, where the method allows it (MethodSpec.row_separable); 0 merges every tensor whole.
+    chunk_bytes: int = 64 * 1024 ** 2
     progress: bool = True
     random_seed: Optional[int] = None  # overrides the recipe's random_seed
     # NaN/Inf in an input or output tensor stop the merge unless this carries them through (with a warning).
@@ -137,20 +152,21 @@ class MergePlan:
     def predicted_peak_bytes(self, options: MergeOptions) -> int:
         """The bound in the module docstring, walked along the plan's order.
 
-        While tensor i is merged (its inputs plus a method workspace of as many tensors
-        again, plus two), the reader holds the next tensor's inputs, or up to the prefetch
-        budget if that is more. Excludes the Python/torch runtime itself (about 0.3 GiB).
+        While tensor (or row block) i is merged (its inputs plus a method workspace of as
+        many tensors again, plus two), the reader holds the next one's inputs, or up to the
+        prefetch budget if that is more. Excludes the Python/torch runtime itself (about 0.3 GiB).
         """
         size = _itemsize(self.compute_dtype)
-        loads = [len(t.inputs) * _numel(t.shape) * size + t.stats_bytes for t in self.tensors]
+        units = [(t, _span_numel(t, span)) for t in self.tensors for span in row_spans(self, t, options.chunk_bytes)]
+        loads = [len(t.inputs) * numel * size + t.stats_bytes for t, numel in units]
         worst = 0
-        for i, t in enumerate(self.tensors):
+        for i, (t, numel) in enumerate(units):
             # Statistics: the inputs' as read, and as much again for a method's sums (RegMean's ΣG̃, in float64).
             slots = 2 * len(t.inputs) + 2 + self.recipe.method.workspace_per_input * len(t.inputs)
-            compute = int(slots * _numel(t.shape) * size) + 3 * t.stats_bytes
+            compute = int(slots * numel * size) + 3 * t.stats_bytes
             ahead = max(options.prefetch_bytes, loads[i + 1] if i + 1 < len(loads) else 0)
             worst = max(worst, compute + ahead)
-        biggest_out = max((_numel(t.shape) * _itemsize(t.out_dtype) for t in self.tensors), default=0)
+        biggest_out = max((numel * _itemsize(t.out_dtype) for t, numel in units), default=0)
         return worst + 2 * biggest_out
 
     def describe(self, options: MergeOptions, full: bool = True) -> str:
@@ -175,6 +191,10 @@ class MergePlan:
             "(a tensor's inputs and method workspace, the next tensor's inputs or "
             f"{human_bytes(options.prefetch_bytes)} read ahead, 2 outputs in flight; plus the runtime)",
         ]
+        blocked = [t for t in self.tensors if row_spans(self, t, options.chunk_bytes) != [None]]
+        if blocked:
+            lines.append(f"row blocks:      {len(blocked)} tensors merged in blocks of rows of about "
+                         f"{human_bytes(options.chunk_bytes)} of inputs (e.g. {blocked[0].name})")
         if self.stats is not None:
             lines += self.stats.describe()
         lines += [f"note: {n}" for n in self.notes]
@@ -246,6 +266,8 @@ def option_problems(options: MergeOptions) -> list[str]:
         problems.append(f"--out-shard-size {options.out_shard_size} must be at least one byte, e.g. 5GB")
     if options.prefetch_bytes < 0:
         problems.append(f"--prefetch {options.prefetch_bytes} must not be negative")
+    if options.chunk_bytes < 0:
+        problems.append(f"--chunk {options.chunk_bytes} must not be negative (0 merges every tensor whole)")
     return problems
 
 
@@ -543,34 +565,44 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
                disable=not options.progress, file=sys.stderr)
     with writer, ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
-        loads: deque[tuple[TensorPlan, Future]] = deque()
+        # Work items are whole tensors or row blocks of one; the reader, the prefetch budget and
+        # the writer treat both alike.
+        loads: deque[tuple[TensorPlan, Span, Future]] = deque()
         writes: deque[Future] = deque()
         in_flight = 0
-        queue = iter(plan.tensors)
+        queue = ((task, span) for task in plan.tensors for span in row_spans(plan, task, options.chunk_bytes))
         done = False
 
         def fill() -> None:
             nonlocal in_flight, done
             while not done and (not loads or in_flight < options.prefetch_bytes):
-                task = next(queue, None)
-                if task is None:
+                item = next(queue, None)
+                if item is None:
                     done = True
                     return
-                in_flight += _load_bytes(plan, task)
-                loads.append((task, reader.submit(load_inputs, plan, task, device, options.allow_nonfinite)))
+                task, span = item
+                in_flight += _load_bytes(plan, task, span)
+                loads.append((task, span, reader.submit(load_inputs, plan, task, device, options.allow_nonfinite,
+                                                        span)))
 
         fill()
         while loads:
-            task, future = loads.popleft()
+            task, span, future = loads.popleft()
             tensors, stats = future.result()
-            in_flight -= _load_bytes(plan, task)
+            in_flight -= _load_bytes(plan, task, span)
             fill()
-            out = _run_method(plan, task, tensors, device, options.allow_nonfinite, stats)
+            out = _run_method(plan, task, tensors, device, options.allow_nonfinite, stats, span)
             del tensors, stats
             while len(writes) >= 2:
                 writes.popleft().result()
-            writes.append(write_pool.submit(writer.write, task.name, out))
-            bar.update(task.input_bytes(plan))
+            if span is None:
+                writes.append(write_pool.submit(writer.write, task.name, out))
+            else:
+                writes.append(write_pool.submit(writer.write, task.name, out, row=span[0]))
+            # Whole tensors' bytes per block, so that the blocks of a tensor add up to it exactly.
+            lo, hi = span or (0, 1)
+            n = task.shape[0] if span else 1
+            bar.update(task.input_bytes(plan) * hi // n - task.input_bytes(plan) * lo // n)
         for w in writes:
             w.result()
         _write_side_files(plan, writer)
@@ -582,21 +614,76 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 # ----------------------------------------------------------------------------- steps
 
 
-def _load_bytes(plan: MergePlan, task: TensorPlan) -> int:
-    """What reading one tensor's inputs (in the compute dtype) and their statistics holds in memory."""
-    return _numel(task.shape) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
+def _load_bytes(plan: MergePlan, task: TensorPlan, span: Span = None) -> int:
+    """What reading one tensor's inputs (or a row block of them), in the compute dtype, and their
+    statistics holds in memory."""
+    return _span_numel(task, span) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
 
 
-def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool = False
-                 ) -> tuple[list[torch.Tensor], Optional[list[dict[str, torch.Tensor]]]]:
-    """The input tensors in the compute dtype, and their calibration statistics (as stored) if planned."""
+def _span_numel(task: TensorPlan, span: Span) -> int:
+    if span is None:
+        return _numel(task.shape)
+    return (span[1] - span[0]) * _numel(task.shape[1:])
+
+
+def row_spans(plan: MergePlan, task: TensorPlan, chunk_bytes: int) -> list[Span]:
+    """The row blocks ``task`` is merged in: ``[None]`` (whole) unless every condition holds:
+
+    the method declares its result row-separable for this tensor (``MethodSpec.row_separable``)
+    and draws no random numbers (a generator's stream runs over the whole tensor); the math runs
+    in float32 or float64 (torch's CPU kernels compute a 16-bit float op in float32 in their
+    vectorized body but round after each step in its scalar tail, so where a block ends would
+    change the last bit); the tensor is a float tensor of at least two rows with no calibration
+    statistics; every input (and the reference model, which pads short vocabularies) reads rows
+    without computing the whole tensor (not a LoRA-adapted one); and its inputs exceed
+    ``chunk_bytes`` (0: never). Blocks hold about ``chunk_bytes`` of inputs each, at least one row.
+    """
+    method = plan.recipe.method
+    if (chunk_bytes <= 0 or method.row_separable is None or method.stochastic or task.stats is not None
+            or plan.compute_dtype not in (torch.float32, torch.float64) or len(task.shape) == 0
+            or task.shape[0] < 2):
+        return [None]
+    total = _load_bytes(plan, task)
+    if total <= chunk_bytes:
+        return [None]
+    first = task.inputs[0]
+    if not plan.models[first.model].checkpoint.infos[first.name].dtype.is_floating_point:
+        return [None]
+    readers = [(plan.models[ref.model].checkpoint, ref.name) for ref in task.inputs]
+    if any(ref.rows is not None for ref in task.inputs):
+        reference = plan.models[plan.reference]
+        readers.append((reference.checkpoint, _reference_name(plan, task)))
+    if not all(ckpt.reads_rows_cheaply(name) for ckpt, name in readers):
+        return [None]
+    if not method.row_separable(task.params, is_vocab_tensor(task.name), len(task.shape)):
+        return [None]
+    n = task.shape[0]
+    rows = max(1, chunk_bytes // max(1, total // n))
+    if rows >= n:
+        return [None]
+    return [(lo, min(lo + rows, n)) for lo in range(0, n, rows)]
+
+
+def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool = False,
+                rows: Span = None) -> tuple[list[torch.Tensor], Optional[list[dict[str, torch.Tensor]]]]:
+    """The input tensors in the compute dtype, and their calibration statistics (as stored) if planned.
+
+    ``rows``: only rows ``lo:hi`` of each input (of the output's rows: a vocabulary padded from
+    the reference model is padded in those rows alone), for a tensor merged in row blocks.
+    """
     out = []
     for ref in task.inputs:
         model = plan.models[ref.model]
         ckpt = model.checkpoint
-        stored = ckpt.read(ref.name)
-        if ref.rows is not None and stored.shape[0] > ref.rows:
-            stored = stored[: ref.rows]
+        if rows is None:
+            stored = ckpt.read(ref.name)
+            if ref.rows is not None and stored.shape[0] > ref.rows:
+                stored = stored[: ref.rows]
+            lo, hi = 0, ref.rows
+        else:
+            lo, hi = rows
+            have = ckpt.infos[ref.name].shape[0]  # a shorter vocabulary than the output's stores fewer
+            stored = ckpt.read_rows(ref.name, min(lo, have), min(hi, have))
         if device.type == "cpu":
             x = stored.to(dtype=plan.compute_dtype, copy=True)
         else:
@@ -604,10 +691,10 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
         ckpt.release(ref.name)
         counts = nonfinite_counts(x)
         if counts:
-            _nonfinite_found(f"{model.ref}: tensor {ref.name} holds {_counts_text(counts)}; the checkpoint "
-                             "is damaged: re-download or re-save it", allow_nonfinite)
-        if ref.rows is not None and x.shape[0] < ref.rows:
-            filler = _reference_rows(plan, task, x.shape[0], ref.rows).to(x)
+            _nonfinite_found(f"{model.ref}: tensor {ref.name} holds {_counts_text(counts)}{_rows_text(rows)}; "
+                             "the checkpoint is damaged: re-download or re-save it", allow_nonfinite)
+        if ref.rows is not None and x.shape[0] < hi - lo:
+            filler = _reference_rows(plan, task, lo + x.shape[0], hi).to(x)
             x = torch.cat([x, filler])
         out.append(x)
     if task.stats is None:
@@ -655,6 +742,12 @@ def _counts_text(counts: tuple[int, int]) -> str:
     return f"{counts[0]} NaN and {counts[1]} infinite values"
 
 
+def _rows_text(rows: Span) -> str:
+    """Where in a tensor merged in row blocks the block just checked lies (a block is checked, and
+    refused, on its own: the counts are that block's)."""
+    return "" if rows is None else f" in rows {rows[0]}..{rows[1] - 1}"
+
+
 def _nonfinite_found(message: str, allow: bool) -> None:
     if allow:
         warnings.warn(message.split("; ")[0] + "; carried through (allow_nonfinite)", stacklevel=2)
@@ -662,16 +755,24 @@ def _nonfinite_found(message: str, allow: bool) -> None:
     raise InputError(message + "; or pass --allow-nonfinite to carry non-finite values through")
 
 
+def _reference_name(plan: MergePlan, task: TensorPlan) -> str:
+    ref = plan.models[plan.reference]
+    return task.name if task.name in ref.checkpoint else _input_name(ref, task.name)
+
+
 def _reference_rows(plan: MergePlan, task: TensorPlan, lo: int, hi: int) -> torch.Tensor:
     ref = plan.models[plan.reference]
-    name = task.name if task.name in ref.checkpoint else _input_name(ref, task.name)
-    rows = ref.checkpoint.read(name)[lo:hi].to(plan.compute_dtype, copy=True)
+    name = _reference_name(plan, task)
+    rows = ref.checkpoint.read_rows(name, lo, hi).to(plan.compute_dtype, copy=True)
     ref.checkpoint.release(name)
     return rows
 
 
 def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], device: torch.device,
-                allow_nonfinite: bool = False, stats: Optional[list[dict[str, torch.Tensor]]] = None) -> torch.Tensor:
+                allow_nonfinite: bool = False, stats: Optional[list[dict[str, torch.Tensor]]] = None,
+                rows: Span = None) -> torch.Tensor:
+    """The method's result for ``task`` (or rows ``lo:hi`` of it), in the output dtype on the CPU,
+    checked for shape and non-finite values."""
     method = plan.recipe.method
     if not plan.models[task.inputs[0].model].checkpoint.infos[task.inputs[0].name].dtype.is_floating_point:
         return tensors[0].to(task.out_dtype, copy=True).cpu()
@@ -681,16 +782,17 @@ def _run_method(plan: MergePlan, task: TensorPlan, tensors: list[torch.Tensor], 
     group = TensorGroup(task.name, tensors, task.params, task.model_params, task.base_index, generator, task.t,
                         disposable=True, vocab=is_vocab_tensor(task.name), stats=stats)
     out = method.fn(group)
-    if tuple(out.shape) != task.shape:
+    expected = task.shape if rows is None else (rows[1] - rows[0], *task.shape[1:])
+    if tuple(out.shape) != expected:
         raise RuntimeError(f"{task.name}: method {method.name} returned shape {list(out.shape)}, "
-                           f"expected {list(task.shape)}")
+                           f"expected {list(expected)}")
     result = out.to(device="cpu", dtype=task.out_dtype)
     counts = nonfinite_counts(result)
     if counts:
         overflow = nonfinite_counts(out) is None
         cause = (f"values beyond the range of {dtype_name(task.out_dtype)}; choose a wider out_dtype"
                  if overflow else "e.g. a division by a zero norm; check the method's parameters")
-        _nonfinite_found(f"{task.name}: method {method.name} produced {_counts_text(counts)} "
+        _nonfinite_found(f"{task.name}: method {method.name} produced {_counts_text(counts)}{_rows_text(rows)} "
                          f"({cause})", allow_nonfinite)
     return result
 

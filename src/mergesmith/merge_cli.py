@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--out-shard-size", type=parse_size, default="5GB", help="max bytes per output shard (default 5GB)")
     p.add_argument("--prefetch", type=parse_size, default="128MiB",
                    help="how many bytes of inputs may be read ahead of the math (default 128MiB; the next tensor is always read ahead)")
+    p.add_argument("--chunk", type=parse_size, default="64MiB",
+                   help="merge a tensor whose inputs exceed this in blocks of rows of about this size, where the "
+                        "method's math allows it (default 64MiB; 0 merges every tensor whole)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and print the plan (every output tensor, its inputs, memory and bytes), write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -49,7 +52,7 @@ def run_merge(args: argparse.Namespace) -> int:
     _show_warnings()
     options = MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
                            overwrite=args.overwrite, vocab_mismatch=args.vocab_mismatch,
-                           prefetch_bytes=args.prefetch, progress=not args.no_progress,
+                           prefetch_bytes=args.prefetch, chunk_bytes=args.chunk, progress=not args.no_progress,
                            random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite)
     result = merge(args.recipe, args.out_dir, dry_run=args.dry_run, options=options)
     if args.dry_run:

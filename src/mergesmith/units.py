@@ -14,7 +14,7 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
     number, unit, binary = float(m[1]), m[2].lower(), m[3].lower().startswith("i")
-    scale = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}[unit]
+    scale = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit]  # the power of 1000 (or 1024): bytes are 0
     return int(number * (1024 if binary else 1000) ** scale)
 
 

@@ -109,6 +109,16 @@ class LoraCheckpoint:
         # In float32 and rounded once: what PEFT's merge gives (it loads adapters in float32).
         return (weight.float() + product * delta.scale).to(weight.dtype)
 
+    def read_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows ``lo:hi`` of ``read(name)``; an adapted tensor is computed whole first, since
+        a product of row blocks need not round as the whole product does."""
+        if name in self.deltas or name in self.replaced:
+            return self.read(name)[lo:hi]
+        return self.base.read_rows(name, lo, hi)
+
+    def reads_rows_cheaply(self, name: str) -> bool:
+        return name not in self.deltas and name not in self.replaced
+
     def release(self, name: str) -> None:
         self.base.release(name)
         if name in self.replaced:

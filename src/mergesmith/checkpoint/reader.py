@@ -259,6 +259,27 @@ class Checkpoint:
             flat = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start)
         return flat.view(info.shape)
 
+    def read_rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows ``lo:hi`` (along the first axis) of the stored tensor, as stored.
+
+        For safetensors a zero-copy view of just those rows' bytes, so only their pages
+        are ever faulted in; ``.bin`` tensors are views of a mapping already.
+        """
+        info = self.infos[name]
+        if self.format == "bin" or info.numel == 0 or hi <= lo:
+            return self.read(name)[lo:hi]
+        row = info.numel // info.shape[0]
+        mm = self._map(info.file)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": callers never write inputs
+            flat = torch.frombuffer(mm, dtype=info.dtype, count=(hi - lo) * row,
+                                    offset=info.start + lo * row * _ITEMSIZE[info.dtype])
+        return flat.view((hi - lo, *info.shape[1:]))
+
+    def reads_rows_cheaply(self, name: str) -> bool:
+        """Whether ``read_rows`` costs only the rows read (always, for a plain checkpoint)."""
+        return True
+
     def release(self, name: str) -> None:
         """Drop the mapped pages of one tensor from this process's resident memory."""
         info = self.infos[name]

@@ -104,6 +104,7 @@ class CheckpointWriter:
         self._where: dict[str, tuple[int, int, OutputTensor]] = {}
         self._fds: list[int] = []
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}  # rows written so far of tensors written in row blocks
 
     @property
     def total_bytes(self) -> int:
@@ -141,18 +142,30 @@ class CheckpointWriter:
                              + "; nothing was written there (inputs untouched); free space, fix the "
                                "permissions or choose another output path")
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor to its byte range. Thread-safe for distinct names."""
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+        """Write one tensor to its byte range, or, from ``row`` on, a block of its rows (along the
+        first axis): a tensor merged in row blocks is never whole in memory. The tensor counts as
+        written once all its rows are. Thread-safe for distinct names."""
         fd, offset, spec = self._where[name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        whole = row == 0 and tuple(tensor.shape) == spec.shape
+        rows_fit = (tensor.dim() == len(spec.shape) >= 1 and tuple(tensor.shape[1:]) == spec.shape[1:]
+                    and 0 <= row and row + tensor.shape[0] <= spec.shape[0])
+        if tensor.dtype != spec.dtype or not (whole or rows_fit):
             raise RuntimeError(f"{name}: planned {spec.dtype} {list(spec.shape)}, "
-                               f"got {tensor.dtype} {list(tensor.shape)}")
+                               f"got {tensor.dtype} {list(tensor.shape)} at row {row}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if row:
+            offset += row * (spec.nbytes // spec.shape[0])
         try:
             _pwrite_all(fd, memoryview(data), offset)
         except OSError as err:
             raise self._fault(err, f"writing {name} failed") from err
-        self._written.add(name)
+        if whole:
+            self._written.add(name)
+            return
+        self._rows[name] = self._rows.get(name, 0) + tensor.shape[0]
+        if self._rows[name] >= spec.shape[0]:
+            self._written.add(name)
 
     def write_file(self, relative: str, content: str | bytes) -> None:
         path = self.tmp_dir / relative

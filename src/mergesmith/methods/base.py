@@ -190,6 +190,13 @@ class MethodSpec:
     # tensors of the output's size per input, for --dry-run's predicted peak. Measured, not guessed:
     # see the method's registration.
     workspace_per_input: float = 0.0
+    # Whether the result for one tensor is row-separable: each output row depends only on the same
+    # row of every input (entry-wise math, as a weighted sum), so the engine may merge a large tensor
+    # a block of rows at a time and never hold its inputs whole. Called at plan time with the
+    # tensor's resolved global parameters, whether it is a vocabulary tensor and its number of
+    # dimensions. None: never. A method that ranks, samples, normalizes or decomposes over the
+    # whole tensor must not claim it; the chunked result must equal the whole one bit for bit.
+    row_separable: Optional[Callable[[dict[str, Any], bool, int], bool]] = None
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:
@@ -237,6 +244,20 @@ def include_embeddings_param() -> Param:
                      "method's fallback)")
 
 
-def is_decomposed(group: TensorGroup) -> bool:
+def decomposes(params: dict[str, Any], vocab: bool, ndim: int) -> bool:
     """Subspace methods decompose 2-D tensors; vocabulary tensors only with ``include_embeddings``."""
-    return group.base.dim() == 2 and (not group.vocab or group.params["include_embeddings"])
+    return ndim == 2 and (not vocab or params["include_embeddings"])
+
+
+def is_decomposed(group: TensorGroup) -> bool:
+    return decomposes(group.params, group.vocab, group.base.dim())
+
+
+def every_tensor(params: dict[str, Any], vocab: bool, ndim: int) -> bool:
+    """``row_separable`` of an entry-wise method: every tensor."""
+    return True
+
+
+def not_decomposed(params: dict[str, Any], vocab: bool, ndim: int) -> bool:
+    """``row_separable`` of a subspace method: the tensors its entry-wise fallback merges."""
+    return not decomposes(params, vocab, ndim)

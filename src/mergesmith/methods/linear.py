@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.base import MethodSpec, Param, TensorGroup, register, weight_param
+from mergesmith.methods.base import MethodSpec, Param, TensorGroup, every_tensor, register, weight_param
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -46,4 +46,5 @@ register(MethodSpec(
     reference="https://arxiv.org/abs/2203.05482",
     summary="weighted average of the models",
     check_params=_check,
+    row_separable=every_tensor,
 ))

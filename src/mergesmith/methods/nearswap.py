@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register
+from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, every_tensor, register
 
 # mergekit's floor on |a - b|: where the two agree the weight saturates at 1.
 _DISTANCE_FLOOR = 1e-6
@@ -47,4 +47,5 @@ register(MethodSpec(
     max_models=1,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     summary="take the other model's value where it is within t of the base",
+    row_separable=every_tensor,
 ))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register
+from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, every_tensor, register
 
 
 def passthrough(group: TensorGroup) -> torch.Tensor:
@@ -35,4 +35,5 @@ register(MethodSpec(
     reference="https://github.com/arcee-ai/mergekit",
     summary="copy a single input tensor, optionally scaled (layer stacking)",
     passthrough=True,
+    row_separable=every_tensor,
 ))

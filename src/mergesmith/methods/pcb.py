@@ -69,7 +69,7 @@ def balancing_scores(deltas: torch.Tensor, clipped: torch.Tensor) -> torch.Tenso
     """beta_t = exp(T Norm(a_t)^2) * tanh(tau_t * sum_s tau_s), shape (T, d)."""
     t = deltas.shape[0]
     intra = min_max_normalize(clipped.clone()).square_().mul_(t).exp_()
-    inter = torch.tanh(deltas * deltas.sum(dim=0))
+    inter = torch.mul(deltas, deltas.sum(dim=0)).tanh_()  # in place: one (T, d) temporary, not two
     return intra.mul_(inter)
 
 
@@ -82,10 +82,11 @@ def keep_top_scores(scores: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def pcb_merge_flat(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """The PCB merged task vector of (T, d) task vectors; see the module docstring."""
+    """The PCB merged task vector of (T, d) task vectors, which it overwrites (with their
+    signs); see the module docstring."""
     clipped = clip_magnitudes(deltas)
     scale = keep_top_scores(balancing_scores(deltas, clipped), density)
-    weighted = clipped.mul_(deltas.sign()).mul_(scale)
+    weighted = clipped.mul_(deltas.sign_()).mul_(scale)
     return weighted.sum(dim=0).div_(scale.sum(dim=0).clamp_(min=SCALE_FLOOR))
 
 
@@ -106,9 +107,11 @@ register(MethodSpec(
         Param("lambda", float, 1.0, doc="scale of the merged task vector"),
     ),
     base=BasePolicy.REQUIRED, min_models=1,
-    # benchmarks/bench_subspace.py --part 1b --layers 1 (vocabulary tensors of 32000 x 2048, three
-    # experts): peak 6.9 GiB (drm) and 6.6 GiB (pcb) against 3.2 GiB for ties, about 3.6 tensors per input more.
-    workspace_per_input=4.0,
+    # The vocabulary tensors (32000 x 2048, three experts, float32 math; the 1.1B family of
+    # benchmarks/bench_subspace.py cut to its vocabulary tensors and one small layer): peak 4.9 GiB
+    # against 2.65 GiB for ties, about 2.2 tensors per input more; 2 more than the engine's
+    # allowance predicts 5.1 GiB with the runtime.
+    workspace_per_input=2.0,
     reference="https://arxiv.org/abs/2410.02396",
     summary="score entries by intra- and inter-task balance, keep the top density, weighted mean",
 ))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, register
+from mergesmith.methods.base import BasePolicy, MethodSpec, Param, TensorGroup, every_tensor, register
 from mergesmith.methods.task_arithmetic import stacked_task_vectors
 
 
@@ -94,6 +94,8 @@ register(MethodSpec(
     min_models=1,
     reference="https://arxiv.org/abs/2601.13572",
     summary="average shared changes, keep each model's unique changes whole",
+    # Entry-wise (ramplus_tl is not: its rho_i counts over the whole tensor).
+    row_separable=every_tensor,
 ))
 
 register(MethodSpec(

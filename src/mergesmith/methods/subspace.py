@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 
 from mergesmith.methods.base import (
-    BasePolicy, MethodSpec, Param, TensorGroup, include_embeddings_param, is_decomposed, register, weight_param,
+    BasePolicy, MethodSpec, Param, TensorGroup, include_embeddings_param, is_decomposed, not_decomposed, register,
+    weight_param,
 )
 from mergesmith.methods.task_arithmetic import apply_task_vector, task_vectors
 
@@ -318,6 +319,8 @@ def _register(name: str, fn, extra: tuple[Param, ...], reference: str, summary: 
         name=name, fn=fn,
         params=(weight_param(default=1.0), _lambda(lam)) + extra + (include_embeddings_param(),),
         base=BasePolicy.REQUIRED, min_models=1, reference=reference, summary=summary,
+        # The fallback theta_0 + lambda * (1/T) sum_t w_t tau_t (CART: theta_avg) is entry-wise.
+        row_separable=not_decomposed,
     ))
 
 

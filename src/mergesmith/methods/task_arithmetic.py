@@ -30,6 +30,7 @@ from mergesmith.methods.base import (
     Param,
     TensorGroup,
     density_param,
+    every_tensor,
     register,
     weight_param,
 )
@@ -358,16 +359,17 @@ _TALL = "https://arxiv.org/abs/2405.07813"
 
 def _register(name: str, fn, extra: tuple[Param, ...] = (), *, normalize: bool,
               rescale: bool, stochastic: bool = False, reference: str, summary: str,
-              check=None) -> None:
+              check=None, row_separable=None) -> None:
     register(MethodSpec(
         name=name, fn=fn, params=_family_params(normalize, rescale) + extra,
         base=BasePolicy.REQUIRED, min_models=1, stochastic=stochastic,
-        reference=reference, summary=summary, check_params=check,
+        reference=reference, summary=summary, check_params=check, row_separable=row_separable,
     ))
 
 
 _register("task_arithmetic", task_arithmetic, normalize=False, rescale=False,
-          reference=_TASK_ARITHMETIC, summary="base + lambda * weighted sum of task vectors")
+          reference=_TASK_ARITHMETIC, summary="base + lambda * weighted sum of task vectors",
+          row_separable=every_tensor)
 _register("ties", ties, normalize=True, rescale=False, reference=_TIES,
           summary="trim task vectors by magnitude, elect signs, disjoint mean")
 _register("dare_linear", dare_linear, normalize=False, rescale=True, stochastic=True,
@@ -398,6 +400,8 @@ register(MethodSpec(
     base=BasePolicy.REQUIRED, min_models=1, reference=_TALL,
     summary="task arithmetic keeping only entries shared by >= k tasks (TALL masks)",
     check_params=_check_consensus,
+    # Entry-wise: the TALL masks compare each entry of tau_t with the same entry of tau_MTL.
+    row_separable=every_tensor,
 ))
 register(MethodSpec(
     name="consensus_ties", fn=consensus_ties,
