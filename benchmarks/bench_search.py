@@ -105,6 +105,7 @@ class Bench:
         folder = self.merges / "search-eval"
 
         def run() -> dict:
+            folder.parent.mkdir(parents=True, exist_ok=True)
             B.merge_into(recipe, folder, self.cfg.device)
             try:
                 return B.score(folder, self.test_mc, self.cfg.device, self.cfg.batch_size)
