@@ -48,7 +48,8 @@ METHOD = "ties"  # the family searched and compared: bench's TIES grid (density 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     from mergesmith.evaluate.compete import parse_budget
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="where the searches, their evaluations and report.json go")
     p.add_argument("--size", default="default", help="zoo size: default (the issue's figures) or test (a smoke run)")
     p.add_argument("--zoo-seed", type=int, default=0)
@@ -238,7 +239,8 @@ def part_selection(b: Bench, report: dict) -> None:
     members = []
     kept_refs = {m["model"] for m in (s["recipe"] or {}).get("models", [])}
     for m in b.zoo.pool:
-        members.append({"name": m.name, "kind": m.kind, "clean": m.clean, "kept": pool_reference(b.zoo, m) in kept_refs})
+        members.append({"name": m.name, "kind": m.kind, "clean": m.clean,
+                        "kept": pool_reference(b.zoo, m) in kept_refs})
     result: dict[str, Any] = {"members": members, "candidates": s["candidates"],
                               "fitness": (s.get("best") or {}).get("fitness"),
                               "kept_distractors": [m["name"] for m in members if m["kept"] and not m["clean"]],
