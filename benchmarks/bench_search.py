@@ -204,8 +204,10 @@ def part_grid(b: Bench, report: dict) -> None:
         if scored:
             m, sd = spread([r[key] for r in scored])
             diff = m - grid[key]
+            several = len(scored) > 1  # one seed has no spread to compare against
             summary[key] = {"search_mean": m, "search_std": sd, "grid": grid[key], "difference": diff,
-                            "exceeds_seed_spread": abs(diff) > sd, "search_better": diff > sd}
+                            "seeds": len(scored), "exceeds_seed_spread": abs(diff) > sd if several else None,
+                            "search_better": diff > sd if several else None}
     report["grid"] = summary
     report["gap"] = [{"seed": r["seed"], "fitness": r["fitness"], "full_validation": r["full_validation"],
                       "test_avg_trained": r.get("avg_trained"),
@@ -282,7 +284,8 @@ def print_report(report: dict) -> None:
                 v = g[key]
                 print(f"   {key}: search {v['search_mean']:.3f} ± {v['search_std']:.3f} vs grid {v['grid']:.3f}: "
                       f"difference {v['difference']:+.3f}, "
-                      f"{'exceeds' if v['exceeds_seed_spread'] else 'within'} the seed spread")
+                      + ("no spread with one seed" if v["exceeds_seed_spread"] is None else
+                         f"{'exceeds' if v['exceeds_seed_spread'] else 'within'} the seed spread"))
         print(table(["recipe", "avg_trained", "avg_heldout", "candidates"], rows))
     if "gap" in report:
         print("\n2. validation fitness vs test accuracy of each best candidate (trained skills)")
@@ -299,7 +302,8 @@ def print_report(report: dict) -> None:
         i = report["irt"]
         print(f"\n4. IRT estimator: MAE {fmt(i.get('mae'), 4)} on {fmt(i.get('held_back'))} held-back candidates "
               f"(subsample alone {fmt(i.get('mae_of_subsample_alone'), 4)}); speedup {fmt(i.get('speedup'), 1)}x; "
-              f"{i['candidates']} candidates")
+              f"{i['candidates']} candidates" + ("" if i.get("mae") is not None else
+                                                 " (no held-back candidate within the budget: no error measured)"))
     if "selection" in report:
         s = report["selection"]
         print(f"\n5. model selection over the pool: test avg_trained {fmt(s.get('avg_trained'))}, "
