@@ -92,6 +92,17 @@ def run_compete(args: argparse.Namespace) -> int:
     unused = [flag for flag, (value, default) in learn_flags.items() if value != default]
     if unused and not args.adamerge:
         raise InputError(f"{', '.join(unused)}: only used with --adamerge; add --adamerge or leave them out")
+    search_flags = {"--workers": (args.workers, 1), "--ray-address": (args.ray_address, None),
+                    "--optimizer": (args.optimizer, "cma"), "--search-seed": (args.search_seed, 0),
+                    "--fitness": (args.fitness, "subsample"), "--per-task": (args.per_task, None),
+                    "--population": (args.population, None)}
+    search_options = None
+    if any(value != default for value, default in search_flags.values()):
+        from mergesmith.search.run import SearchOptions
+
+        search_options = SearchOptions(workers=args.workers, ray_address=args.ray_address, optimizer=args.optimizer,
+                                       seed=args.search_seed, fitness=args.fitness, per_task=args.per_task,
+                                       population=args.population, progress=not args.no_progress)
     adamerge = None
     if args.adamerge:
         from mergesmith.learn.adamerging import AdaMergingSettings
@@ -100,13 +111,19 @@ def run_compete(args: argparse.Namespace) -> int:
                                       batch_size=args.learn_batch_size, seed=args.learn_seed, device=args.device,
                                       progress=not args.no_progress)
     result = compete(args.recipe, args.tasks, args.out, budget=args.budget, validation=args.validation or (),
-                     adamerge=adamerge, learn_share=args.learn_share, device=args.device, dtype=args.dtype,
+                     adamerge=adamerge, learn_share=args.learn_share, search_options=search_options,
+                     search_share=args.search_share, device=args.device, dtype=args.dtype,
                      batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
                      isolate_merge=not args.inline_merge, submission_format=args.submission_format,
                      bootstrap=args.bootstrap,
                      metric=_metric_defaults(args), progress=not args.no_progress)
     print(result.evaluation.table())
     print(result.summary())
+    if result.search is not None:
+        s = result.search
+        best = "no candidate scored" if s["best_fitness"] is None else \
+            f"best fitness {s['best_fitness']:.4f} ({s['best_recipe']})"
+        print(f"search: {s['candidates']} candidates in {s['seconds']:.1f} s of its {s['budget_s']:.0f} s; {best}")
     print("wrote " + ", ".join(str(p) for p in result.submissions) + f" and {args.out}/compete.json")
     if not result.complete:
         print("the budget ran out before everything was scored (see above)", file=sys.stderr)
@@ -142,7 +159,9 @@ def register(subparsers) -> None:
                                           "write the scores and the competition's submission file. "
                                           f"Exit code {BUDGET_EXCEEDED}: the budget ran out before everything "
                                           "was scored.")
-    c.add_argument("recipe", metavar="RECIPE.yml", help="the merge recipe (mergekit YAML)")
+    c.add_argument("recipe", metavar="RECIPE.yml",
+                   help="the merge recipe (mergekit YAML), or a search space (a recipe with range:/choice: "
+                        "markers, or mergekit-evolve's genome:), searched on --validation first")
     _common(c)
     c.add_argument("--budget", required=True, help="wall-clock budget for the whole job: 1h, 45m, 90s, 1h30m")
     c.add_argument("--overwrite", action="store_true", help="replace DIR/model if it exists")
@@ -165,6 +184,21 @@ def register(subparsers) -> None:
     c.add_argument("--learn-granularity", choices=("layer", "task"), default="layer",
                    help="one weight per model and layer (default), or per model")
     c.add_argument("--learn-seed", type=int, default=0, help="seed of the prompt order (default 0)")
+    g = c.add_argument_group("search (when RECIPE is a search space; see docs/search.md)")
+    g.add_argument("--search-share", type=float, default=None, metavar="F",
+                   help="fraction of the budget the search may use, its final steps included; the rest merges "
+                        "the best recipe and predicts (default 0.5)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="candidates scored at once: 1 in this process (default), N > 1 on a local Ray cluster")
+    g.add_argument("--ray-address", default=None, help="attach the search to an existing Ray cluster")
+    g.add_argument("--optimizer", choices=("cma", "random", "nsga2"), default="cma",
+                   help="the search's optimizer (default cma)")
+    g.add_argument("--search-seed", type=int, default=0, help="seeds the optimizer and the fitness subsample")
+    g.add_argument("--fitness", choices=("subsample", "irt"), default="subsample",
+                   help="subsample accuracy (default) or its IRT estimate of full-validation accuracy")
+    g.add_argument("--per-task", type=int, default=None,
+                   help="fitness items per validation task (default: the space's limit, else 40)")
+    g.add_argument("--population", type=int, default=None, help="candidates per generation")
     c.add_argument("--submission-format", choices=SUBMISSION_FORMATS, default="kit",
                    help="kit: id,prediction,dummy_field, as the starter kit writes it for Kaggle (default); "
                         "plain: id,prediction")

@@ -23,11 +23,13 @@ overrun the deadline (see ``Pacer``). What was not scored is listed by task in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
 import queue as queue_module
 import re
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -75,6 +77,7 @@ class CompeteResult:
     submissions: list[Path] = field(default_factory=list)
     not_scored: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what compete decided for the user (calibration data, ...)
+    search: Optional[dict[str, Any]] = None  # the search's summary, when RECIPE was a search space
 
     @property
     def used_s(self) -> float:
@@ -88,7 +91,8 @@ class CompeteResult:
         return {"budget_s": self.budget_s, "used_s": self.used_s, "complete": self.complete,
                 "phases": [asdict(p) for p in self.phases], "not_scored": self.not_scored, "notes": self.notes,
                 "submissions": [str(p) for p in self.submissions],
-                "macro_average": self.evaluation.macro if self.evaluation else None}
+                "macro_average": self.evaluation.macro if self.evaluation else None,
+                **({"search": self.search} if self.search is not None else {})}
 
     def summary(self) -> str:
         lines = [f"note: {n}" for n in self.notes] + [f"budget {self.budget_s:.0f}s, used {self.used_s:.1f}s"]
@@ -296,6 +300,8 @@ def write_submissions(tasks: Sequence, predictions: Sequence, out_dir: Union[str
 
 COMPETE_FILES = (r"results\.json", r"predictions\.jsonl", r"compete\.json", r"submission(-.+)?\.csv",
                  r"learned\.yml", r"learned\.json")
+DEFAULT_SEARCH_SHARE = 0.5
+SEARCH_DIR = "search"  # the search's own output folder inside OUT (trace.jsonl, best.yml, summary.json)
 
 
 def output_problems_for(out: Path, recipe: Any, task_paths: Sequence[Union[str, Path]]) -> list[str]:
@@ -320,7 +326,9 @@ def output_problems_for(out: Path, recipe: Any, task_paths: Sequence[Union[str, 
 
 def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[str, Path], *,
             budget: Union[str, float], validation: Sequence[Union[str, Path]] = (), adamerge: Any = None,
-            learn_share: float = 0.5, device: str = "cpu", dtype: Any = "auto", batch_size: int = 8,
+            learn_share: float = 0.5, search_options: Any = None,
+            search_share: Optional[float] = None,
+            device: str = "cpu", dtype: Any = "auto", batch_size: int = 8,
             skip_bad_rows: bool = False, overwrite: bool = False, isolate_merge: bool = True,
             merge_fn: Optional[Callable] = None, check_fn: Optional[Callable] = None,
             submission_format: str = DEFAULT_SUBMISSION_FORMAT, bootstrap: int = 1000,
@@ -344,6 +352,14 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     unlabeled prompts of ``task_paths`` in a ``learn`` phase, which stops at
     ``learn_share`` of the budget with what it learned (``OUT/learned.yml``, then merged).
     Both count against the budget; stopped by it, they leave no partial output.
+
+    A search space as ``recipe`` (ranges, choices or a mergekit-evolve ``genome:``; see
+    ``mergesmith.search.space.is_search_space``) is searched first: ``search_share`` of the
+    budget goes to ``mergesmith.search.search`` with the ``validation`` files as its fitness
+    tasks (their multiple-choice rows; ``search_options``, a ``SearchOptions``, sets workers,
+    optimizer, seed, ...), its outputs in ``OUT/search``. Its budget includes its own final
+    steps; the best recipe it found (``OUT/search/best.yml``) is then merged and evaluated in
+    what is left. ``compete.json`` records the search's summary under ``search``.
 
     Every argument, the output folder and every task file are checked first, and
     all their problems raised as one ``InputError``, before anything is merged.
@@ -375,10 +391,17 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     model_dir = out / "model"
     problems += output_problems_for(out, recipe, [*task_paths, *validation])
     data = D.DataPlan(D.PLAIN, recipe)
-    try:
-        data = D.plan_data(recipe, task_paths, validation, adamerge)
-    except InputError as err:
-        problems += err.problems
+    searching = _is_space(recipe)
+    search_share = DEFAULT_SEARCH_SHARE if search_share is None and searching else search_share
+    if not searching:
+        if search_options is not None or search_share is not None:
+            problems.append(f"{recipe}: search options were given (--search-share, --workers, ...), but this is "
+                            "a plain recipe, not a search space (no range:, choice: or genome:); leave them out "
+                            "or mark what to search")
+        try:
+            data = D.plan_data(recipe, task_paths, validation, adamerge)
+        except InputError as err:
+            problems += err.problems
     if model_dir.exists() and not overwrite:
         problems.append(f"{model_dir}: already exists; choose another --out or pass --overwrite")
     start = clock()
@@ -403,7 +426,12 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     problems += metric_problems(tasks)
     if check_fn is None and merge_fn is None:
         check_fn = check_recipe
-    if check_fn is not None:  # the recipe's problems join the others: one report, not two rounds
+    if searching:  # the space's middle candidate is planned as a recipe: check_recipe's work, for a space
+        (search_options, found), _ = phase("check_space", lambda: _search_setup(
+            recipe, out, validation, adamerge, search_options, search_share, budget_s, overwrite, progress))
+        problems += found
+    if check_fn is not None and not searching:  # (a space's middle candidate was planned by its checks)
+        # the recipe's problems join the others: one report, not two rounds
         try:
             phase("check_recipe", lambda: check_fn(data.recipe, model_dir, **merge_kwargs))
         except InputError as err:
@@ -415,9 +443,14 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         created = prepare_output_dir(out)
         runner = run_merge_isolated if isolate_merge else run_merge_inline
         try:
-            to_merge, status, detail = _before_merge(data, out, phase, isolate=isolate_merge, device=device,
-                                                     clock=clock, deadline=deadline,
-                                                     learn_deadline=start + learn_share * budget_s)
+            if searching:
+                to_merge, status, detail = _search_first(recipe, out, phase, result, search_options,
+                                                         start + min(max(search_share, 0.0), 1.0) * budget_s, clock,
+                                                         overwrite)
+            else:
+                to_merge, status, detail = _before_merge(data, out, phase, isolate=isolate_merge, device=device,
+                                                         clock=clock, deadline=deadline,
+                                                         learn_deadline=start + learn_share * budget_s)
             if status == FAILED:  # its process died: a fault, as for the merge
                 raise RuntimeError(detail)
             if status == DONE and clock() < deadline:
@@ -464,6 +497,77 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
         phase("write", write)
         (out / "compete.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
         return result
+
+
+def _is_space(recipe: Any) -> bool:
+    from mergesmith.search.space import is_search_space, read_space_raw
+
+    return is_search_space(read_space_raw(recipe))
+
+
+def _search_setup(space: Any, out: Path, validation: Sequence[Union[str, Path]], adamerge: Any, options: Any,
+                  share: Any, budget_s: float, overwrite: bool, progress: bool) -> tuple[Any, list[str]]:
+    """The search's options as compete runs it, and every problem with searching ``space`` first."""
+    from mergesmith.search.run import SearchOptions, search_problems
+
+    problems: list[str] = []
+    if not validation:
+        problems.append(f"{space}: is a search space (it has range:, choice: or genome:), and its candidates are "
+                        "scored on validation tasks: pass --validation FILES (the competition's labelled "
+                        "validation CSV), or give a plain recipe")
+    if adamerge is not None:
+        problems.append(f"{space}: --adamerge learns the weights of a plain recipe; a search space searches "
+                        "them: drop --adamerge or give a plain recipe")
+    if not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share < 1):
+        problems.append(f"--search-share {share!r}: must be a fraction of the budget in (0, 1); the rest "
+                        "merges the best recipe and predicts")
+        share = 0.5
+    folder = out / SEARCH_DIR
+    if folder.exists() and not overwrite:
+        problems.append(f"{folder}: already exists (an earlier search); choose another --out or pass "
+                        "--overwrite, which replaces it")
+    options = dataclasses.replace(options or SearchOptions(progress=progress), resume=False, save_model=False,
+                                  tasks=[str(v) for v in validation], test_tasks=[])
+    # The options' own checks need a budget; the search's real one is set when it starts.
+    options.budget_s = share * budget_s if budget_s > 0 else 1.0
+    # (without --validation, the space's own problems are still reported, in the same round)
+    problems += [p for p in search_problems(space, options) if not p.startswith("no validation tasks")]
+    return options, problems
+
+
+def _search_first(space: Any, out: Path, phase: Callable, result: CompeteResult, options: Any,
+                  search_deadline: float, clock: Callable[[], float], overwrite: bool) -> tuple[Any, str, str]:
+    """The ``search`` phase: search the space until ``search_deadline``; returns (the best recipe found,
+    status, detail). The search stops itself, final steps included, inside its share."""
+    from mergesmith.search.run import search
+
+    folder = out / SEARCH_DIR
+    left = search_deadline - clock()
+    if left <= 0:
+        result.phases.append(Phase("search", 0.0, SKIPPED, "no time left for the search"))
+        return None, SKIPPED, "no time left for the search"
+    if folder.exists() and overwrite:  # checked up front: only an earlier compete's search is replaced
+        shutil.rmtree(folder)
+    options = dataclasses.replace(options, budget_s=left)
+    found, record = phase("search", lambda: search(space, folder, options))
+    s = found.summary
+    best_recipe = folder / "best.yml"
+    result.search = {
+        "out": str(folder), "candidates": found.candidates,
+        "best_fitness": found.best["fitness"] if found.best else None,
+        "best_recipe": str(best_recipe) if found.best else None,
+        "seconds": found.seconds, "budget_s": round(left, 3), "within_budget": s.get("within_budget"),
+        "stop_reason": s.get("stop_reason"), "optimizer": options.optimizer, "seed": options.seed,
+        "workers": options.workers, "fitness": options.fitness,
+        "full_validation": ((s.get("final") or {}).get("validation") or {}).get("macro"),
+        "throughput": s.get("throughput"), "notes": s.get("notes") or []}
+    result.notes += [f"search: {n}" for n in s.get("notes") or []]
+    if found.best is None:
+        record.status, record.detail = STOPPED, "no candidate was scored within the search's share of the budget"
+        return None, STOPPED, record.detail
+    record.detail = (f"{found.candidates} candidates, best fitness {found.best['fitness']:.4f} on the validation "
+                     f"subsample; wrote {best_recipe}")
+    return str(best_recipe), DONE, record.detail
 
 
 def _before_merge(data: Any, out: Path, phase: Callable, *, isolate: bool, device: str,

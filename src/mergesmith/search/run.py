@@ -18,6 +18,7 @@ that is what ``resume`` continues from.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -143,7 +144,7 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
     if irt is not None:
         summary["irt"] = irt.report()
     summary.update(stop_reason=stop_reason, search_s=round(search_s, 3), budget_s=options.budget_s,
-                   candidates=len(records), **{k: round(v, 3) for k, v in timings.items()})
+                   candidates=len(records), notes=space.notes, **{k: round(v, 3) for k, v in timings.items()})
     summary["seconds"] = round(time.monotonic() - started, 3)
     summary["within_budget"] = summary["seconds"] <= options.budget_s
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -156,8 +157,18 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
 # ----------------------------------------------------------------------------- checks and resume
 
 
-def _check(space_path: Union[str, Path], out: Path, options: SearchOptions):
-    """Everything that can be checked before work starts, reported together."""
+def search_problems(space_path: Union[str, Path], options: SearchOptions) -> list[str]:
+    """Every problem ``search`` would report before starting (space, tasks, options, extras), without
+    touching an output folder: for callers that check all their inputs at once (``mergesmith compete``)."""
+    try:
+        _check(space_path, None, dataclasses.replace(options))
+    except InputError as err:
+        return list(err.problems)
+    return []
+
+
+def _check(space_path: Union[str, Path], out: Optional[Path], options: SearchOptions):
+    """Everything that can be checked before work starts, reported together (``out`` None: not the folder)."""
     from mergesmith.evaluate import load_tasks
     from mergesmith.evaluate.compete import parse_budget
 
@@ -214,7 +225,9 @@ def _check(space_path: Union[str, Path], out: Path, options: SearchOptions):
             problems += [f"--test-tasks: {p}" for p in err.problems]
     if tasks and not any(t.type == "multiple_choice" for t in tasks):
         problems.append("the validation tasks have no multiple-choice task; fitness is multiple-choice accuracy")
-    if out.exists() and not out.is_dir():
+    if out is None:
+        pass
+    elif out.exists() and not out.is_dir():
         problems.append(f"{out}: exists and is not a folder; choose another --out")
     elif (out / TRACE).exists() and not options.resume:
         problems.append(f"{out}: already holds a search ({TRACE}); pass --resume to continue it or choose "
@@ -225,6 +238,10 @@ def _check(space_path: Union[str, Path], out: Path, options: SearchOptions):
         raise InputError(problems)
     assert space is not None
     # Only multiple-choice tasks score fitness; generation tasks would cost much and say little here.
+    dropped = [t.name for t in tasks if t.type != "multiple_choice"]
+    if dropped:
+        space.notes.append(f"{', '.join(dropped)}: generation items are left out of the fitness "
+                           "(multiple-choice accuracy) and of the final validation evaluation")
     tasks = [t for t in tasks if t.type == "multiple_choice"]
     weights = {t.name: weights[t.name] for t in tasks}
     return space, tasks, test_tasks, weights

@@ -186,6 +186,36 @@ def load_space(path: Union[str, Path, dict], *, base_dir: Optional[Path] = None)
     return space
 
 
+def is_search_space(raw: Any) -> bool:
+    """Whether a parsed recipe file is a search space rather than a plain recipe: it has mergekit-evolve's
+    ``genome:``, a space-only key (``tasks``, ``layer_groups``, ``limit``), or a ``{range: ...}`` /
+    ``{choice: [...]}`` marker anywhere. No mergekit recipe has any of these, so the answer is never
+    ambiguous; a malformed space still counts as one, so that its problems are reported as a space's."""
+    if not isinstance(raw, dict):
+        return False
+    if "genome" in raw or SPACE_KEYS & set(raw):
+        return True
+
+    def marked(node: Any) -> bool:
+        if isinstance(node, dict):
+            return _is_marker(node) or any(marked(v) for v in node.values())
+        if isinstance(node, list):
+            return any(marked(v) for v in node)
+        return False
+
+    return marked(raw)
+
+
+def read_space_raw(path: Union[str, Path, dict]) -> Any:
+    """The YAML of a recipe-or-space file as data (None when it cannot be read: its own loader says why)."""
+    if isinstance(path, dict):
+        return path
+    try:
+        return yaml.safe_load(read_text(Path(path)))
+    except (OSError, InputError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+
+
 def _parse(raw: dict[str, Any], where: str, problems: list[str]) -> SearchSpace:
     for key in raw:
         if key not in RECIPE_KEYS | SPACE_KEYS:
