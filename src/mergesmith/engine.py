@@ -547,6 +547,18 @@ def _heap_reuse():
             libc.malloc_trim(0)
 
 
+def _one_math_thread() -> None:
+    """Keep the reader's and writer's own torch ops (dtype conversion, copies) on one thread.
+
+    torch's thread count is per calling thread: left at its default, each helper thread runs
+    its conversions on a parallel team of its own, whose threads keep spinning for a while
+    after each op and take the cores from the main thread's math. Measured on two cores:
+    TSV-M on the 58M family of benchmarks/bench_subspace.py took 24.8 s with it, and
+    the eigh calls ran at a quarter of their speed alone.
+    """
+    torch.set_num_threads(1)
+
+
 def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> MergeResult:
     start = time.perf_counter()
     device = _pick_device(options.device)
@@ -563,8 +575,8 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 
     bar = tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc=f"merge ({method.name})",
                disable=not options.progress, file=sys.stderr)
-    with writer, ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
+    with writer, ThreadPoolExecutor(1, thread_name_prefix="read", initializer=_one_math_thread) as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write", initializer=_one_math_thread) as write_pool:
         # Work items are whole tensors or row blocks of one; the reader, the prefetch budget and
         # the writer treat both alike.
         loads: deque[tuple[TensorPlan, Span, Future]] = deque()
