@@ -59,24 +59,13 @@ def test_with_the_switch_each_expert_calibrates_on_its_own_fine_tuning_text(tmp_
     assert BN.recipe_for(zoo, "regmean", {}, 0) != BN.recipe_for(zoo, "regmean", {}, 0, calibration_answers=True)
 
 
-def test_dam_follows_the_switch_and_adamerging_stays_on_unlabeled_prompts(tmp_path, monkeypatch):
+def test_dam_follows_the_switch_and_adamerging_stays_on_unlabeled_prompts(tmp_path, stub_learners):
     zoo, _ = fake_zoo(tmp_path)
     zoo.task_files = lambda split, form, skills: [tmp_path / "validation" / "mc" / f"{s}.jsonl" for s in skills]
-    seen = {}
-
-    def capture(name):
-        def fake(zoo, seed, data, knobs, folder, device, progress):
-            seen.setdefault(name, []).append((data, knobs))
-            return {"recipe": {}, "steps": 1, "objective_before": 1.0, "objective_after": 0.5}
-        return fake
-
-    monkeypatch.setattr(BL, "_adamerging", capture("adamerging"))
-    monkeypatch.setattr(BL, "_dam", capture("dam"))
-    kw = dict(cache=BN.EvalCache(tmp_path / "evals"), work=tmp_path, device="cpu", val_limit=None,
-              progress=False, log=lambda m: None)
+    seen, learn = stub_learners
     for answers in (False, True):
-        BL.learn_row(zoo, "adamerging", 0, include_answers=answers, **kw)
-        BL.learn_row(zoo, "dam", 0, include_answers=answers, **kw)
+        learn(zoo, "adamerging", include_answers=answers)
+        learn(zoo, "dam", include_answers=answers)
     (plain, plain_knobs), (answered, answered_knobs) = seen["dam"]  # two entries: learned apart, cached apart
     assert plain == [str(BL.train_file(zoo, s)) for s in zoo.trained] and "include_answers" not in plain_knobs
     assert answered == [str(BL.answer_task_file(zoo, s)) for s in zoo.trained]

@@ -70,7 +70,7 @@ def test_a_dam_entry_whose_coefficients_are_gone_is_learned_again(zoo, tmp_path,
     assert len(calls) == 2
 
 
-def test_data_comes_from_train_and_validation_only(zoo, tmp_path, monkeypatch):
+def test_data_comes_from_train_and_validation_only(zoo, stub_learners):
     """Calibration: each expert's own skill's train file. AdaMerging: validation prompts. DAM: train."""
     for method in ("regmean", "regmean_plusplus", "fisher"):
         recipe = BN.recipe_for(zoo, method, {}, seed=0)
@@ -80,22 +80,12 @@ def test_data_comes_from_train_and_validation_only(zoo, tmp_path, monkeypatch):
         assert "files" not in recipe["calibration"]  # no default that could reach another split
     assert "calibration" not in BN.recipe_for(zoo, "ties", {"density": 0.2, "lambda": 1.0}, seed=0)
 
-    seen = {}
-
-    def capture(name):
-        def fake(zoo, seed, data, knobs, folder, device, progress):
-            seen[name] = data
-            return {"recipe": {}, "steps": 1, "objective_before": 1.0, "objective_after": 0.5}
-        return fake
-
-    monkeypatch.setattr(BL, "_adamerging", capture("adamerging"))
-    monkeypatch.setattr(BL, "_dam", capture("dam"))
-    kw = dict(cache=BN.EvalCache(tmp_path / "evals"), work=tmp_path, device="cpu", val_limit=None,
-              progress=False, log=lambda m: None)
-    BL.learn_row(zoo, "adamerging", 0, **kw)
-    BL.learn_row(zoo, "dam", 0, **kw)
-    assert seen["adamerging"] and all("/validation/mc/" in f for f in seen["adamerging"])
-    assert seen["dam"] == [str(zoo.tasks["train"]["gen"][s]) for s in zoo.trained]
+    seen, learn = stub_learners
+    learn(zoo, "adamerging")
+    learn(zoo, "dam")
+    (adamerging_data, _), = seen["adamerging"]
+    assert adamerging_data and all("/validation/mc/" in f for f in adamerging_data)
+    assert seen["dam"][0][0] == [str(zoo.tasks["train"]["gen"][s]) for s in zoo.trained]
 
 
 def test_learned_rows_are_accepted_by_methods_and_named_by_data_aware():
