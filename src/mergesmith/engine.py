@@ -35,6 +35,7 @@ inputs' statistics three times (as read, and a method's sums).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import json
 import shutil
@@ -224,11 +225,8 @@ def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, 
     ``out_shard_size``, ``overwrite``, ...). With ``dry_run`` nothing is written.
     Raises ``InputError`` listing every problem with the recipe or the models.
     """
-    options = options or MergeOptions()
-    for key, value in kwargs.items():
-        if not hasattr(options, key):
-            raise TypeError(f"merge() got an unknown option {key!r}")
-        setattr(options, key, value)
+    # A copy: the caller's options object is left as it was (replace also rejects unknown names).
+    options = dataclasses.replace(options or MergeOptions(), **kwargs)
     out_dir = Path(out_dir)
     plan = plan_merge(recipe, options, out_dir=out_dir, writing=not dry_run)
     try:

@@ -83,11 +83,8 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
            **kwargs: Any) -> SearchResult:
     """Search the space for the recipe with the best fitness; see the module docstring."""
     started = time.monotonic()
-    options = options or SearchOptions()
-    for key, value in kwargs.items():
-        if not hasattr(options, key):
-            raise TypeError(f"search() got an unknown option {key!r}")
-        setattr(options, key, value)
+    # A copy: the caller's options object is left as it was (replace also rejects unknown names).
+    options = dataclasses.replace(options or SearchOptions(), **kwargs)
     out = Path(out_dir)
     space, tasks, test_tasks, weights = _check(space_path, out, options)
     deadline = started + options.budget_s  # the checks count against the budget too
