@@ -83,9 +83,11 @@ GRIDS: dict[str, list[dict]] = {
     "wudi": [{}],
     # Data-aware rows (zoo/bench_learned.py): statistics on each expert's own train prompts, or
     # coefficients learned on train / unlabeled validation prompts. alpha: FusionBench's 0.95 and the
-    # default 0.1 bracket it; the Grams are computed once per expert and shared by every point.
-    "regmean": _grid(alpha=[0.1, 0.5, 0.95]),
-    "regmean_plusplus": _grid(alpha=[0.1, 0.5, 0.95]),
+    # default 0.1 bracket it, and 1.0 (the Grams unshrunk, plain least squares) closes the range:
+    # seed 0 chose 0.95, the top of the first grid. The Grams are computed once per expert and shared
+    # by every point.
+    "regmean": _grid(alpha=[0.1, 0.5, 0.95, 1.0]),
+    "regmean_plusplus": _grid(alpha=[0.1, 0.5, 0.95, 1.0]),
     "fisher": [{}],
     "adamerging": [{}],  # learned: layer-wise weights from the entropy on validation prompts
     "dam": [{}],  # learned: per-column coefficients distilled from each expert on its train prompts
