@@ -95,14 +95,15 @@ def run_compete(args: argparse.Namespace) -> int:
     search_flags = {"--workers": (args.workers, 1), "--ray-address": (args.ray_address, None),
                     "--optimizer": (args.optimizer, "cma"), "--search-seed": (args.search_seed, 0),
                     "--fitness": (args.fitness, "subsample"), "--per-task": (args.per_task, None),
-                    "--population": (args.population, None)}
+                    "--population": (args.population, None), "--rerank": (args.rerank, 0)}
     search_options = None
     if any(value != default for value, default in search_flags.values()):
         from mergesmith.search.run import SearchOptions
 
         search_options = SearchOptions(workers=args.workers, ray_address=args.ray_address, optimizer=args.optimizer,
                                        seed=args.search_seed, fitness=args.fitness, per_task=args.per_task,
-                                       population=args.population, progress=not args.no_progress)
+                                       population=args.population, rerank=args.rerank,
+                                       progress=not args.no_progress)
     adamerge = None
     if args.adamerge:
         from mergesmith.learn.adamerging import AdaMergingSettings
@@ -199,6 +200,9 @@ def register(subparsers) -> None:
     g.add_argument("--per-task", type=int, default=None,
                    help="fitness items per validation task (default: the space's limit, else 40)")
     g.add_argument("--population", type=int, default=None, help="candidates per generation")
+    g.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="the search's K candidates of highest fitness are evaluated on the full validation "
+                        "tasks at its end, and the best there kept (default 0: off)")
     c.add_argument("--submission-format", choices=SUBMISSION_FORMATS, default="kit",
                    help="kit: id,prediction,dummy_field, as the starter kit writes it for Kaggle (default); "
                         "plain: id,prediction")

@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--irt-holdout-every", type=int, default=5,
                    help="with --fitness irt: every n-th later candidate is also evaluated in full, to report "
                         "the estimator's error (default 5)")
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="at the end, evaluate the K candidates of highest fitness on the full validation tasks "
+                        "and keep the best there (the subsample's winner overstates itself); its time is "
+                        "kept back from the search (default 0: off)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: the cores divided among the workers)")
     p.add_argument("--batch-size", type=int, default=16, help="items per forward pass (default 16)")
@@ -62,7 +66,8 @@ def run_search(args: argparse.Namespace) -> int:
                             optimizer=args.optimizer, seed=args.seed, per_task=args.per_task,
                             population=args.population, threads=args.threads, batch_size=args.batch_size,
                             save_model=not args.no_model, progress=not args.no_progress, fitness=args.fitness,
-                            irt_calibration=args.irt_calibration, irt_holdout_every=args.irt_holdout_every)
+                            irt_calibration=args.irt_calibration, irt_holdout_every=args.irt_holdout_every,
+                            rerank=args.rerank)
     result = search(args.space, args.out, options)
     s = result.summary
     if result.best is None:
@@ -70,6 +75,11 @@ def run_search(args: argparse.Namespace) -> int:
         return 3
     print(f"{result.candidates} candidates in {result.seconds:.1f} s; best fitness {result.best['fitness']:.4f} "
           f"(candidate {result.best['index']})")
+    rerank = s.get("rerank")
+    if rerank:
+        scored = [c for c in rerank["candidates"] if c["full_validation"] is not None]
+        print(f"rerank: {len(scored)} of the top {rerank['k']} evaluated on the full validation tasks; chose "
+              f"candidate {rerank['chosen']} (by fitness alone: {rerank['by_fitness']})")
     for label, final in (s.get("final") or {}).items():
         if isinstance(final, dict) and final.get("macro") is not None:
             print(f"full {label}: mean accuracy {final['macro']:.4f}" + ("" if final["complete"] else

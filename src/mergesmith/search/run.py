@@ -8,7 +8,9 @@ The flow, all of it counted against ``budget_s``:
 4. ask the optimizer for a generation, score its candidates as workers free up, tell it the
    results, save its state; a candidate is started only if its expected time, plus what the
    final phase needs, still fits before the deadline;
-5. write ``best.yml``, evaluate the best recipe on the full validation tasks (and the test
+5. with ``rerank`` K: evaluate the K candidates of highest fitness on the full validation tasks
+   and keep the one that scores best there (the subsample's winner overstates itself: winner's curse);
+6. write ``best.yml``, evaluate the best recipe on the full validation tasks (and the test
    tasks), merge it to ``DIR/model`` if that still fits, and draw the plots.
 
 Every scored candidate is one line of ``trace.jsonl``, appended and flushed as it
@@ -68,6 +70,7 @@ class SearchOptions:
     fitness: str = "subsample"  # or "irt": estimate full-validation accuracy from the subsample (irt.py)
     irt_calibration: int = 8  # candidates evaluated in full before the items are fitted
     irt_holdout_every: int = 5  # then every n-th candidate is evaluated in full to measure the error
+    rerank: int = 0  # the top K candidates by fitness are evaluated in full at the end, and the best kept
 
 
 @dataclass
@@ -108,9 +111,10 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
 
     pool_start = time.monotonic()
     pool = make_pool(fitness_tasks, options.workers, options.ray_address, options.threads, options.batch_size,
-                     full_tasks=tasks if irt is not None else None)
+                     full_tasks=tasks if irt is not None or options.rerank else None)
     timings = {"start_workers_s": time.monotonic() - pool_start}
-    full_items = sum(len(t.items) for t in tasks) + sum(len(t.items) for t in test_tasks)
+    validation_items = sum(len(t.items) for t in tasks)
+    full_items = validation_items + sum(len(t.items) for t in test_tasks)
     stop_reason = "budget"
     trace = (out / TRACE).open("a")
     before = len(records)
@@ -121,7 +125,7 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
             timings["irt_references_s"] = time.monotonic() - loop_start
             loop_start = time.monotonic()
         stop_reason = _loop(space, optimizer, pool, records, trace, out, weights, deadline, full_items,
-                            options, started, elapsed_before, log, irt)
+                            validation_items, options, started, elapsed_before, log, irt)
     except BaseException:
         pool.close()
         raise
@@ -145,7 +149,7 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
     summary["seconds"] = round(time.monotonic() - started, 3)
     summary["within_budget"] = summary["seconds"] <= options.budget_s
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    best = _best(records)
+    best = next((r for r in records if r["index"] == summary["best"]["index"]), None) if summary["best"] else None
     log(f"done: {len(records)} candidates in {summary['seconds']:.1f} s (budget {options.budget_s:.0f} s); "
         f"best fitness {best['fitness']:.4f}" if best else "done: no candidate was scored")
     return SearchResult(out, best, len(records), summary["seconds"], summary)
@@ -182,6 +186,8 @@ def _check(space_path: Union[str, Path], out: Optional[Path], options: SearchOpt
                         ("--threads", options.threads)):
         if value is not None and value < 1:
             problems.append(f"{flag} {value} must be at least 1")
+    if not isinstance(options.rerank, int) or isinstance(options.rerank, bool) or options.rerank < 0:
+        problems.append(f"--rerank {options.rerank!r} must be a whole number, at least 0 (0: no reranking)")
     if options.fitness not in ("subsample", "irt"):
         problems.append(f"--fitness {options.fitness!r} must be subsample or irt")
     for flag, value in (("--irt-calibration", options.irt_calibration),
@@ -279,8 +285,8 @@ def _start_or_resume(out: Path, settings: dict, space: SearchSpace, options: Sea
 
 
 def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], trace: Any, out: Path,
-          weights: dict[str, float], deadline: float, full_items: int, options: SearchOptions, started: float,
-          elapsed_before: float, log: "_Log", irt: Any = None) -> str:
+          weights: dict[str, float], deadline: float, full_items: int, validation_items: int,
+          options: SearchOptions, started: float, elapsed_before: float, log: "_Log", irt: Any = None) -> str:
     """Generations until the budget (less the final phase's reserve) runs out; returns why it stopped."""
     import numpy as np
 
@@ -294,7 +300,9 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
         results: dict[int, dict] = {}
         queue = list(range(len(batch)))
         while len(results) < len(batch):
-            reserve = _final_reserve(records, full_items, options.save_model) + (RAY_CLOSE_S if driver_builds else 0.0)
+            reserve = (_final_reserve(records, full_items, options.save_model)
+                       + _rerank_reserve(records, options.rerank, pool.size, validation_items)
+                       + (RAY_CLOSE_S if driver_builds else 0.0))
             while queue and pool.free() and _fits(records, reserve, deadline):
                 k = queue.pop(0)
                 full = irt is not None and irt.wants_full(len(records) + pool.in_flight())
@@ -410,6 +418,26 @@ def _final_reserve(records: list[dict], full_items: int, save_model: bool) -> fl
     return merge * (3 if save_model else 1) + 1.2 * rate * full_items + WRITE_MARGIN_S
 
 
+def _full_evaluation_s(records: list[dict], items: int) -> float:
+    """One candidate merged into a warm worker and evaluated on ``items`` items: the recent median
+    merge, and the recent median rate per item with the final reserve's 1.2 safety factor."""
+    ok = [r for r in records if r["status"] == "ok"][-20:]
+    if not ok:
+        return 0.0
+    rate = statistics.median(r["eval_s"] / max(r.get("items", 1), 1) for r in ok)
+    return statistics.median(r["merge_s"] for r in ok) + 1.2 * rate * items
+
+
+def _rerank_reserve(records: list[dict], k: int, workers: int, validation_items: int) -> float:
+    """Seconds the rerank needs: its full evaluations (no more than the candidates scored so far),
+    spread over the workers in rounds."""
+    if k <= 0:
+        return 0.0
+    # The scored count, not the distinct parameter sets: an upper bound that costs no sort per candidate.
+    n = min(k, sum(1 for r in records if r["status"] == "ok"))
+    return math.ceil(n / max(workers, 1)) * _full_evaluation_s(records, validation_items)
+
+
 def _best(records: list[dict]) -> Optional[dict]:
     ok = [r for r in records if r["status"] == "ok"]
     return max(ok, key=lambda r: (r["fitness"], -r["index"])) if ok else None
@@ -436,6 +464,73 @@ def pareto_front(records: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- the final phase
 
 
+def _top_candidates(records: list[dict], k: int) -> list[dict]:
+    """The ``k`` scored candidates of highest fitness (ties: the lower index), one per parameter set."""
+    ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: (-r["fitness"], r["index"]))
+    top: list[dict] = []
+    seen: set[str] = set()
+    for r in ok:
+        key = json.dumps(r["params"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            top.append(r)
+            if len(top) == k:
+                break
+    return top
+
+
+def _rerank(space: SearchSpace, records: list[dict], tasks: list, weights: dict[str, float], k: int, pool: Any,
+            deadline: float, log: "_Log") -> tuple[Optional[dict], dict[str, Any]]:
+    """Re-rank the top ``k`` candidates by fitness on the full validation tasks (the same task weights) and
+    return the best of them with the summary's ``rerank`` block.
+
+    Over thousands of candidates, the highest subsample fitness is partly luck: the winner's score
+    overstates its full-validation accuracy (the winner's curse). Scoring a short list in full and
+    choosing among it by full validation removes most of that selection bias. Ties: the higher
+    subsample fitness, then the lower index. Evaluations start only while one more still fits before
+    ``deadline``; the candidates left out are named in the block's ``note``. A candidate the IRT
+    fitness already evaluated in full keeps that score and costs nothing.
+    """
+    top = _top_candidates(records, k)
+    full: dict[int, float] = {r["index"]: r["full"] for r in top if r.get("full") is not None}
+    # Negative ids: the pool may still hold the loop's last candidates (ids 0, 1, ...), whose late
+    # results must not be taken for these.
+    queue = [r for r in top if r["index"] not in full]
+    pending: set[int] = set()
+    each_s = _full_evaluation_s(records, sum(len(t.items) for t in tasks))
+    while True:
+        while queue and pool.free() and time.monotonic() + each_s <= deadline:
+            r = queue.pop(0)
+            pool.submit(-1 - r["index"], space.recipe(r["params"]), True)
+            pending.add(r["index"])
+        # Nothing of ours running: wait only for a busy worker to free up, and only if one more still fits.
+        if not pending and not (queue and pool.in_flight() and time.monotonic() + each_s <= deadline):
+            break
+        result = pool.wait(max(deadline - time.monotonic(), 0.0))
+        if result is None:
+            break
+        index = -1 - result["index"]
+        if index not in pending:
+            continue  # a loop candidate that finished late
+        pending.discard(index)
+        if result["status"] == "ok":
+            full[index] = weighted_fitness(result["scores"], weights)
+            log(f"rerank [{index}]: full validation {full[index]:.4f}")
+    by_fitness = top[0] if top else None
+    scored = [r for r in top if r["index"] in full]
+    chosen = max(scored, key=lambda r: (full[r["index"]], r["fitness"], -r["index"])) if scored else by_fitness
+    block: dict[str, Any] = {
+        "k": k, "candidates": [{"index": r["index"], "fitness": r["fitness"], "full_validation": full.get(r["index"])}
+                               for r in top],
+        "chosen": chosen["index"] if chosen else None, "by_fitness": by_fitness["index"] if by_fitness else None}
+    if len(scored) < len(top):
+        block["note"] = (f"the budget allowed {len(scored)} of {len(top)} full evaluations; the others were not "
+                         "reranked (full_validation null)")
+        log(f"note: rerank: {block['note']}")
+    return chosen, block
+
+
+
 def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, test_tasks: list,
             weights: dict[str, float], deadline: float, options: SearchOptions, pool: Any, log: "_Log") -> dict:
     best = _best(records)
@@ -443,6 +538,12 @@ def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, tes
     if best is None:
         summary["best"] = None
         return summary
+    if options.rerank > 0:
+        # What the final evaluation, the model write and the plots need is kept back from the rerank.
+        full_items = sum(len(t.items) for t in tasks) + sum(len(t.items) for t in test_tasks)
+        reserve = _final_reserve(records, full_items, options.save_model)
+        best, summary["rerank"] = _rerank(space, records, tasks, weights, options.rerank, pool, deadline - reserve,
+                                          log)
     recipe = space.recipe(best["params"])
     (out / "best.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     summary["best"] = {"index": best["index"], "fitness": best["fitness"], "scores": best["scores"],
