@@ -11,7 +11,10 @@ Parts (``--parts``, default all):
    validation tasks and cached in bench's ``EvalCache`` (``--bench-work`` may point at a bench
    run's ``work/`` folder to reuse its evaluations). Both recipes are merged and scored on every
    test task (multiple choice); the table gives ``avg_trained`` and ``avg_heldout``, the search as
-   mean ± std over its seeds, and whether the difference exceeds that spread.
+   mean ± std over its seeds, and whether the difference exceeds that spread. With ``--rerank K``
+   the searches re-rank their top K candidates on the full validation tasks (folders
+   ``grid-seedN-rerankK``); where that changes the pick, the candidate of highest fitness is
+   merged and scored on test too, so a small table pairs the two picks of each search.
 2. ``gap``: for each search of part 1, the best candidate's fitness (subsample accuracy), its full
    validation accuracy (the search's final evaluation) and its test accuracy on the trained skills.
 3. ``throughput``: candidates per minute with 1 and 2 workers (2: Ray actors) and the shares of the
@@ -62,6 +65,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--throughput-workers", nargs="+", type=int, default=[1, 2],
                    help="worker counts compared in part 3 (default 1 2)")
     p.add_argument("--per-task", type=int, default=None, help="fitness items per task (default: search's, 40)")
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="the grid part's searches re-rank their top K candidates on the full validation tasks "
+                        "(default 0: off)")
     p.add_argument("--bench-work", type=Path, default=None,
                    help="bench's work folder whose evaluation cache to share (default OUT/bench-work)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -143,6 +149,16 @@ class Bench:
         summary["recipe"] = yaml.safe_load(best.read_text()) if best.is_file() else None
         return summary
 
+    def candidate_recipe(self, name: str, index: int) -> dict:
+        """The recipe of candidate ``index`` of search ``name``: its trace's parameters, written into the
+        space as the search writes ``best.yml``."""
+        from mergesmith.search.space import load_space
+
+        folder = self.args.out / name
+        with (folder / "trace.jsonl").open() as trace:
+            record = next(r for r in map(json.loads, trace) if r["index"] == index)
+        return load_space(folder.parent / f"{name}.space.yml").recipe(record["params"])
+
 
 # ----------------------------------------------------------------------------- the spaces
 
@@ -189,14 +205,19 @@ def part_grid(b: Bench, report: dict) -> None:
     grid = {"chosen": point, "validation": max(t["validation"] for t in trials) if trials else None,
             "trials": trials, **b.averages(b.test_scores(grid_recipe)), "seconds": round(time.time() - t0, 1)}
     searches = []
+    k = b.args.rerank
     for seed in b.args.seeds:
-        s = b.search(f"grid-seed{seed}", ties_space(b.zoo), budget_s=b.args.budget_s, seed=seed,
-                     workers=b.args.workers)
+        # A rerank changes what a search chooses: its folder says so, and one without it is not reused for it.
+        name = f"grid-seed{seed}" + (f"-rerank{k}" if k else "")
+        s = b.search(name, ties_space(b.zoo), budget_s=b.args.budget_s, seed=seed, workers=b.args.workers,
+                     **({"rerank": k} if k else {}))
         row = {"seed": seed, "candidates": s["candidates"], "seconds": s["seconds"],
                "within_budget": s["within_budget"], "fitness": (s.get("best") or {}).get("fitness"),
                "full_validation": ((s.get("final") or {}).get("validation") or {}).get("macro")}
         if s["recipe"] is not None:
             row.update(b.averages(b.test_scores(s["recipe"])))
+        if s.get("rerank") and "avg_trained" in row:
+            row["rerank"] = rerank_pair(b, name, s["rerank"], row)
         searches.append(row)
     scored = [r for r in searches if "avg_trained" in r]
     summary: dict[str, Any] = {"grid": grid, "searches": searches}
@@ -215,6 +236,21 @@ def part_grid(b: Bench, report: dict) -> None:
                       else r["fitness"] - r["avg_trained"],
                       "full_validation_minus_test": None if r["full_validation"] is None or "avg_trained" not in r
                       else r["full_validation"] - r["avg_trained"]} for r in searches]
+
+
+def rerank_pair(b: Bench, name: str, block: dict, row: dict) -> dict:
+    """The by-fitness pick against the reranked pick of one search, both on test (paired: the same search)."""
+    by_index = {c["index"]: c for c in block["candidates"]}
+    chosen, by_fitness = block["chosen"], block["by_fitness"]
+    reranked = {"avg_trained": row["avg_trained"], "avg_heldout": row["avg_heldout"]}
+    plain = reranked if chosen == by_fitness else b.averages(b.test_scores(b.candidate_recipe(name, by_fitness)))
+    return {"k": block["k"], "reranked_candidates": sum(c["full_validation"] is not None
+                                                        for c in block["candidates"]),
+            "note": block.get("note"),
+            "by_fitness": {"index": by_fitness, "fitness": by_index[by_fitness]["fitness"],
+                           "full_validation": by_index[by_fitness]["full_validation"], **plain},
+            "chosen": {"index": chosen, "fitness": by_index[chosen]["fitness"],
+                       "full_validation": by_index[chosen]["full_validation"], **reranked}}
 
 
 def part_throughput(b: Bench, report: dict) -> None:
@@ -287,6 +323,18 @@ def print_report(report: dict) -> None:
                       + ("no spread with one seed" if v["exceeds_seed_spread"] is None else
                          f"{'exceeds' if v['exceeds_seed_spread'] else 'within'} the seed spread"))
         print(table(["recipe", "avg_trained", "avg_heldout", "candidates"], rows))
+        paired = [r for r in g["searches"] if "rerank" in r]
+        if paired:
+            print(f"\n1b. rerank: the search's pick by fitness vs its pick among the top {paired[0]['rerank']['k']} "
+                  "by full validation (test, mc; the same searches)")
+            print(table(["seed", "by fitness", "reranked", "full_val", "full_val (rr)", "avg_trained",
+                         "avg_trained (rr)", "avg_heldout", "avg_heldout (rr)"],
+                        [[r["seed"], p["by_fitness"]["index"], p["chosen"]["index"], p["by_fitness"]["full_validation"],
+                          p["chosen"]["full_validation"], p["by_fitness"]["avg_trained"], p["chosen"]["avg_trained"],
+                          p["by_fitness"]["avg_heldout"], p["chosen"]["avg_heldout"]]
+                         for r in paired for p in [r["rerank"]]]))
+            for p in (r["rerank"] for r in paired if r["rerank"]["note"]):
+                print(f"   note: {p['note']}")
     if "gap" in report:
         print("\n2. validation fitness vs test accuracy of each best candidate (trained skills)")
         print(table(["seed", "fitness", "full_validation", "test", "fitness-test", "full_val-test"],

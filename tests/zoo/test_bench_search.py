@@ -41,3 +41,57 @@ def test_every_part_runs_at_test_size(zoo, zoo_cache, tmp_path, capsys):
     assert any(m["kept"] for m in members)
     for heading in ("1. searched", "2. validation", "3. throughput", "4. IRT", "5. model selection"):
         assert heading in printed
+
+
+def test_rerank_pairs_the_fitness_pick_with_the_reranked_pick_on_test(tmp_path, capsys):
+    """Where the rerank changed the pick, the by-fitness candidate's recipe (its trace's parameters in the
+    space) is scored on test too; where it did not, the reranked pick's scores stand for both."""
+    import argparse
+
+    import yaml
+
+    script = load_script()
+    space = {"merge_method": "ties", "base_model": "/zoo/base", "dtype": "float32",
+             "models": [{"model": "/zoo/ft0", "parameters": {"weight": {"range": [0, 1]}, "density": 0.5}}]}
+    (tmp_path / "grid-seed0-rerank2.space.yml").write_text(yaml.safe_dump(space))
+    (tmp_path / "grid-seed0-rerank2").mkdir()
+    (tmp_path / "grid-seed0-rerank2" / "trace.jsonl").write_text(
+        "".join(json.dumps({"index": i, "params": {"ft0.weight": w}}) + "\n" for i, w in enumerate([0.25, 0.75])))
+
+    class FakeBench:
+        args = argparse.Namespace(out=tmp_path)
+        candidate_recipe = script.Bench.candidate_recipe
+        scored: list = []
+
+        def test_scores(self, recipe):
+            self.scored.append(recipe)
+            return {"weight": recipe["models"][0]["parameters"]["weight"]}
+
+        def averages(self, scores):
+            return {"avg_trained": scores["weight"], "avg_heldout": 1 - scores["weight"]}
+
+    block = {"k": 2, "chosen": 0, "by_fitness": 1,
+             "candidates": [{"index": 1, "fitness": 0.9, "full_validation": 0.5},
+                            {"index": 0, "fitness": 0.8, "full_validation": 0.6}]}
+    b = FakeBench()
+    pair = script.rerank_pair(b, "grid-seed0-rerank2", block, {"avg_trained": 0.3, "avg_heldout": 0.4})
+    assert [r["models"][0]["parameters"] for r in b.scored] == [{"weight": 0.75, "density": 0.5}]
+    assert pair["by_fitness"] == {"index": 1, "fitness": 0.9, "full_validation": 0.5, "avg_trained": 0.75,
+                                  "avg_heldout": 0.25}
+    assert pair["chosen"] == {"index": 0, "fitness": 0.8, "full_validation": 0.6, "avg_trained": 0.3,
+                              "avg_heldout": 0.4}
+    assert pair["reranked_candidates"] == 2 and pair["note"] is None
+    same = script.rerank_pair(b, "grid-seed0-rerank2", {**block, "chosen": 1}, {"avg_trained": 0.3,
+                                                                                "avg_heldout": 0.4})
+    assert len(b.scored) == 1 and same["by_fitness"]["avg_trained"] == same["chosen"]["avg_trained"] == 0.3
+    script.print_report({"grid": {"grid": {"chosen": {}, "avg_trained": 0.5, "avg_heldout": 0.5},
+                                  "searches": [{"seed": 0, "candidates": 2, "rerank": pair}]}})
+    printed = capsys.readouterr().out
+    assert "1b. rerank" in printed and "avg_trained (rr)" in printed
+
+
+
+def test_the_bench_takes_a_rerank_k_off_by_default(tmp_path):
+    script = load_script()
+    assert script.parse_args(["--out", str(tmp_path), "--rerank", "8"]).rerank == 8
+    assert script.parse_args(["--out", str(tmp_path)]).rerank == 0
