@@ -140,3 +140,10 @@ def test_rerank_zero_is_off_and_a_negative_k_is_refused(search_world, tmp_path, 
     err = capsys.readouterr().err
     assert "--rerank -2 must be a whole number, at least 0" in err and "--workers 0 must be at least 1" in err
     assert not (tmp_path / "bad").exists()
+    # compete passes --rerank to its search and checks it with compete's own problems, before any work.
+    space_dir, val = tmp_path / "compete", search_world[1]
+    assert main(["compete", str(space), "--tasks", str(val[0]), "--validation", str(val[0]), "--rerank", "-1",
+                 "--search-share", "2", "--budget", "5m", "--out", str(space_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "--rerank -1 must be a whole number, at least 0" in err and "--search-share 2" in err
+    assert not space_dir.exists()
