@@ -485,11 +485,11 @@ def _rerank(space: SearchSpace, records: list[dict], tasks: list, weights: dict[
     return the best of them with the summary's ``rerank`` block.
 
     Over thousands of candidates, the highest subsample fitness is partly luck: the winner's score
-    overstates its full-validation accuracy (the winner's curse). Scoring a short list in full and
-    choosing among it by full validation removes most of that selection bias. Ties: the higher
+    overstates its full-validation accuracy (the winner's curse). Choosing among a short list by a
+    second, larger measurement that took no part in the selection shrinks that bias. Ties: the higher
     subsample fitness, then the lower index. Evaluations start only while one more still fits before
-    ``deadline``; the candidates left out are named in the block's ``note``. A candidate the IRT
-    fitness already evaluated in full keeps that score and costs nothing.
+    ``deadline``; the block's ``note`` then says how many fitted (the others' ``full_validation`` is
+    None). A candidate the IRT fitness already evaluated in full keeps that score and costs nothing.
     """
     top = _top_candidates(records, k)
     full: dict[int, float] = {r["index"]: r["full"] for r in top if r.get("full") is not None}
