@@ -106,15 +106,15 @@ def test_rerank_takes_the_irt_full_scores_it_already_has(search_world):
 def test_search_with_rerank_writes_the_chosen_recipe_and_the_summary_block(search_world, tmp_path):
     space, _, _ = search_world
     out = tmp_path / "rerank"
-    result = search(space, out, budget_s=8, per_task=4, population=3, rerank=1000, save_model=False,
+    result = search(space, out, budget_s=12, per_task=4, population=3, rerank=3, save_model=False,
                     progress=False)
     records = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     block = result.summary["rerank"]
     assert result.summary["within_budget"]
     by_fitness = max(records, key=lambda r: (r["fitness"], -r["index"]))
-    assert block["k"] == 1000 and block["by_fitness"] == by_fitness["index"]
+    assert block["k"] == 3 and block["by_fitness"] == by_fitness["index"]
     distinct = {json.dumps(r["params"], sort_keys=True) for r in records if r["status"] == "ok"}
-    assert len(block["candidates"]) == len(distinct)  # fewer than K exist: every one is reranked
+    assert len(block["candidates"]) == min(3, len(distinct))
     scored = [c for c in block["candidates"] if c["full_validation"] is not None]
     assert scored and block["chosen"] == max(scored, key=lambda c: (c["full_validation"], c["fitness"],
                                                                      -c["index"]))["index"]
