@@ -7,10 +7,13 @@ process under ``/usr/bin/time -v``:
 
 - statistics per model: the Gram matrices (``calibrate_model(..., ["gram"])``) and the
   diagonal Fisher (``["fisher"]``), for each expert;
-- the RegMean merge and the Fisher merge (``mergesmith merge``, statistics cached).
+- the RegMean merge and the Fisher merge (``mergesmith merge``, statistics cached);
+- the RegMean++ merge: ``mergesmith merge`` first with nothing cached, so that it collects its
+  Grams (every model's block l on activations through the merged blocks below, all models in
+  one pass, block by block) before it streams, then again with them cached.
 
 It prints wall time, peak RSS and peak RSS over one model's float32 size (the issue's
-target: under 2x). RegMean++ is not part of this script (not implemented yet).
+target: under 2x).
 
     python benchmarks/bench_data_aware.py                       # full size (minutes)
     python benchmarks/bench_data_aware.py --layers 1 --hidden 128 --intermediate 352 --vocab 2000
@@ -78,6 +81,10 @@ def timed(command: list[str]) -> tuple[float, float]:
     return seconds, rss
 
 
+def merge(recipe_path: Path, out: Path) -> tuple[float, float]:
+    return timed([str(BIN / "mergesmith"), "merge", str(recipe_path), str(out), "--overwrite", "--no-progress"])
+
+
 def recipe(method: str, experts: list[Path], data: Path, cache: Path, args) -> dict:
     return {"merge_method": method, "models": [{"model": str(e)} for e in experts],
             "calibration": {"files": [str(data)], "samples": args.samples, "max_length": args.tokens + 1,
@@ -116,12 +123,15 @@ def main() -> None:
                 calibrate_model(entry.path, entry.settings, [{kind!r}], entry.folders, progress=False)
             """)
             rows.append((f"{kind} statistics, expert {i}", *timed([sys.executable, "-c", script])))
-        out = workdir / f"out-{method}"
-        rows.append((f"{method} merge (statistics cached)",
-                     *timed([str(BIN / "mergesmith"), "merge", str(path), str(out), "--overwrite", "--no-progress"])))
-    print(f"{'step':40s} {'wall':>8s} {'peak RSS':>10s} {'RSS / model':>12s}")
+        rows.append((f"{method} merge (statistics cached)", *merge(path, workdir / f"out-{method}")))
+    # RegMean++'s statistics depend on the merged blocks below, so the merge collects them itself.
+    path = workdir / "regmean_plusplus.yml"
+    path.write_text(yaml.safe_dump(recipe("regmean_plusplus", experts, data, workdir / "cache", args)))
+    rows.append(("regmean_plusplus merge (collects its Grams)", *merge(path, workdir / "out-regmean_plusplus")))
+    rows.append(("regmean_plusplus merge (statistics cached)", *merge(path, workdir / "out-regmean_plusplus")))
+    print(f"{'step':44s} {'wall':>8s} {'peak RSS':>10s} {'RSS / model':>12s}")
     for name, seconds, rss in rows:
-        print(f"{name:40s} {seconds:7.1f}s {rss:8.2f} GiB {rss / size:11.2f}x")
+        print(f"{name:44s} {seconds:7.1f}s {rss:8.2f} GiB {rss / size:11.2f}x")
 
 
 if __name__ == "__main__":
