@@ -93,7 +93,7 @@ GRIDS: dict[str, list[dict]] = {
     "dam": [{}],  # learned: per-column coefficients distilled from each expert on its train prompts
 }
 # 'all' is every training-free method, the README's table; the data-aware rows need statistics or a
-# learning step each (an hour or more per seed on two CPU cores) and are named by 'data-aware'.
+# learning step each (minutes per seed on two idle CPU cores) and are named by 'data-aware'.
 DATA_AWARE_METHODS = ("regmean", "regmean_plusplus", "fisher", "adamerging", "dam")
 ALL_METHODS = tuple(m for m in GRIDS if m not in DATA_AWARE_METHODS)
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")

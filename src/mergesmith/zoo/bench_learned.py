@@ -45,14 +45,14 @@ class LearnSettings:
     calibration_max_length: int = 128  # the zoo's training block
     # The authors' script (EnnengYang/AdaMerging, main_layer_wise_adamerging.py) runs 500 Adam steps at
     # lr 1e-3, each on 32 images per task; FusionBench 1000 steps of 16. We run their 500 steps at their
-    # lr on 8 prompts per task: a step over the eight tasks takes about 0.75 s on two idle cores, so
-    # the row learns in about 6 minutes. (Until December 2026 the bench ran 24 steps at lr 1/24,
+    # lr on 8 prompts per task: a step over the eight tasks takes about 0.5 s on two idle cores, so
+    # the row learns in about 4.5 minutes. (Until December 2026 the bench ran 24 steps at lr 1/24,
     # sized for a machine loaded to a minute per step; docs/zoo.md has both results.)
     adamerging_steps: int = 500
     adamerging_lr: float = 1e-3
     adamerging_batch_size: int = 8
     # DAM's one epoch over its data: 256 items per expert (learn.dam's default; as many steps), about
-    # 5 minutes here. (Until December 2026: 32.)
+    # 70 s here. (Until December 2026: 32.)
     dam_samples: int = 256
     dam_epochs: int = 1
     dam_max_length: int = 128
