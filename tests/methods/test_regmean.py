@@ -82,3 +82,27 @@ def test_large_condition_number_is_warned_about():
 def test_a_gram_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match="does not fit a weight of shape \\[2, 3\\]"):
         run([torch.ones(2, 3)] * 2, [torch.eye(2)] * 2)
+
+
+def test_row_blocks_equal_the_whole_solve_bit_for_bit(monkeypatch):
+    # A vocabulary-sized lm_head is solved a block of output rows at a time (data_aware.BLOCK_BYTES), so
+    # that no float64 copy of the whole weight is held: each output row depends on its own input rows.
+    import mergesmith.methods.data_aware as data_aware
+
+    ws = [torch.randn(301, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    grams = [gram_of(80, 16, 10 + i, torch.float64) for i in range(3)]
+    whole = run(ws, grams, alpha=0.9)
+    monkeypatch.setattr(data_aware, "BLOCK_BYTES", 8 * 16 * 37)  # 37 rows a block: 9 blocks, the last short
+    assert data_aware._row_blocks(301, 8 * 16)[-1] == (296, 301)
+    blocked = run(ws, grams, alpha=0.9)
+    scaled = [data_aware.scale_off_diagonal(g, 0.9) for g in grams]
+    direct = torch.cholesky_solve(sum(g @ w.double().T for g, w in zip(scaled, ws)),
+                                  torch.linalg.cholesky(sum(scaled))).T.float()
+    assert torch.equal(blocked, whole) and torch.equal(whole, direct)
+
+
+def test_average_fallback_equals_the_stacked_mean():
+    from mergesmith.methods.data_aware import average
+
+    ts = [torch.randn(40, 30, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    assert torch.equal(average(ts), torch.stack(ts).mean(0))

@@ -50,8 +50,23 @@ RIDGE = 1e-6  # relative to the mean diagonal of Σ G̃, added only when the sum
 RIDGE_STEPS = 6  # each retry multiplies the ridge by 100
 
 
+# Rows of a weight turned into float64 at once by the RegMean step (about 64 MiB of them), so that a
+# vocabulary-sized lm_head never has a whole float64 copy, product or solution beside its inputs.
+BLOCK_BYTES = 64 * 1024 ** 2
+
+
 def average(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(tensors).mean(dim=0)
+    """The entry-wise mean, summed in place: no stacked copy of every input (equal, bit for bit, to
+    ``torch.stack(tensors).mean(0)``, tested)."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out.add_(t)
+    return out.div_(len(tensors))
+
+
+def _row_blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
 def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -61,8 +76,8 @@ def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, name: str) -> torch.Tensor:
-    """X with ``matrix @ X = rhs`` for a symmetric positive (semi)definite ``matrix``, by Cholesky.
+def spd_factor(matrix: torch.Tensor, name: str) -> torch.Tensor:
+    """The Cholesky factor of a symmetric positive (semi)definite ``matrix``, for ``torch.cholesky_solve``.
 
     A singular matrix (e.g. an input feature that is always zero in the calibration
     data) gets a ridge of ``RIDGE * mean(diag)`` on its diagonal, multiplied by 100
@@ -93,7 +108,7 @@ def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, name: str) -> torch.Tenso
     if condition > CONDITION_WARNING:
         warnings.warn(f"{name}: the summed Gram matrix has a condition number of about {condition:.1e}; "
                       "the RegMean solve may be inaccurate (lower alpha, or add calibration data)", stacklevel=3)
-    return torch.cholesky_solve(rhs, factor)
+    return factor
 
 
 def _stats_of(group: TensorGroup, kind: str) -> Optional[list[torch.Tensor]]:
@@ -112,7 +127,11 @@ def regmean(group: TensorGroup) -> torch.Tensor:
     alpha = group.params["alpha"]
     # float64: the solve amplifies rounding by the condition number, and Gram sums are wide.
     total = torch.zeros_like(grams[0], dtype=torch.float64)
-    rhs = torch.zeros(weights[0].shape[1], weights[0].shape[0], dtype=torch.float64, device=weights[0].device)
+    out_features, in_features = weights[0].shape
+    rhs = torch.zeros(in_features, out_features, dtype=torch.float64, device=weights[0].device)
+    # Blocks of output rows (columns of rhs): each column of rhs, and of the solution, depends on the
+    # same row of the weights alone, so a block never holds a float64 copy of a whole weight.
+    blocks = _row_blocks(out_features, 8 * in_features)
     for gram, weight in zip(grams, weights):
         if gram.shape != (weight.shape[1], weight.shape[1]):
             raise ValueError(f"{group.name}: Gram matrix of shape {list(gram.shape)} does not fit a weight of "
@@ -120,8 +139,13 @@ def regmean(group: TensorGroup) -> torch.Tensor:
                              "the statistics belong to another model: recompute them")
         scaled = scale_off_diagonal(gram.to(torch.float64), alpha)
         total += scaled
-        rhs += scaled @ weight.to(torch.float64).T
-    return solve_spd(total, rhs, group.name).T.to(weights[0].dtype)
+        for lo, hi in blocks:
+            rhs[:, lo:hi] += scaled @ weight[lo:hi].to(torch.float64).T
+    factor = spd_factor(total, group.name)
+    out = torch.empty_like(weights[0])
+    for lo, hi in blocks:
+        out[lo:hi] = torch.cholesky_solve(rhs[:, lo:hi], factor).T
+    return out
 
 
 def regmean_plusplus(group: TensorGroup) -> torch.Tensor:
