@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from mergesmith.methods.base import MethodSpec, Param, TensorGroup, register
+from mergesmith.methods.base import MethodSpec, Param, TensorGroup, every_tensor, register
 
 # Above this the solve loses most of float32's ~7 significant digits.
 CONDITION_WARNING = 1e6
@@ -207,4 +207,7 @@ register(MethodSpec(
     needs_stats=("fisher",),
     reference="https://arxiv.org/abs/2111.09832",
     summary="element-wise average weighted by each model's diagonal Fisher",
+    # Entry-wise, the fallback average too; the engine hands a row block its rows of each Fisher
+    # and the whole-model norms (scalars) whole. RegMean's Grams span every row: it stays whole.
+    row_separable=every_tensor,
 ))
