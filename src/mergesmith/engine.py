@@ -28,8 +28,11 @@ the model's size, only with its largest tensor the method must see whole (for
 entry-wise methods, the largest that is not merged in row blocks) and the number
 of inputs. Methods
 that read calibration statistics (``mergesmith.calibrate``) get them through the
-same reader thread, beside the weights; the bound then adds, per tensor, its
-inputs' statistics three times (as read, and a method's sums).
+same reader thread, beside the weights; the bound then adds, per tensor or row
+block, its inputs' statistics three times (as read, and a method's sums). Row
+blocks apply to them too: a block reads its rows of each statistic shaped like
+the tensor (Fisher's diagonal) and every scalar one whole (Fisher's whole-model
+norm); a statistic of another shape (RegMean's Gram) keeps its tensor whole.
 """
 
 from __future__ import annotations
