@@ -28,8 +28,11 @@ the model's size, only with its largest tensor the method must see whole (for
 entry-wise methods, the largest that is not merged in row blocks) and the number
 of inputs. Methods
 that read calibration statistics (``mergesmith.calibrate``) get them through the
-same reader thread, beside the weights; the bound then adds, per tensor, its
-inputs' statistics three times (as read, and a method's sums).
+same reader thread, beside the weights; the bound then adds, per tensor or row
+block, its inputs' statistics three times (as read, and a method's sums). Row
+blocks apply to them too: a block reads its rows of each statistic shaped like
+the tensor (Fisher's diagonal) and every scalar one whole (Fisher's whole-model
+norm); a statistic of another shape (RegMean's Gram) keeps its tensor whole.
 """
 
 from __future__ import annotations
@@ -126,9 +129,20 @@ class TensorPlan:
     def input_bytes(self, plan: "MergePlan") -> int:
         return sum(plan.models[i.model].checkpoint.infos[i.name].nbytes for i in self.inputs)
 
-    @property
-    def stats_bytes(self) -> int:
-        return sum(ref.nbytes for refs in self.stats or [] for ref in refs.values())
+    def row_shaped(self, ref: Any) -> bool:
+        """Whether the statistic ``ref`` (a ``calibrate.StatRef``) is shaped like this tensor, entry for
+        entry (a Fisher diagonal): a row block then reads only its rows of it."""
+        return ref.value is None and tuple(ref.shape) == tuple(self.shape)
+
+    def stats_bytes(self, rows: Span = None) -> int:
+        """The statistics' bytes as read for the whole tensor, or for rows ``lo:hi`` of it (their rows
+        of the row-shaped statistics, every other statistic whole)."""
+        total = 0
+        for refs in self.stats or []:
+            for ref in refs.values():
+                part = rows is not None and self.row_shaped(ref)
+                total += ref.nbytes * (rows[1] - rows[0]) // self.shape[0] if part else ref.nbytes
+        return total
 
 
 @dataclass
@@ -158,16 +172,18 @@ class MergePlan:
         prefetch budget if that is more. Excludes the Python/torch runtime itself (about 0.3 GiB).
         """
         size = _itemsize(self.compute_dtype)
-        units = [(t, _span_numel(t, span)) for t in self.tensors for span in row_spans(self, t, options.chunk_bytes)]
-        loads = [len(t.inputs) * numel * size + t.stats_bytes for t, numel in units]
+        units = [(t, span, _span_numel(t, span))
+                 for t in self.tensors for span in row_spans(self, t, options.chunk_bytes)]
+        loads = [_load_bytes(self, t, span) for t, span, _ in units]
         worst = 0
-        for i, (t, numel) in enumerate(units):
-            # Statistics: the inputs' as read, and as much again for a method's sums (RegMean's ΣG̃, in float64).
+        for i, (t, span, numel) in enumerate(units):
+            # Statistics: the inputs' as read, and as much again for a method's sums (RegMean's ΣG̃, in
+            # float64; Fisher's numerator, denominator and work tensor, in float64).
             slots = 2 * len(t.inputs) + 2 + self.recipe.method.workspace_per_input * len(t.inputs)
-            compute = int(slots * numel * size) + 3 * t.stats_bytes
+            compute = int(slots * numel * size) + 3 * t.stats_bytes(span)
             ahead = max(options.prefetch_bytes, loads[i + 1] if i + 1 < len(loads) else 0)
             worst = max(worst, compute + ahead)
-        biggest_out = max((numel * _itemsize(t.out_dtype) for t, numel in units), default=0)
+        biggest_out = max((numel * _itemsize(t.out_dtype) for t, _, numel in units), default=0)
         return worst + 2 * biggest_out
 
     def describe(self, options: MergeOptions, full: bool = True) -> str:
@@ -626,8 +642,8 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 
 def _load_bytes(plan: MergePlan, task: TensorPlan, span: Span = None) -> int:
     """What reading one tensor's inputs (or a row block of them), in the compute dtype, and their
-    statistics holds in memory."""
-    return _span_numel(task, span) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes
+    statistics (their rows of those shaped like the tensor) holds in memory."""
+    return _span_numel(task, span) * _itemsize(plan.compute_dtype) * len(task.inputs) + task.stats_bytes(span)
 
 
 def _span_numel(task: TensorPlan, span: Span) -> int:
@@ -643,15 +659,21 @@ def row_spans(plan: MergePlan, task: TensorPlan, chunk_bytes: int) -> list[Span]
     and draws no random numbers (a generator's stream runs over the whole tensor); the math runs
     in float32 or float64 (torch's CPU kernels compute a 16-bit float op in float32 in their
     vectorized body but round after each step in its scalar tail, so where a block ends would
-    change the last bit); the tensor is a float tensor of at least two rows with no calibration
-    statistics; every input (and the reference model, which pads short vocabularies) reads rows
-    without computing the whole tensor (not a LoRA-adapted one); and its inputs exceed
-    ``chunk_bytes`` (0: never). Blocks hold about ``chunk_bytes`` of inputs each, at least one row.
+    change the last bit); the tensor is a float tensor of at least two rows; each of its
+    calibration statistics is shaped like it (a Fisher diagonal: a block reads its rows of it) or
+    is a scalar (a Fisher's whole-model norm: read with every block), never of another shape (a
+    Gram matrix, a per-column coefficient); every input (and the reference model, which pads
+    short vocabularies) reads rows without computing the whole tensor (not a LoRA-adapted one);
+    and its inputs and statistics exceed ``chunk_bytes`` (0: never). Blocks hold about
+    ``chunk_bytes`` of inputs and statistics each, at least one row.
     """
     method = plan.recipe.method
-    if (chunk_bytes <= 0 or method.row_separable is None or method.stochastic or task.stats is not None
+    if (chunk_bytes <= 0 or method.row_separable is None or method.stochastic
             or plan.compute_dtype not in (torch.float32, torch.float64) or len(task.shape) == 0
             or task.shape[0] < 2):
+        return [None]
+    if any(not task.row_shaped(ref) and ref.value is None and tuple(ref.shape) != ()
+           for refs in task.stats or [] for ref in refs.values()):
         return [None]
     total = _load_bytes(plan, task)
     if total <= chunk_bytes:
@@ -679,7 +701,8 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
     """The input tensors in the compute dtype, and their calibration statistics (as stored) if planned.
 
     ``rows``: only rows ``lo:hi`` of each input (of the output's rows: a vocabulary padded from
-    the reference model is padded in those rows alone), for a tensor merged in row blocks.
+    the reference model is padded in those rows alone), and of each statistic shaped like the
+    tensor (``TensorPlan.row_shaped``; the others whole), for a tensor merged in row blocks.
     """
     out = []
     for ref in task.inputs:
@@ -711,7 +734,8 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
         return out, None
     from mergesmith.calibrate import StatsStore
 
-    return out, [{kind: StatsStore.read(ref).to(device) for kind, ref in refs.items()} for refs in task.stats]
+    return out, [{kind: StatsStore.read(ref, rows if task.row_shaped(ref) else None).to(device)
+                  for kind, ref in refs.items()} for refs in task.stats]
 
 
 def merge_tensor(plan: MergePlan, task: TensorPlan, device: Union[str, torch.device] = "cpu",

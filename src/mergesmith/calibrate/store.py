@@ -99,11 +99,15 @@ class StatsStore:
         return out
 
     @staticmethod
-    def read(ref: StatRef) -> torch.Tensor:
+    def read(ref: StatRef, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The statistic as stored; ``rows``: only rows ``lo:hi`` of its first axis (only their bytes
+        are read), for a tensor merged in row blocks. An inline scalar is read whole either way."""
         if ref.value is not None:
             return torch.tensor(ref.value, dtype=torch.float64)
         with safe_open(str(ref.file), "pt") as f:
-            return f.get_tensor(ref.key)
+            if rows is None:
+                return f.get_tensor(ref.key)
+            return f.get_slice(ref.key)[rows[0]:rows[1]]
 
 
 class EntryWriter:

@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from mergesmith.methods.base import MethodSpec, Param, TensorGroup, register
+from mergesmith.methods.base import MethodSpec, Param, TensorGroup, every_tensor, register
 
 # Above this the solve loses most of float32's ~7 significant digits.
 CONDITION_WARNING = 1e6
@@ -155,7 +155,24 @@ def regmean_plusplus(group: TensorGroup) -> torch.Tensor:
     return regmean(dataclasses.replace(group, stats=stats))
 
 
+# Entries of a mixed-dtype product taken at a time: the CPU kernels first copy a float32 operand
+# whole to float64, so ``_multiply_into`` hands them slices to keep that copy at 8 MiB.
+PRODUCT_SLICE = 2 ** 20
+
+
+def _multiply_into(out: torch.Tensor, factor: torch.Tensor) -> None:
+    """``out *= factor`` for a contiguous ``out`` and a ``factor`` of its shape (perhaps of a narrower
+    dtype), slice by slice; entry-wise, so the bits are those of one whole ``out.mul_(factor)``."""
+    for out_slice, factor_slice in zip(out.view(-1).split(PRODUCT_SLICE), factor.reshape(-1).split(PRODUCT_SLICE)):
+        out_slice.mul_(factor_slice)
+
+
 def fisher(group: TensorGroup) -> torch.Tensor:
+    """θ* = Σ_t λ'_t (F_t + ε) θ_t / Σ_t λ'_t (F_t + ε), entry by entry, in float64 (module docstring).
+
+    Workspace: the numerator, the denominator and one float64 tensor of the tensor's size
+    (λ'_t (F_t + ε), then times θ_t), each op in place, one model at a time.
+    """
     fishers = _stats_of(group, "fisher")
     if fishers is None:
         return average(group.tensors)
@@ -165,16 +182,19 @@ def fisher(group: TensorGroup) -> torch.Tensor:
         norms = torch.stack([s["fisher_norm"].to(torch.float64).cpu() for s in group.stats])
         inverse = 1.0 / (norms + eps)
         coefficients = coefficients * inverse / inverse.sum()
-    numerator = torch.zeros_like(group.tensors[0], dtype=torch.float64)
+    first = group.tensors[0]
+    numerator = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
     denominator = torch.zeros_like(numerator)
+    weighted = torch.empty_like(numerator)
     for c, f, theta in zip(coefficients.tolist(), fishers, group.tensors):
         if f.shape != theta.shape:
             raise ValueError(f"{group.name}: Fisher of shape {list(f.shape)} does not fit the tensor's shape "
                              f"{list(theta.shape)}; the statistics belong to another model: recompute them")
-        weighted = c * (f.to(torch.float64) + eps)
-        numerator += weighted * theta
-        denominator += weighted
-    return (numerator / denominator).to(group.tensors[0].dtype)
+        weighted.copy_(f).add_(eps).mul_(c)  # λ'_t (F_t + ε)
+        denominator.add_(weighted)
+        _multiply_into(weighted, theta)
+        numerator.add_(weighted)
+    return numerator.div_(denominator).to(first.dtype)
 
 
 _ALPHA = Param("alpha", float, 0.1, low=0.0, high=1.0,
@@ -211,4 +231,7 @@ register(MethodSpec(
     needs_stats=("fisher",),
     reference="https://arxiv.org/abs/2111.09832",
     summary="element-wise average weighted by each model's diagonal Fisher",
+    # Entry-wise, the fallback average too; the engine hands a row block its rows of each Fisher
+    # and the whole-model norms (scalars) whole. RegMean's Grams span every row: it stays whole.
+    row_separable=every_tensor,
 ))
