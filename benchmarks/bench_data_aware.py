@@ -17,6 +17,7 @@ target: under 2x).
 
     python benchmarks/bench_data_aware.py                       # full size (minutes)
     python benchmarks/bench_data_aware.py --layers 1 --hidden 128 --intermediate 352 --vocab 2000
+    python benchmarks/bench_data_aware.py --methods regmean --memory 384MiB   # one row, smaller accumulators
 """
 
 from __future__ import annotations
@@ -103,12 +104,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--memory", default="2GiB", help="calibration.memory")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--methods", default="regmean,fisher,regmean_plusplus",
+                        help="comma-separated rows to measure, e.g. regmean alone with a smaller --memory "
+                             "(default: regmean,fisher,regmean_plusplus)")
     args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"regmean", "fisher", "regmean_plusplus"})
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} unknown; choose from regmean, fisher, regmean_plusplus")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-data-aware-"))
     experts, data, size = build(workdir, args)
     print(f"three experts of {size:.2f} GiB (float32) under {workdir}; {args.samples} prompts of {args.tokens} tokens")
     rows = []
     for method, kind in (("regmean", "gram"), ("fisher", "fisher")):
+        if method not in methods:
+            continue
         cache = workdir / "cache"
         path = workdir / f"{method}.yml"
         path.write_text(yaml.safe_dump(recipe(method, experts, data, cache, args)))
@@ -125,10 +135,11 @@ def main() -> None:
             rows.append((f"{kind} statistics, expert {i}", *timed([sys.executable, "-c", script])))
         rows.append((f"{method} merge (statistics cached)", *merge(path, workdir / f"out-{method}")))
     # RegMean++'s statistics depend on the merged blocks below, so the merge collects them itself.
-    path = workdir / "regmean_plusplus.yml"
-    path.write_text(yaml.safe_dump(recipe("regmean_plusplus", experts, data, workdir / "cache", args)))
-    rows.append(("regmean_plusplus merge (collects its Grams)", *merge(path, workdir / "out-regmean_plusplus")))
-    rows.append(("regmean_plusplus merge (statistics cached)", *merge(path, workdir / "out-regmean_plusplus")))
+    if "regmean_plusplus" in methods:
+        path = workdir / "regmean_plusplus.yml"
+        path.write_text(yaml.safe_dump(recipe("regmean_plusplus", experts, data, workdir / "cache", args)))
+        rows.append(("regmean_plusplus merge (collects its Grams)", *merge(path, workdir / "out-regmean_plusplus")))
+        rows.append(("regmean_plusplus merge (statistics cached)", *merge(path, workdir / "out-regmean_plusplus")))
     print(f"{'step':44s} {'wall':>8s} {'peak RSS':>10s} {'RSS / model':>12s}")
     for name, seconds, rss in rows:
         print(f"{name:44s} {seconds:7.1f}s {rss:8.2f} GiB {rss / size:11.2f}x")
