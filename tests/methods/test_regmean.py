@@ -101,8 +101,10 @@ def test_row_blocks_equal_the_whole_solve_bit_for_bit(monkeypatch):
     assert torch.equal(blocked, whole) and torch.equal(whole, direct)
 
 
-def test_average_fallback_equals_the_stacked_mean():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_average_fallback_equals_the_stacked_mean(dtype):
     from mergesmith.methods.data_aware import average
 
-    ts = [torch.randn(40, 30, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    assert torch.equal(average(ts), torch.stack(ts).mean(0))
+    ts = [torch.randn(40, 30, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3)]
+    out = average(ts)
+    assert out.dtype == dtype and torch.equal(out, torch.stack(ts).mean(0))

@@ -56,12 +56,15 @@ BLOCK_BYTES = 64 * 1024 ** 2
 
 
 def average(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The entry-wise mean, summed in place: no stacked copy of every input (equal, bit for bit, to
-    ``torch.stack(tensors).mean(0)``, tested)."""
-    out = tensors[0].clone()
+    """The entry-wise mean, summed in place: no stacked copy of every input. 16-bit inputs are summed
+    in float32, as torch's ``mean`` accumulates them, so the result equals
+    ``torch.stack(tensors).mean(0)`` bit for bit in every float dtype (tested)."""
+    dtype = tensors[0].dtype
+    accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    out = tensors[0].to(accumulate, copy=True)
     for t in tensors[1:]:
         out.add_(t)
-    return out.div_(len(tensors))
+    return out.div_(len(tensors)).to(dtype)
 
 
 def _row_blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
