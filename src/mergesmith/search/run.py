@@ -414,8 +414,12 @@ def _final_reserve(records: list[dict], full_items: int, save_model: bool) -> fl
     if not ok:
         return WRITE_MARGIN_S
     merge = max(r["merge_s"] for r in ok)
-    rate = statistics.median(r["eval_s"] / max(r.get("items", 1), 1) for r in ok[-20:])
-    return merge * (3 if save_model else 1) + 1.2 * rate * full_items + WRITE_MARGIN_S
+    return merge * (3 if save_model else 1) + 1.2 * _item_s(ok[-20:]) * full_items + WRITE_MARGIN_S
+
+
+def _item_s(recent: list[dict]) -> float:
+    """Evaluation seconds per item: the median over ``recent`` scored candidates."""
+    return statistics.median(r["eval_s"] / max(r.get("items", 1), 1) for r in recent)
 
 
 def _full_evaluation_s(records: list[dict], items: int) -> float:
@@ -424,8 +428,7 @@ def _full_evaluation_s(records: list[dict], items: int) -> float:
     ok = [r for r in records if r["status"] == "ok"][-20:]
     if not ok:
         return 0.0
-    rate = statistics.median(r["eval_s"] / max(r.get("items", 1), 1) for r in ok)
-    return statistics.median(r["merge_s"] for r in ok) + 1.2 * rate * items
+    return statistics.median(r["merge_s"] for r in ok) + 1.2 * _item_s(ok) * items
 
 
 def _rerank_reserve(records: list[dict], k: int, workers: int, validation_items: int) -> float:
