@@ -17,7 +17,7 @@ target: under 2x).
 
     python benchmarks/bench_data_aware.py                       # full size (minutes)
     python benchmarks/bench_data_aware.py --layers 1 --hidden 128 --intermediate 352 --vocab 2000
-    python benchmarks/bench_data_aware.py --methods regmean --memory 384MiB   # one row, smaller accumulators
+    python benchmarks/bench_data_aware.py --methods regmean --memory 2GiB   # one row, a fixed accumulator budget
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,9 +88,11 @@ def merge(recipe_path: Path, out: Path) -> tuple[float, float]:
 
 
 def recipe(method: str, experts: list[Path], data: Path, cache: Path, args) -> dict:
-    return {"merge_method": method, "models": [{"model": str(e)} for e in experts],
-            "calibration": {"files": [str(data)], "samples": args.samples, "max_length": args.tokens + 1,
-                            "batch_size": args.batch_size, "memory": args.memory, "cache_dir": str(cache)}}
+    calibration = {"files": [str(data)], "samples": args.samples, "max_length": args.tokens + 1,
+                   "batch_size": args.batch_size, "cache_dir": str(cache)}
+    if args.memory:
+        calibration["memory"] = args.memory
+    return {"merge_method": method, "models": [{"model": str(e)} for e in experts], "calibration": calibration}
 
 
 def main() -> None:
@@ -102,7 +105,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--memory", default="2GiB", help="calibration.memory")
+    parser.add_argument("--memory", default=None,
+                        help="calibration.memory (default: the recipe's default, auto: a quarter of one model, at most 2 GiB)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--methods", default="regmean,fisher,regmean_plusplus",
                         help="comma-separated rows to measure, e.g. regmean alone with a smaller --memory "
@@ -136,6 +140,8 @@ def main() -> None:
         rows.append((f"{method} merge (statistics cached)", *merge(path, workdir / f"out-{method}")))
     # RegMean++'s statistics depend on the merged blocks below, so the merge collects them itself.
     if "regmean_plusplus" in methods:
+        for cached in (workdir / "cache").glob("gram_plusplus-*"):  # from an earlier run of this script
+            shutil.rmtree(cached)
         path = workdir / "regmean_plusplus.yml"
         path.write_text(yaml.safe_dump(recipe("regmean_plusplus", experts, data, workdir / "cache", args)))
         rows.append(("regmean_plusplus merge (collects its Grams)", *merge(path, workdir / "out-regmean_plusplus")))

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ctypes
 import json
 import shutil
 import sys
@@ -62,6 +61,7 @@ from mergesmith.checkpoint.layout import (
 from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor, remove_stale_partials
+from mergesmith import malloc
 from mergesmith.errors import InputError, ResourceError, read_text
 from mergesmith.methods import BasePolicy, TensorGroup
 from mergesmith.paths import OutputLock, output_problems
@@ -537,16 +537,11 @@ def _heap_reuse():
     the 1.1B TIES benchmark that was a third of the run time (system time). Keeping freed
     memory in the heap lets the next tensor of the same size reuse it. glibc only; restored after.
     """
-    libc = None
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            libc = None
-    if libc is None or not hasattr(libc, "mallopt"):
+    libc = malloc.libc()
+    if libc is None:
         yield
         return
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = malloc.M_TRIM_THRESHOLD, malloc.M_MMAP_MAX, malloc.M_ARENA_MAX
     # One arena: the reader thread allocates the tensors the main thread frees; with an arena
     # per thread the freed memory could not serve the other thread and the heap would grow.
     libc.mallopt(M_ARENA_MAX, 1)

@@ -75,7 +75,9 @@ class CalibrationSpec(_Strict):
     max_length: int = 512
     seed: int = 0
     batch_size: int = 8
-    memory: Union[int, str] = "2GiB"  # statistics accumulators held at once
+    # Statistics accumulators held at once; "auto": a quarter of the model's float32 size, at most 2 GiB
+    # (calibrate.data.CalibrationSettings.accumulator_bytes).
+    memory: Union[int, str] = "auto"
     cache_dir: Optional[str] = None
     # true: each sequence is the item's context followed by its gold answer (calibrate/data.py).
     # Any, so that a wrong value is reported with the block's other problems, not alone by the schema.
@@ -166,7 +168,7 @@ class Calibration:
     max_length: int = 512
     seed: int = 0
     batch_size: int = 8
-    memory: int = 2 * 1024 ** 3
+    memory: Optional[int] = None  # None: "auto"
     cache_dir: Optional[str] = None
     include_answers: bool = False
 
@@ -416,12 +418,15 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
         value = getattr(block, name)
         if value < 1:
             problems.append(f"{where}: calibration.{name} = {value} must be at least 1")
-    try:
-        memory = block.memory if isinstance(block.memory, int) else parse_size(block.memory)
-    except (argparse.ArgumentTypeError, TypeError):
-        memory = 0
-    if memory < 1:
-        problems.append(f"{where}: calibration.memory = {block.memory!r} must be a positive size like 2GiB or 500MB")
+    memory: Optional[int] = None
+    if block.memory != "auto":
+        try:
+            memory = block.memory if isinstance(block.memory, int) else parse_size(block.memory)
+        except (argparse.ArgumentTypeError, TypeError):
+            memory = 0
+        if memory < 1:
+            problems.append(f"{where}: calibration.memory = {block.memory!r} must be a positive size like 2GiB "
+                            "or 500MB, or auto (the default: a quarter of the model's float32 size, at most 2 GiB)")
     if not isinstance(block.include_answers, bool):
         problems.append(f"{where}: calibration.include_answers = {block.include_answers!r} must be true or false "
                         "(true: calibrate on each item's prompt followed by its gold answer; false: prompts only)")

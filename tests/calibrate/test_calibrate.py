@@ -86,8 +86,9 @@ def test_a_small_memory_budget_splits_passes_with_the_same_result(tmp_path, mode
     data = write_calibration(tmp_path / "cal.jsonl")
     whole = run(model_dir, settings_for(data), ["gram", "fisher"], tmp_path / "one")
     split = run(model_dir, settings_for(data, memory=1), ["gram"], tmp_path / "many")
-    # Fisher holds 8 bytes per parameter in a pass (gradient and sum); the model has about 9k parameters.
-    split.update(run(model_dir, settings_for(data, memory=30_000), ["fisher"], tmp_path / "many"))
+    # Fisher holds 4 bytes per parameter in a pass (its sum), plus its largest gradient; the model
+    # has about 9k parameters.
+    split.update(run(model_dir, settings_for(data, memory=15_000), ["fisher"], tmp_path / "many"))
     assert whole["gram"].index["passes"] == 1 and split["gram"].index["passes"] == 13  # one site per pass
     assert whole["fisher"].index["passes"] == 1 and split["fisher"].index["passes"] >= 3
     for kind in ("gram", "fisher"):
@@ -97,29 +98,167 @@ def test_a_small_memory_budget_splits_passes_with_the_same_result(tmp_path, mode
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_fisher_equals_a_per_example_autograd_loop(tmp_path, model_family):
+def test_a_gram_pass_stops_the_forward_after_its_last_site(tmp_path, model_family):
+    """One site per pass (three layers of four sites, then lm_head's): no pass computes the vocabulary
+    projection (lm_head's site needs its input only), and no pass finishes a layer below its site."""
+    from mergesmith.calibrate.collect import collect_grams
+
     _, (model_dir, _, _) = model_family()
     settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
-    sequences = sequences_of(model_dir, settings)
-    store = run(model_dir, settings, ["fisher"], tmp_path / "cache")["fisher"]
+    lm = load_model(model_dir, dtype="float32")
+    sequences = encode_items(lm, select_items(settings), settings.max_length, settings.include_answers)
+    ran: list[str] = []
+    watched = {"lm_head": lm.model.lm_head, "layer1": lm.model.model.layers[1]}
+    for name, module in watched.items():
+        module.register_forward_hook(lambda m, a, o, name=name: ran.append(name))
+    (tmp_path / "out").mkdir()
+    written = collect_grams(lm, sequences, 3, 1, tmp_path / "out")
+    batches = -(-len(sequences) // 3)
+    assert written.passes == 13
+    assert ran.count("lm_head") == 1  # the site probe's full forward; no pass
+    # layer 1 finishes for the probe and in the passes whose site lies above it: layer 2's four, lm_head's
+    assert ran.count("layer1") == 1 + 5 * batches
+    expected = plain_grams(model_dir, [s.ids for s in sequences])
+    for name, (file, key) in written.tensors.items():
+        got = load_file(tmp_path / "out" / file)[key].double()
+        torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-5)
 
-    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+def test_a_layer_run_twice_is_seen_every_time(tmp_path, model_family):
+    """A decoder layer shared across depth (run twice per forward): the pass cannot stop at its first
+    run, and its Grams sum over both runs, as a plain hook computation does."""
+    from mergesmith.calibrate.collect import collect_grams, find_sites
+
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+    lm = load_model(model_dir, dtype="float32")
+    inner = lm.model.model
+    inner.layers = torch.nn.ModuleList([inner.layers[0], inner.layers[1], inner.layers[0]])
+    lm.model.config.num_hidden_layers = 3
+    sequences = encode_items(lm, select_items(settings), settings.max_length, settings.include_answers)
+    assert find_sites(lm, sequences[0])[1] is False
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in lm.model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for s in sequences:
+            ids = torch.tensor([s.ids])
+            lm.forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1]).unsqueeze(0))
+    for h in handles:
+        h.remove()
+    (tmp_path / "out").mkdir()
+    written = collect_grams(lm, sequences, 3, 1, tmp_path / "out")
+    name = "model.layers.0.mlp.down_proj"
+    assert written.counts[name] == 2 * sum(len(s.ids) for s in sequences)
+    for name, (file, key) in written.tensors.items():
+        module = name.removesuffix(".weight")
+        got = load_file(tmp_path / "out" / file)[key].double()
+        torch.testing.assert_close(got, sums[module] / counts[module], rtol=1e-5, atol=1e-5)
+
+
+def test_fisher_frees_each_gradient_and_restores_the_model(tmp_path, model_family):
+    from mergesmith.calibrate.collect import collect_fisher
+
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+    lm = load_model(model_dir, dtype="float32")
+    sequences = encode_items(lm, select_items(settings), settings.max_length, settings.include_answers)
+    params = dict(lm.model.named_parameters())
+    params["model.norm.weight"].requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in params.items()}
+    held: list[int] = []  # gradients alive after each backward pass
+
+    def backward(self, *args, **kwargs):
+        real_backward(self, *args, **kwargs)
+        held.append(sum(p.grad is not None for p in params.values()))
+
+    real_backward = torch.Tensor.backward
+    (tmp_path / "out").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "backward", backward)
+        written = collect_fisher(lm, sequences, settings.seed, 15_000, tmp_path / "out")
+    assert written.passes >= 3 and len(held) == written.passes * len(sequences)
+    assert max(held) == 0  # every gradient was squared into its sum and freed during backward
+    assert all(p.grad is None for p in params.values())
+    assert {n: p.requires_grad for n, p in params.items()} == flags
+
+
+def test_the_auto_accumulator_budget_is_a_quarter_of_the_model_within_bounds(tmp_path):
+    auto = settings_for(tmp_path / "cal.jsonl")
+    assert auto.memory is None
+    assert auto.accumulator_bytes(900 * 2 ** 20) == 225 * 2 ** 20
+    assert auto.accumulator_bytes(2 ** 20) == 64 * 2 ** 20
+    assert auto.accumulator_bytes(28 * 2 ** 30) == 2 * 2 ** 30
+    assert settings_for(tmp_path / "cal.jsonl", memory=5).accumulator_bytes(2 ** 30) == 5
+
+
+def plain_fisher(model: torch.nn.Module, sequences: list[list[int]], seed: int) -> dict[str, torch.Tensor]:
+    """(1/N) Σ_n (∇ log p(ŷ_n | x_n))², one autograd.grad per example over every parameter."""
     params = dict(model.named_parameters())
     expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     for index, ids in enumerate(sequences):  # selection order: example index seeds the draw
         logits = model(torch.tensor([ids])).logits[0]
-        generator = torch.Generator().manual_seed(settings.seed + index)
+        generator = torch.Generator().manual_seed(seed + index)
         targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator).squeeze(-1)
         log_likelihood = torch.log_softmax(logits, -1)[torch.arange(len(ids)), targets].sum()
         grads = torch.autograd.grad(log_likelihood, list(params.values()))
         for n, g in zip(params, grads):
             expected[n] += g.double() ** 2 / len(sequences)
-    assert set(store.index["tensors"]) == set(params)
+    return expected
+
+
+def assert_fisher_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(expected)
     for n, f in expected.items():
-        got = StatsStore.read(store.refs(n)["fisher"]).double()
-        torch.testing.assert_close(got, f, rtol=1e-5, atol=1e-5 * float(f.abs().max()) + 1e-12)
+        torch.testing.assert_close(got[n].double(), f, rtol=1e-5, atol=1e-5 * float(f.abs().max()) + 1e-12)
+
+
+def test_fisher_equals_a_per_example_autograd_loop(tmp_path, model_family):
+    _, (model_dir, _, _) = model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+    sequences = sequences_of(model_dir, settings)
+    store = run(model_dir, settings, ["fisher"], tmp_path / "cache")["fisher"]
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = plain_fisher(model, sequences, settings.seed)
+    assert_fisher_close({n: StatsStore.read(store.refs(n)["fisher"]) for n in store.index["tensors"]}, expected)
     norm = sum(float((f ** 2).sum()) for f in expected.values()) ** 0.5
     assert float(StatsStore.read(store.refs("lm_head.weight")["fisher_norm"])) == pytest.approx(norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["every parameter alone", "padding row", "tied (gemma)"])
+def test_fisher_of_the_vocabulary_matrices_without_a_dense_gradient(tmp_path, model_family, case):
+    """The untied embedding and head get their per-example gradients from their outputs' gradients
+    (``vocabulary_modules``): alone in a pass (nothing below needs a gradient), beside the layers, with a
+    padding row (no gradient, as nn.Embedding's backward), and tied (autograd's dense gradient)."""
+    from mergesmith.calibrate.collect import collect_fisher, vocabulary_modules
+
+    _, (model_dir, *_) = model_family("gemma", n=1, layers=2) if case.startswith("tied") else model_family()
+    settings = settings_for(write_calibration(tmp_path / "cal.jsonl"))
+    lm = load_model(model_dir, dtype="float32")
+    sequences = encode_items(lm, select_items(settings), settings.max_length, settings.include_answers)
+    embed = lm.model.get_input_embeddings()
+    if case == "padding row":
+        embed.padding_idx = sequences[0].ids[1]  # a token the data holds
+    special = vocabulary_modules(lm.model, dict(lm.model.named_parameters()))
+    assert sorted(special) == ([] if case.startswith("tied") else ["lm_head.weight", "model.embed_tokens.weight"])
+    (tmp_path / "out").mkdir()
+    memory = 1 if case == "every parameter alone" else 10 ** 9
+    written = collect_fisher(lm, sequences, settings.seed, memory, tmp_path / "out")
+    got = {n: load_file(tmp_path / "out" / f)[k] for n, (f, k) in written.tensors.items()}
+    expected = plain_fisher(lm.model, [q.ids for q in sequences], settings.seed)
+    assert_fisher_close(got, expected)
+    if case == "padding row":
+        assert float(got["model.embed_tokens.weight"][embed.padding_idx].abs().max()) == 0.0
+        assert float(got["model.embed_tokens.weight"].abs().sum()) > 0
 
 
 def test_selection_is_seeded_and_capped(tmp_path):
@@ -133,6 +272,10 @@ def test_selection_is_seeded_and_capped(tmp_path):
 def test_chunks_respect_the_budget():
     assert chunks([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
     assert chunks([10, 1], 4) == [[0], [1]]  # a lone item larger than the budget still gets a pass
+    # with a transient beside the group: the group's largest one counts (a gradient beside the sums)
+    assert chunks([3, 3, 3, 5, 1], 9, [3, 3, 3, 5, 1]) == [[0, 1], [2], [3], [4]]
+    assert chunks([1, 1, 1, 1], 5, [1, 1, 1, 1]) == [[0, 1, 2, 3]]
+    assert chunks([3, 3, 3], 6, [0, 0, 0]) == [[0, 1], [2]]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma"])

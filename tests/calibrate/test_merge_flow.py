@@ -120,6 +120,12 @@ def test_recipe_checks_name_the_field_and_the_fix(tmp_path, model_family):
     assert "calibration.files[0] = " in text and "no such file" in text
     assert "calibration.samples = 0 must be at least 1" in text
     assert "calibration.memory = 'lots' must be a positive size" in text
+    good = recipe_for("fisher", [a, b], data, tmp_path / "c")
+    assert load_recipe(good).calibration.memory is None  # auto: resolved against each model when it runs
+    good["calibration"]["memory"] = "auto"
+    assert load_recipe(good).calibration.memory is None
+    good["calibration"]["memory"] = "3MiB"
+    assert load_recipe(good).calibration.memory == 3 * 2 ** 20
     only_one = {**plain, "models": [{"model": str(a), "calibration": {"files": [str(data)]}}, {"model": str(b)}]}
     with pytest.raises(InputError, match=r"models\[1\] \(.*\): regmean needs calibration data for every model.*"
                                          r"add models\[1\]\.calibration\.files"):

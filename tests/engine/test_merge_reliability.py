@@ -558,3 +558,27 @@ def test_p7_a_model_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path, fami
     with pytest.raises(InputError, match="already exists"):
         mergesmith.merge(linear(a, b), out, progress=False)  # the old model is back, so no overwrite
     assert {Path(k).name: v for k, v in fingerprint(out).items()} == before and not leftovers(tmp_path)
+
+
+def test_write_safetensors_streams_a_file_safetensors_reads_back(tmp_path):
+    """One tensor asked for at a time, in order; safetensors reads every tensor back, bit for bit."""
+    from mergesmith.checkpoint.writer import OutputTensor, write_safetensors
+
+    tensors = {"b": torch.randn(3, 5, dtype=torch.float64), "a": torch.arange(7, dtype=torch.float32),
+               "c": torch.randn(2, 2).to(torch.bfloat16), "scalar": torch.tensor(2.5)}
+    asked: list[str] = []
+
+    def produce(name):
+        asked.append(name)
+        return tensors[name]
+
+    specs = [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    write_safetensors(tmp_path / "s.safetensors", specs, produce)
+    assert asked == list(tensors)
+    back = load_file(tmp_path / "s.safetensors")
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+    with pytest.raises(RuntimeError, match="planned torch.float32 \\[7\\], got torch.float64"):
+        write_safetensors(tmp_path / "bad.safetensors", [OutputTensor("a", torch.float32, (7,))],
+                          lambda name: tensors["a"].double())

@@ -32,6 +32,7 @@ from mergesmith.calibrate import sequential
 from mergesmith.calibrate.data import CalibrationSettings, data_fingerprint, encode_items, select_items, token_count
 from mergesmith.calibrate.store import EntryWriter, StatRef, StatsStore, cache_key, default_cache_dir
 from mergesmith.checkpoint.lora import LoraCheckpoint
+from mergesmith.malloc import mapped_allocations
 from mergesmith.units import human_bytes
 from mergesmith.errors import InputError
 
@@ -186,7 +187,16 @@ def _joint_folders(recipe: Any, entries: list[Optional[ModelStats]], fingerprint
 
 def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str], folders: dict[str, Path], *,
                     device: str = "cpu", progress: bool = True, label: str = "") -> dict[str, Path]:
-    """Run the model at ``path`` on its calibration data and write each kind of statistic to its folder."""
+    """Run the model at ``path`` on its calibration data and write each kind of statistic to its folder.
+
+    Allocations of 1 MiB or more are mapped and returned on free meanwhile (``malloc.mapped_allocations``),
+    so that hundreds of passes do not fragment the heap into a higher peak."""
+    with mapped_allocations():
+        return _calibrate_model(path, settings, kinds, folders, device, progress, label)
+
+
+def _calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str], folders: dict[str, Path],
+                     device: str, progress: bool, label: str) -> dict[str, Path]:
     from mergesmith.evaluate.model import load_model
 
     lm = load_model(path, device=device, dtype="float32", max_length=settings.max_length)
@@ -195,6 +205,7 @@ def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str],
         if not sequences:
             raise InputError(f"{', '.join(settings.files)}: the calibration data gives no tokens; give prompts")
         tokens = token_count(sequences)
+        memory = settings.accumulator_bytes(sum(4 * p.numel() for p in lm.model.parameters()))
         done: dict[str, Path] = {}
         for kind in kinds:
             start = time.perf_counter()
@@ -209,9 +220,9 @@ def calibrate_model(path: Path, settings: CalibrationSettings, kinds: list[str],
             writer = EntryWriter(folders[kind])
             try:
                 if kind == "gram":
-                    written = collect_grams(lm, sequences, settings.batch_size, settings.memory, writer.tmp, tick)
+                    written = collect_grams(lm, sequences, settings.batch_size, memory, writer.tmp, tick)
                 elif kind == "fisher":
-                    written = collect_fisher(lm, sequences, settings.seed, settings.memory, writer.tmp, tick)
+                    written = collect_fisher(lm, sequences, settings.seed, memory, writer.tmp, tick)
                 else:
                     raise ValueError(f"unknown statistic {kind!r}; known: {', '.join(KINDS)}")
             except BaseException:
@@ -239,8 +250,10 @@ def calibration_peak_bytes(entry: ModelStats, kinds: tuple[str, ...]) -> int:
 
     The model in float32 + the accumulators of one pass (the budget, or all of them
     when they fit, or the largest single one when it alone is larger) + activations:
-    for Grams one batch's forward (logits dominate), for Fisher one sequence's forward
-    and backward (about 16 floats per hidden unit per layer and token, plus the logits).
+    for Grams one batch's forward up to the pass's last site (never the logits), for
+    Fisher one sequence's forward and backward (about 16 floats per hidden unit per
+    layer and token, plus the logits); for Fisher the budget covers the sums and the
+    dense gradient in flight together.
     """
     cfg = entry.config.get("text_config") or entry.config
     h = int(cfg.get("hidden_size", 0))
@@ -248,15 +261,19 @@ def calibration_peak_bytes(entry: ModelStats, kinds: tuple[str, ...]) -> int:
     layers = int(cfg.get("num_hidden_layers", 0))
     vocab = int(cfg.get("vocab_size", 0))
     s = entry.settings
+    budget = s.accumulator_bytes(entry.weight_bytes)
     worst = 0
     for kind in kinds:
         if kind == "gram":
             all_acc = (layers * (3 * h * h + i * i) + h * h) * 8
-            acc = min(all_acc, max(s.memory, max(h, i) ** 2 * 8))
-            act = s.batch_size * s.max_length * (2 * vocab + 4 * h + 3 * i) * 4
+            acc = min(all_acc, max(budget, max(h, i) ** 2 * 8))
+            act = s.batch_size * s.max_length * (4 * h + 3 * i) * 4
         else:
-            all_acc = 2 * entry.weight_bytes
-            acc = min(all_acc, max(s.memory, 2 * 4 * max(vocab * h, h * i)))
+            # The sums and the largest dense gradient fit the budget together; an untied vocabulary
+            # matrix has no dense gradient (collect.vocabulary_modules).
+            largest = 4 * max(vocab * h, h * i)
+            dense = largest if cfg.get("tie_word_embeddings", True) else 4 * h * i
+            acc = min(entry.weight_bytes + dense, max(budget, largest + dense))
             act = s.max_length * (layers * (16 * h + 4 * i) + 3 * vocab) * 4
         worst = max(worst, entry.weight_bytes + acc + act)
     return worst

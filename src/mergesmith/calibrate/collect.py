@@ -55,9 +55,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from mergesmith.calibrate.data import Sequence, padded_batches
+from mergesmith.checkpoint.writer import OutputTensor, write_safetensors
 from mergesmith.evaluate.model import LoadedModel
 
 Progress = Callable[[int, int], None]  # (tokens done since the last call, passes in all)
@@ -86,17 +86,22 @@ class Written:
     passes: int = 0
 
 
-def chunks(sizes: list[int], budget: int) -> list[list[int]]:
-    """Consecutive index groups whose sizes sum to at most ``budget`` (a lone larger item gets its own)."""
+def chunks(sizes: list[int], budget: int, transients: Optional[list[int]] = None) -> list[list[int]]:
+    """Consecutive index groups whose sizes sum to at most ``budget`` (a lone larger item gets its own).
+
+    ``transients``: per item, memory it needs for a moment beside the whole group (Fisher: a
+    gradient as large as the parameter, one at a time); the group's largest counts too.
+    """
+    extra = transients or [0] * len(sizes)
     out: list[list[int]] = []
-    total = 0
+    total = largest = 0
     for i, size in enumerate(sizes):
-        if out and total + size <= budget:
+        if out and total + size + max(largest, extra[i]) <= budget:
             out[-1].append(i)
-            total += size
+            total, largest = total + size, max(largest, extra[i])
         else:
             out.append([i])
-            total = size
+            total, largest = size, extra[i]
     return out
 
 
@@ -109,16 +114,20 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and m.weight is not tied}
 
 
-def find_sites(lm: LoadedModel, probe: Sequence) -> list[Site]:
+def find_sites(lm: LoadedModel, probe: Sequence) -> tuple[list[Site], bool]:
     """Group the linear layers by the tensor they read, found by running one short probe.
 
     Two layers share a site when their forward hooks see the very same input tensor
     (same storage, shape and strides), as q/k/v and gate/up do in every Hugging Face
-    decoder; no architecture is named.
+    decoder; no architecture is named. The flag says whether every linear layer ran
+    exactly once in the probe: only then may a pass stop the forward as soon as it
+    has seen each of its sites (a layer run twice, e.g. shared across depth, must be
+    seen every time).
     """
     modules = linear_modules(lm.model)
     seen: dict[tuple, Site] = {}
     order: list[Site] = []
+    calls = {name: 0 for name in modules}
     handles = []
     held: list[torch.Tensor] = []  # kept alive so that no later input can reuse a seen one's memory
 
@@ -126,6 +135,7 @@ def find_sites(lm: LoadedModel, probe: Sequence) -> list[Site]:
         def hook(module, args):
             x = args[0]
             held.append(x)
+            calls[name] += 1
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
             if key in seen:
                 seen[key].modules.append(name)
@@ -143,13 +153,24 @@ def find_sites(lm: LoadedModel, probe: Sequence) -> list[Site]:
     finally:
         for h in handles:
             h.remove()
-    return order
+    return order, all(n == 1 for n in calls.values())
+
+
+class _PassDone(Exception):
+    """Raised by the last of a pass's hooks to run: nothing the forward computes after it is needed."""
 
 
 def collect_grams(lm: LoadedModel, sequences: list[Sequence], batch_size: int, memory: int, out_dir: Path,
                   progress: Optional[Progress] = None) -> Written:
-    """Write the mean input Gram matrix of every linear-layer site to ``out_dir/gram-*.safetensors``."""
-    sites = find_sites(lm, sequences[0])
+    """Write the mean input Gram matrix of every linear-layer site to ``out_dir/gram-*.safetensors``.
+
+    A pass stops each forward as soon as every site of its chunk has seen the batch
+    (when each linear layer runs once per forward): the layers above the chunk, and
+    the vocabulary projection (``lm_head``'s site needs its input, never its output),
+    are not computed. The logits of a batch, batch × length × vocab floats, are then
+    never held, and a pass over the early layers costs only those layers.
+    """
+    sites, once = find_sites(lm, sequences[0])
     modules = dict(lm.model.named_modules())
     written = Written()
     groups = chunks([s.nbytes for s in sites], memory)
@@ -159,12 +180,16 @@ def collect_grams(lm: LoadedModel, sequences: list[Sequence], batch_size: int, m
         sums = {s.name: torch.zeros(s.width, s.width, dtype=torch.float64, device=lm.device) for s in chunk}
         counts = {s.name: 0 for s in chunk}
         keep: dict[str, torch.Tensor] = {}  # the current batch's non-padding positions
+        done: set[str] = set()  # the sites that have seen the current batch
 
         def hook_for(name: str):
             def hook(module, args):
                 x = args[0].detach()[keep["mask"]].float()
-                sums[name] += (x.T @ x).double()
+                sums[name] += x.T @ x  # products in float32, summed in float64 (no float64 copy)
                 counts[name] += x.shape[0]
+                done.add(name)
+                if once and len(done) == len(chunk):
+                    raise _PassDone
             return hook
 
         handles = [modules[s.name].register_forward_pre_hook(hook_for(s.name)) for s in chunk]
@@ -172,16 +197,19 @@ def collect_grams(lm: LoadedModel, sequences: list[Sequence], batch_size: int, m
             with torch.no_grad():
                 for ids, mask, positions in padded_batches(lm, sequences, batch_size):
                     keep["mask"] = mask.bool().to(lm.device)
-                    lm.forward(ids, mask, positions)  # every position: lm_head's input too
+                    done.clear()
+                    try:
+                        lm.forward(ids, mask, positions)
+                    except _PassDone:
+                        pass
                     if progress:
                         progress(int(mask.sum()), len(groups))
         finally:
             for h in handles:
                 h.remove()
         file = f"gram-{number:05d}.safetensors"
-        tensors = {s.name: (sums.pop(s.name) / max(counts[s.name], 1)).float().cpu() for s in chunk}
-        save_file(tensors, str(out_dir / file))
-        del tensors
+        write_safetensors(out_dir / file, [OutputTensor(s.name, torch.float32, (s.width, s.width)) for s in chunk],
+                          lambda name: sums.pop(name).div_(max(counts[name], 1)).float())
         for site in chunk:
             written.counts[site.name] = counts[site.name]
             for module in site.modules:
@@ -204,40 +232,139 @@ def sampled_log_likelihood(lm: LoadedModel, seq: Sequence, seed: int) -> torch.T
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).sum()
 
 
+HEAD_BLOCK_BYTES = 16 * 1024 ** 2  # rows of the output head's per-example gradient formed at once
+
+
+def vocabulary_modules(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, Callable]:
+    """Weight name -> ``install(sum)`` for the untied vocabulary matrices, whose squared per-example
+    gradients are added to ``sum`` without a dense gradient; ``install`` returns the hook handles.
+
+    Input embedding: the weight's gradient is, row v, the sum of the output's gradient over the
+    positions holding token v (zero for ``padding_idx``, as ``nn.Embedding``'s backward makes
+    it), so only the rows of the sequence's tokens are formed. Output head: the weight's
+    gradient is Gᵀ X (G the gradient of the head's output, X its input, over the positions),
+    formed and squared ``HEAD_BLOCK_BYTES`` of rows at a time. The same sums as autograd's dense
+    gradient, up to float rounding. A weight shared by both (tied), or an embedding with options
+    that change its backward (``max_norm``, ``scale_grad_by_freq``, sparse), keeps autograd's
+    dense gradient.
+    """
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name_of = {id(p): n for n, p in params.items()}
+    out: dict[str, Callable] = {}
+    if head is not None and embed is not None and head.weight is embed.weight:
+        return out
+    if (isinstance(embed, torch.nn.Embedding) and id(embed.weight) in name_of and embed.max_norm is None
+            and not embed.scale_grad_by_freq and not embed.sparse):
+        def install_embedding(total: torch.Tensor, module: torch.nn.Embedding = embed) -> list:
+            def forward_hook(mod, args, output):
+                ids = args[0].reshape(-1)
+                output = output.detach().requires_grad_()  # the weight has no gradient in this pass
+
+                def on_gradient(grad: torch.Tensor) -> None:
+                    tokens, where = torch.unique(ids, return_inverse=True)
+                    rows = torch.zeros(len(tokens), grad.shape[-1], dtype=torch.float32, device=grad.device)
+                    rows.index_add_(0, where, grad.reshape(-1, grad.shape[-1]).float())
+                    if module.padding_idx is not None:
+                        rows[tokens == module.padding_idx] = 0
+                    total.index_add_(0, tokens, rows.mul_(rows))
+                output.register_hook(on_gradient)
+                return output
+            return [module.register_forward_hook(forward_hook)]
+        out[name_of[id(embed.weight)]] = install_embedding
+    if isinstance(head, torch.nn.Linear) and id(head.weight) in name_of:
+        def install_head(total: torch.Tensor, module: torch.nn.Linear = head) -> list:
+            inputs: list[torch.Tensor] = []
+
+            def pre_hook(mod, args):
+                x = args[0]
+                if not x.requires_grad:  # nothing below is in this pass: a gradient for the output only
+                    x = x.detach().requires_grad_()
+                inputs.append(x.detach())
+                return (x, *args[1:])
+
+            def forward_hook(mod, args, output):
+                x = inputs.pop()
+
+                def on_gradient(grad: torch.Tensor) -> None:
+                    g = grad.reshape(-1, grad.shape[-1]).float()
+                    xs = x.reshape(-1, x.shape[-1]).float()
+                    step = max(1, HEAD_BLOCK_BYTES // (4 * xs.shape[1]))
+                    for start in range(0, g.shape[1], step):
+                        part = g[:, start:start + step].T @ xs
+                        total[start:start + step].addcmul_(part, part)
+                output.register_hook(on_gradient)
+            return [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(forward_hook)]
+        out[name_of[id(head.weight)]] = install_head
+    return out
+
+
 def collect_fisher(lm: LoadedModel, sequences: list[Sequence], seed: int, memory: int, out_dir: Path,
                    progress: Optional[Progress] = None) -> Written:
-    """Write the diagonal Fisher of every parameter to ``out_dir/fisher-*.safetensors``."""
+    """Write the diagonal Fisher of every parameter to ``out_dir/fisher-*.safetensors``.
+
+    Each gradient is squared into its accumulator the moment backward has finished
+    it (a post-accumulate-grad hook) and freed there, so a pass holds one float32
+    sum per parameter of its chunk (4 bytes per parameter) and one gradient at a time
+    beside it, not the chunk's gradients: the sums and the chunk's largest gradient
+    together fit ``memory``.
+
+    The vocabulary matrices (an untied input embedding and output head) never get a
+    dense gradient: their per-example gradients are formed from the gradient of the
+    module's output (``vocabulary_modules``), the embedding's on the rows the
+    sequence uses, the head's a block of rows at a time, each squared into the sum
+    as it is formed. Their passes then hold the sum alone.
+    """
     params = dict(lm.model.named_parameters())  # tied parameters appear once, under their first name
     names = list(params)
-    # A chunk holds its gradients and its float32 accumulators: twice the parameters' size.
-    groups = chunks([2 * params[n].numel() * 4 for n in names], memory)
+    vocab = vocabulary_modules(lm.model, params)
+    # A pass holds its chunk's sums and, while backward runs, one dense gradient at a time.
+    sizes = [params[n].numel() * 4 for n in names]
+    groups = chunks(sizes, memory, [0 if n in vocab else size for n, size in zip(names, sizes)])
     written = Written(passes=len(groups))
     flags = {n: p.requires_grad for n, p in params.items()}
+    sums: dict[str, torch.Tensor] = {}
+
+    def square_into(name: str):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad.float()
+            sums[name].addcmul_(grad, grad)
+            param.grad = None
+        return hook
+
+    handles: list = []
     try:
         for number, group in enumerate(groups):
             chunk = [names[i] for i in group]
             for name, p in params.items():
-                p.requires_grad_(name in chunk)
-            sums = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in chunk}
+                p.requires_grad_(name in chunk and name not in vocab)
+            sums.update({n: torch.zeros_like(params[n], dtype=torch.float32) for n in chunk})
+            handles = [params[n].register_post_accumulate_grad_hook(square_into(n)) for n in chunk
+                       if n not in vocab]
+            handles += [h for n in chunk if n in vocab for h in vocab[n](sums[n])]
             for seq in sequences:
-                lm.model.zero_grad(set_to_none=True)
                 sampled_log_likelihood(lm, seq, seed).backward()
-                for n in chunk:
-                    if params[n].grad is not None:
-                        sums[n] += params[n].grad.float() ** 2
                 if progress:
                     progress(len(seq.ids), len(groups))
-            lm.model.zero_grad(set_to_none=True)
+            for h in handles:
+                h.remove()
+            handles = []
             file = f"fisher-{number:05d}.safetensors"
-            tensors = {}
-            for n in chunk:
-                fisher = (sums.pop(n) / len(sequences)).cpu()
-                written.sum_of_squares += float((fisher.double() ** 2).sum())
-                tensors[n] = fisher
-                written.tensors[n] = (file, n)
-            save_file(tensors, str(out_dir / file))
-            del tensors
+
+            def mean(name: str) -> torch.Tensor:
+                fisher = sums.pop(name).div_(len(sequences))
+                # in float64, a million entries at a time: no float64 copy of a whole vocabulary tensor
+                written.sum_of_squares += sum(float((part.double() ** 2).sum())
+                                              for part in fisher.reshape(-1).split(1 << 20))
+                written.tensors[name] = (file, name)
+                return fisher
+
+            write_safetensors(out_dir / file, [OutputTensor(n, torch.float32, tuple(params[n].shape)) for n in chunk],
+                              mean)
     finally:
+        for h in handles:
+            h.remove()
+        lm.model.zero_grad(set_to_none=True)
         for name, p in params.items():
             p.requires_grad_(flags[name])
     return written

@@ -23,7 +23,7 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -44,8 +44,24 @@ class CalibrationSettings:
     seed: int = 0
     batch_size: int = 8
     # Bytes of statistics accumulators held at once; more passes over the data when they exceed it.
-    memory: int = 2 * 1024 ** 3
+    # None ("auto"): see accumulator_bytes.
+    memory: Optional[int] = None
     include_answers: bool = False  # each sequence is context + gold answer, not the context alone
+
+    def accumulator_bytes(self, weight_bytes: int) -> int:
+        """The accumulator budget for a model of ``weight_bytes`` (float32): ``memory`` when given, else
+        a quarter of the model, at least 64 MiB and at most 2 GiB. Model + accumulators then stay
+        within 1.25x the model, which leaves the rest of 2x to the runtime (about 0.4 GiB with
+        transformers loaded) and one batch's activations (Fisher: one sequence's forward and
+        backward) even on a model under 1 GiB; a machine that only just holds a large model is not
+        asked for more than 2 GiB beside it. A larger budget only means fewer passes over the data."""
+        if self.memory is not None:
+            return self.memory
+        return min(AUTO_MAX, max(AUTO_MIN, weight_bytes // 4))
+
+
+AUTO_MIN = 64 * 1024 ** 2
+AUTO_MAX = 2 * 1024 ** 3
 
 
 @dataclass

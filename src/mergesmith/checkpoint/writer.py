@@ -29,7 +29,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -80,18 +80,40 @@ def plan_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> list[S
     shards = []
     for i, group in enumerate(groups):
         shard = Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", group)
-        entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        pos = 0
-        for t in group:
-            shard.offsets[t.name] = (pos, pos + t.nbytes)
-            entries[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                               "data_offsets": [pos, pos + t.nbytes]}
-            pos += t.nbytes
-        raw = json.dumps(entries, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-        shard.header = len(raw).to_bytes(8, "little") + raw
+        shard.header, shard.offsets = safetensors_header(group)
         shards.append(shard)
     return shards
+
+
+def safetensors_header(tensors: list[OutputTensor]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header of a safetensors file holding ``tensors`` in this order, and each one's byte range
+    (relative to the end of the header)."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for t in tensors:
+        offsets[t.name] = (pos, pos + t.nbytes)
+        entries[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        pos += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+def write_safetensors(path: Path, tensors: list[OutputTensor], produce: Callable[[str], torch.Tensor]) -> None:
+    """Write one safetensors file tensor by tensor: ``produce(name)`` gives each tensor in turn, and
+    it is written and let go before the next is asked for, so at most one tensor's bytes are held
+    (``safetensors.torch.save_file`` holds a byte copy of every tensor at once)."""
+    header, _ = safetensors_header(tensors)
+    with open(path, "wb") as f:
+        f.write(header)
+        for spec in tensors:
+            tensor = produce(spec.name)
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise RuntimeError(f"{spec.name}: planned {spec.dtype} {list(spec.shape)}, "
+                                   f"got {tensor.dtype} {list(tensor.shape)}")
+            f.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del tensor
 
 
 class CheckpointWriter:
