@@ -90,7 +90,8 @@ class StatsPlan:
             bar = tqdm(total=len(entries) * sequential.blocks_to_run(plan), unit="block",
                        desc=f"{sequential.KIND} ({len(entries)} models)", disable=not progress)
             try:
-                sequential.collect_plusplus(plan, entries, device, bar.update)
+                with mapped_allocations():  # as calibrate_model: hundreds of blocks' passes, no heap creep
+                    sequential.collect_plusplus(plan, entries, device, bar.update)
             finally:
                 bar.close()
             self.computed += [f"{m.ref}: {sequential.KIND}" for m in entries.values()]
