@@ -36,6 +36,9 @@ def mapped_allocations(threshold: int = 1024 ** 2) -> Iterator[None]:
     the hundreds of forward and backward passes of a calibration, activations, logits and
     gradients of a few MiB each fragment it, and resident memory creeps up (measured: Fisher
     statistics of a 0.91 GiB model peaked at 1.82-1.86 GiB by default, 1.77 GiB with this).
+    Afterwards the threshold is glibc's initial 128 KiB again, fixed: setting it turns glibc's
+    dynamic adjustment off for the rest of the process (a merge's ``engine._heap_reuse`` turns
+    mapping off altogether while it runs, so it is unaffected).
     """
     lib = libc()
     if lib is None:

@@ -29,7 +29,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -110,10 +110,19 @@ def write_safetensors(path: Path, tensors: list[OutputTensor], produce: Callable
         for spec in tensors:
             tensor = produce(spec.name)
             if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise RuntimeError(f"{spec.name}: planned {spec.dtype} {list(spec.shape)}, "
-                                   f"got {tensor.dtype} {list(tensor.shape)}")
-            f.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+                raise _not_planned(spec, tensor)
+            f.write(memoryview(_raw_bytes(tensor)))
             del tensor
+
+
+def _not_planned(spec: OutputTensor, tensor: torch.Tensor, where: str = "") -> RuntimeError:
+    return RuntimeError(f"{spec.name}: planned {spec.dtype} {list(spec.shape)}, got {tensor.dtype} "
+                        f"{list(tensor.shape)}{where}")
+
+
+def _raw_bytes(tensor: torch.Tensor) -> Any:
+    """The tensor's bytes as stored in a safetensors file (C order), as a numpy uint8 view on CPU."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 class CheckpointWriter:
@@ -173,9 +182,8 @@ class CheckpointWriter:
         rows_fit = (tensor.dim() == len(spec.shape) >= 1 and tuple(tensor.shape[1:]) == spec.shape[1:]
                     and 0 <= row and row + tensor.shape[0] <= spec.shape[0])
         if tensor.dtype != spec.dtype or not (whole or rows_fit):
-            raise RuntimeError(f"{name}: planned {spec.dtype} {list(spec.shape)}, "
-                               f"got {tensor.dtype} {list(tensor.shape)} at row {row}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            raise _not_planned(spec, tensor, f" at row {row}")
+        data = _raw_bytes(tensor)
         if row:
             offset += row * (spec.nbytes // spec.shape[0])
         try:
