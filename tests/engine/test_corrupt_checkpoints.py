@@ -171,6 +171,9 @@ DAMAGES: dict[str, Damage] = {
     "header nested 100000 deep": Damage(_deep, [f"more than {MAX_JSON_DEPTH} deep"]),
     "duplicate tensor name": Damage(_duplicate, ["names key", "twice"], library_refuses=False),
     "name not Unicode": Damage(_surrogate, ["is not valid Unicode"]),
+    # Python's json writes Infinity and reads it back; JSON (and the safetensors library) has no such value.
+    "Infinity in the header": Damage(lambda f, h, d: join(f, {**h, "__metadata__": {"x": float("inf")}}, d),
+                                     ["holds Infinity, which is not JSON"]),
     "metadata values not strings": Damage(lambda f, h, d: join(f, {**h, "__metadata__": {"format": 1}}, d),
                                           ["__metadata__ must map strings to strings"]),
     "entry not an object": Damage(lambda f, h, d: join(f, {**h, by_offset(h)[0]: [1, 2]}, d),

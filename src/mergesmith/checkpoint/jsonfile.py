@@ -27,6 +27,15 @@ _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _INNERMOST_PAIR = re.compile(r"\[\]|\{\}")
 
 
+class _NonStandardConstant(Exception):
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonStandardConstant(name)
+
+
 class _DuplicateKey(Exception):
     def __init__(self, key: str):
         self.key = key
@@ -61,18 +70,25 @@ def nesting_deeper_than(text: str, limit: int) -> bool:
 
 
 def parse_json(raw: bytes, path: Path, what: str, *, start: int = 0, duplicates: bool = True,
-               fix: str = "re-download it or re-save it") -> Any:
+               constants: bool = True, fix: str = "re-download it or re-save it") -> Any:
     """Decode UTF-8 JSON from ``raw`` (found at byte ``start`` of ``path``); raise InputError.
 
     ``duplicates=False`` refuses an object that names one key twice (in a
-    safetensors header that would be two tensors of one name).
+    safetensors header that would be two tensors of one name). ``constants=False``
+    refuses ``NaN``, ``Infinity`` and ``-Infinity``, which Python writes and reads but
+    JSON does not have (the safetensors library refuses a header holding one; a
+    ``config.json`` written by Python may hold one, so configs keep them).
     """
     text = decode_utf8(raw, path, what=f"the {what} ", offset=start, lines=False, fix=fix)
     if nesting_deeper_than(text, MAX_JSON_DEPTH):
         raise InputError(f"{path}: the {what} nests arrays or objects more than {MAX_JSON_DEPTH} deep; "
                          f"the file is corrupt or hostile: {fix}")
     try:
-        return json.loads(text, object_pairs_hook=None if duplicates else _refuse_duplicates)
+        return json.loads(text, object_pairs_hook=None if duplicates else _refuse_duplicates,
+                          parse_constant=None if constants else _refuse_constant)
+    except _NonStandardConstant as err:
+        raise InputError(f"{path}: the {what} holds {err.name}, which is not JSON; "
+                         f"the file is corrupt or hostile: {fix}") from None
     except _DuplicateKey as err:
         raise InputError(f"{path}: the {what} names key {err.key!r} twice in one object; "
                          f"the file is corrupt or hostile: {fix}") from None

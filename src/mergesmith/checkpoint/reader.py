@@ -106,7 +106,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise InputError(_refusal(path, f"corrupt or truncated safetensors header (header claims {n} bytes, "
                                             f"file has {size}; a truncated download?)"))
         raw = f.read(n)
-    header = parse_json(raw, path, "safetensors header", start=8, duplicates=False, fix=FIX)
+    header = parse_json(raw, path, "safetensors header", start=8, duplicates=False, constants=False,
+                        fix=FIX)
     if not isinstance(header, dict):
         raise InputError(_refusal(path, f"the safetensors header is {type_name(header)}, not a JSON object"))
     data_len = size - 8 - n
