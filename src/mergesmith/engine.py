@@ -556,23 +556,38 @@ def _heap_reuse():
             libc.malloc_trim(0)
 
 
-def _one_math_thread() -> None:
-    """Keep the reader's and writer's own torch ops (dtype conversion, copies) on one thread.
+def _claim_threads(count: int) -> None:
+    """Fix the calling thread's torch thread count at ``count``.
 
-    torch's thread count is per calling thread: left at its default, each helper thread runs
-    its conversions on a parallel team of its own, whose threads keep spinning for a while
-    after each op and take the cores from the main thread's math. Measured on two cores:
-    TSV-M on the 58M family of benchmarks/bench_subspace.py took 24.8 s with it, and
-    the eigh calls ran at a quarter of their speed alone.
+    torch keeps one count per thread, but a thread takes it, on its first parallel op, from
+    the count some thread last asked for. The reader and writer ask for one (left at the
+    default, each runs its conversions on a parallel team whose threads keep spinning after
+    each op and take the cores from the math: TSV-M on the 58M family of
+    benchmarks/bench_subspace.py took 24.8 s so), and ``mergesmith merge``'s main thread has
+    run nothing parallel before it merges, so its math took their count of one: WUDI used one
+    of the two cores. A parallel op first settles the thread's own count, then it is set.
     """
-    torch.set_num_threads(1)
+    torch.ones(1 << 16).sum()
+    torch.set_num_threads(count)
 
 
 def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> MergeResult:
+    """Stream the plan, the calling thread's math on ``options.threads`` (default: torch's count).
+
+    The count last asked for is put back afterwards, so that a thread started later does not
+    take the reader's and writer's count of one (``_claim_threads``).
+    """
+    threads = options.threads or torch.get_num_threads()
+    _claim_threads(threads)
+    try:
+        return _stream(plan, out_dir, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stream(plan: MergePlan, out_dir: Path, options: MergeOptions) -> MergeResult:
     start = time.perf_counter()
     device = _pick_device(options.device)
-    if options.threads:
-        torch.set_num_threads(options.threads)
     method = plan.recipe.method
     out_specs = [OutputTensor(t.name, t.out_dtype, t.shape) for t in plan.tensors]
     writer = CheckpointWriter(out_dir, out_specs, options.out_shard_size, overwrite=options.overwrite)
@@ -584,8 +599,8 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 
     bar = tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc=f"merge ({method.name})",
                disable=not options.progress, file=sys.stderr)
-    with writer, ThreadPoolExecutor(1, thread_name_prefix="read", initializer=_one_math_thread) as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="write", initializer=_one_math_thread) as write_pool:
+    with writer, ThreadPoolExecutor(1, thread_name_prefix="read", initializer=_claim_threads, initargs=(1,)) as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write", initializer=_claim_threads, initargs=(1,)) as write_pool:
         # Work items are whole tensors or row blocks of one; the reader, the prefetch budget and
         # the writer treat both alike.
         loads: deque[tuple[TensorPlan, Span, Future]] = deque()
