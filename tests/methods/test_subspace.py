@@ -252,6 +252,47 @@ def test_iso_cts_with_full_common_space_is_iso_c():
     assert rel_diff(run("iso_cts", base, models, common_space_fraction=1.0), run("iso_c", base, models)) < 1e-6
 
 
+def iso_cts_equations(deltas, f):
+    """Iso-CTS as its equations read: project, decompose, concatenate, polar factors (explicit)."""
+    total = sum(d.double() for d in deltas)
+    common, per_task = iso_cts_split(min(total.shape), len(deltas), f)
+    u_c, s_c, vh_c = singular_triplets(total, common)
+    us, ss, vhs = [u_c], [s_c], [vh_c]
+    for d in deltas:
+        tau = d.double()
+        u, s, vh = singular_triplets(tau - u_c @ (u_c.T @ tau), per_task, torch.linalg.matrix_norm(tau))
+        us.append(u), ss.append(s), vhs.append(vh)
+    return polar_factor(torch.cat(us, 1)) * torch.cat(ss).mean() @ polar_factor(torch.cat(vhs, 0))
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (20, 20), (30, 12)])
+@pytest.mark.parametrize("f", [0.8, 0.5, 0.0])
+def test_iso_cts_block_algebra_is_its_equations(shape, f):
+    # The library forms polar([U_c, U_1..U_T]) blockwise and, for m <= n, the projected task
+    # vectors in the complement basis of M M^T; the result is the equations' to float64 rounding.
+    base, models = random_inputs(3, shape, seed=5)
+    expected = iso_cts_equations([m - base for m in models], f)
+    out = run("iso_cts", base, models, common_space_fraction=f)
+    assert rel_diff(out - base, expected.float()) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_iso_cts_task_directions_below_the_inputs_floor_are_zero(shape):
+    # Rank-2 task vectors (LoRA-like): their sum spans all three ranges, so what each leaves
+    # outside the common subspace is rounding noise. It contributes no direction: the merged
+    # task vector has the sum's rank, 6, where picking d noise directions per task (what an SVD
+    # of the projection does) would add 3 * d more.
+    g = torch.Generator().manual_seed(9)
+    m, n = shape
+    deltas = [torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) for _ in range(3)]
+    base = torch.zeros(shape)
+    assert iso_cts_split(12, 3, 0.8)[1] == 1
+    merged = run("iso_cts", base, deltas).double()
+    s = torch.linalg.svdvals(merged)
+    assert (s[6:] < 1e-6 * s[0]).all() and (s[:6] > 0.1 * s[0]).all()
+    assert rel_diff(merged.float(), iso_cts_equations(deltas, 0.8).float()) < 1e-6
+
+
 def test_star_zero_task_vector_stays_zero():
     base, models = random_inputs(1)
     assert torch.equal(run("star", base, [base.clone()]), base)

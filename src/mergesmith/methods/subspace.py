@@ -47,7 +47,32 @@ Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m, k), s (k,), 
 
 # ---------------------------------------------------------------- linear algebra
 
-def singular_triplets(matrix: torch.Tensor, k: Optional[int] = None) -> Triplets:
+def _floor_reference(s: torch.Tensor, sigma_1: Optional[torch.Tensor]) -> torch.Tensor:
+    """The scale the noise floor is relative to: the largest of ``s``, or ``sigma_1`` if larger."""
+    top = s.max() if s.numel() else s.new_zeros(())
+    return top if sigma_1 is None else torch.maximum(top, torch.as_tensor(sigma_1, dtype=s.dtype, device=s.device))
+
+
+def gram_spectrum(gram: torch.Tensor, dims: tuple[int, int],
+                  sigma_1: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, Q, kept) from ``eigh`` of the float64 Gram matrix of a ``dims``-shaped matrix, largest
+    first: the singular values s (0 at or below the float32 noise floor, see
+    ``singular_triplets``), every eigenvector as a column of Q, and which are above the floor."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    # eigh sorts ascending; we want the largest first.
+    s = eigenvalues.flip(0).clamp_min(0).sqrt()
+    sigma_1 = _floor_reference(s, sigma_1)
+    kept = s > max(dims) * _EPS32 * sigma_1
+    return s * kept, eigenvectors.flip(1), kept
+
+
+def _safe(s: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """s with its dropped entries set to 1, to divide by."""
+    return torch.where(kept, s, torch.ones_like(s))
+
+
+def singular_triplets(matrix: torch.Tensor, k: Optional[int] = None,
+                      sigma_1: Optional[torch.Tensor] = None) -> Triplets:
     """The top ``k`` (default all r = min(m, n)) singular triplets of ``matrix``, in float64.
 
     Computed from ``eigh`` of the smaller Gram matrix A^T A (or A A^T) in float64, then
@@ -55,34 +80,64 @@ def singular_triplets(matrix: torch.Tensor, k: Optional[int] = None) -> Triplets
     to better than float32 relative accuracy: its error is eps64 * sigma_1^2, and a kept
     sigma is at least max(m, n) * eps32 * sigma_1. Triplets at or below that floor are
     returned as zeros (u = 0, s = 0, v = 0): the input, being float32, does not determine
-    them, and a zero triplet drops out of every product and polar factor below.
+    them, and a zero triplet drops out of every product and polar factor below. For a matrix
+    derived from a larger one (a projection of it), ``sigma_1`` is the larger one's scale, so
+    that what is left of it at rounding level counts as zero.
     """
     a = matrix.to(torch.float64)
     m, n = a.shape
     wide = m < n
     if wide:
         a = a.T
-    eigenvalues, eigenvectors = torch.linalg.eigh(a.T @ a)
-    # eigh sorts ascending; we want the largest first.
-    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    s, v, kept = gram_spectrum(a.T @ a, (m, n), sigma_1)
     if k is not None:
-        eigenvalues, eigenvectors = eigenvalues[:k], eigenvectors[:, :k]
-    s = eigenvalues.clamp_min(0).sqrt()
-    sigma_1 = s[0] if s.numel() else s.new_zeros(())
-    kept = s > max(m, n) * _EPS32 * sigma_1
-    s = s * kept
-    v = eigenvectors * kept
-    u = (a @ v) / torch.where(kept, s, torch.ones_like(s))
+        s, v, kept = s[:k], v[:, :k], kept[:k]
+    v = v * kept
+    u = (a @ v) / _safe(s, kept)
     if wide:
         u, v = v, u
     return u, s, v.T
 
 
+def inverse_sqrt_on_range(gram: torch.Tensor, dims: tuple[int, int],
+                          sigma_1: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, s) for the float64 Gram matrix ``gram`` (A^T A or A A^T) of a ``dims``-shaped A:
+    W = Q diag(1/s) Q^T on the directions above the float32 noise floor of
+    ``singular_triplets`` (0 on the others), s the singular values (floored to 0 there).
+    For A a block of a larger matrix whose other block is orthogonal to it, ``sigma_1`` is the
+    other block's largest singular value, so that the floor is the whole matrix's.
+
+    A W (or W A, for A A^T) is A's polar factor: with A^T A = V diag(s^2) V^T, A V diag(1/s)
+    V^T = U V^T. Computing it this way needs one product of A's size where U = A V / s
+    followed by U V^T needs two, and lets a product of polar factors be formed on the small
+    side (``polar_product``)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    s = eigenvalues.clamp_min(0).sqrt()
+    sigma_1 = _floor_reference(s, sigma_1)
+    kept = s > max(dims) * _EPS32 * sigma_1
+    s = s * kept
+    return (eigenvectors * (kept / _safe(s, kept))) @ eigenvectors.T, s
+
+
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor U V^T of ``matrix`` (float64): the nearest matrix with
     orthonormal columns (rows, if wide), on the numerical range of ``matrix``."""
-    u, _, vh = singular_triplets(matrix)
-    return u @ vh
+    a = matrix.to(torch.float64)
+    if a.shape[0] < a.shape[1]:
+        return inverse_sqrt_on_range(a @ a.T, a.shape)[0] @ a
+    return a @ inverse_sqrt_on_range(a.T @ a, a.shape)[0]
+
+
+def polar_product(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """polar(u) diag(s) polar(vh), for u (m x R) and vh (R x n) with R <= m and R <= n.
+
+    As u W_u diag(s) W_v vh with W_u, W_v the R x R inverse square roots of u^T u and
+    vh vh^T (``inverse_sqrt_on_range``): the only products of the matrix's size are u times
+    an R x R matrix and that times vh. Forming the two polar factors first would cost three
+    products of u's size and three of vh's, then the reconstruction."""
+    w_u, _ = inverse_sqrt_on_range(u.T @ u, u.shape)
+    w_v, _ = inverse_sqrt_on_range(vh @ vh.T, vh.shape)
+    return (u @ ((w_u * s) @ w_v)) @ vh
 
 
 def reconstruct(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
@@ -138,7 +193,7 @@ def tsv_merge(triplets: list[Triplets]) -> torch.Tensor:
     u = torch.cat([t[0] for t in triplets], dim=1)
     s = torch.cat([t[1] for t in triplets])
     vh = torch.cat([t[2] for t in triplets], dim=0)
-    return reconstruct(polar_factor(u), s, polar_factor(vh))
+    return polar_product(u, s, vh)
 
 
 def tsv_m(group: TensorGroup) -> torch.Tensor:
@@ -169,11 +224,6 @@ def tsv_m(group: TensorGroup) -> torch.Tensor:
 
 # ---------------------------------------------------------------- Iso-C and Iso-CTS
 
-def isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """Iso's flattened spectrum on orthogonalized bases: mean(s) * polar(U) polar(V^T)."""
-    return polar_factor(u).mul_(s.mean()) @ polar_factor(vh)
-
-
 def iso_c(group: TensorGroup) -> torch.Tensor:
     """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces", ICML 2025, https://arxiv.org/abs/2502.04959):
@@ -187,8 +237,14 @@ def iso_c(group: TensorGroup) -> torch.Tensor:
     deltas = weighted_task_vectors(group)
     if not is_decomposed(group):
         return average_fallback(group, deltas)
-    u, s, vh = singular_triplets(sum_of(deltas))
-    return finish(group, (u @ vh).mul_(s.mean()))
+    total = sum_of(deltas).to(torch.float64)
+    if total.shape[0] < total.shape[1]:
+        w, s = inverse_sqrt_on_range(total @ total.T, total.shape)
+        polar = w.mul_(s.mean()) @ total
+    else:
+        w, s = inverse_sqrt_on_range(total.T @ total, total.shape)
+        polar = total @ w.mul_(s.mean())
+    return finish(group, polar)
 
 
 def iso_cts_split(r: int, tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -211,24 +267,67 @@ def iso_cts(group: TensorGroup) -> torch.Tensor:
 
     Follows FusionBench's ``iso_utils.iso_cts`` (the authors' code), including its rounding of
     c and d; with f = 1 it is Iso-C exactly.
+
+    How it is computed (same result, to float64 rounding): U_c is orthonormal and orthogonal to
+    every U_t, so polar([U_c, U_1..U_T]) = [U_c, polar([U_1..U_T])], an eigendecomposition of
+    T d x T d instead of r x r. When m <= n, U_c comes from the eigenvectors of M M^T, whose
+    other m - c eigenvectors Q span the complement of U_c: (I - U_c U_c^T) tau_t = Q (Q^T tau_t),
+    so each task's triplets come from a (m - c) x (m - c) Gram instead of an m x m one. What
+    is left at full size is one decomposition of M's Gram and one for polar([V_c, V_1..V_T]).
+
+    Where we differ: a task's directions outside U_c are kept only above the float32 noise
+    floor of the task vector itself (max(m, n) eps32 ||tau_t||_F), not of what the projection
+    leaves. When tau_t lies in U_c (LoRA experts, whose sum spans their ranges) the projection
+    is rounding noise; an SVD of it (FusionBench) returns d arbitrary directions per task, and
+    the polar factor gives each the weight mean(s) of a real one. Here they are zero.
     """
     deltas = weighted_task_vectors(group)
     if not is_decomposed(group):
         return average_fallback(group, deltas)
-    common, per_task = iso_cts_split(min(group.base.shape), len(deltas),
-                                     group.params["common_space_fraction"])
-    u_c, s_c, vh_c = singular_triplets(sum_of(deltas), common)
-    us, ss, vhs = [u_c], [s_c], [vh_c]
+    m, n = group.base.shape
+    common, per_task = iso_cts_split(min(m, n), len(deltas), group.params["common_space_fraction"])
+    total = sum_of(deltas).to(torch.float64)
+    if m <= n:
+        s_all, q, kept = gram_spectrum(total @ total.T, (m, n))
+        u_c, s_c = q[:, :common] * kept[:common], s_all[:common]
+        vh_c = (u_c.T @ total) / _safe(s_c, kept[:common])[:, None]
+        outside = ~kept
+        outside[common:] = True
+        complement = q[:, outside]  # the complement of U_c (directions of M below the floor too)
+
+        def task_triplets(delta: torch.Tensor) -> Triplets:
+            tau = delta.to(torch.float64)
+            u, s, vh = singular_triplets(complement.T @ tau, per_task, torch.linalg.matrix_norm(tau))
+            return complement @ u, s, vh  # same triplets as of the projected m x n tau_t
+    else:
+        u_c, s_c, vh_c = singular_triplets(total, common)
+
+        def task_triplets(delta: torch.Tensor) -> Triplets:
+            tau = delta.to(torch.float64)
+            scale = torch.linalg.matrix_norm(tau)
+            tau -= u_c @ (u_c.T @ tau)
+            return singular_triplets(tau, per_task, scale)
+    del total
+    us, ss, vhs = [], [s_c], [vh_c]
     if per_task > 0:
         for i, delta in enumerate(deltas):
-            tau = delta.to(torch.float64)
-            tau -= u_c @ (u_c.T @ tau)
-            u, s, vh = singular_triplets(tau, per_task)
+            u, s, vh = task_triplets(delta)
             us.append(u)
             ss.append(s)
             vhs.append(vh)
             deltas[i] = None
-    return finish(group, isotropic(torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)))
+    s_all = torch.cat(ss)
+    left = u_c  # polar(U_c) = U_c: orthonormal columns, or zero ones below the floor
+    if us:
+        u_t = torch.cat(us, 1)
+        # The floor is relative to the whole [U_c, U_1..U_T], whose largest singular value is
+        # 1 when U_c has a column.
+        whole = torch.ones((), dtype=u_t.dtype, device=u_t.device) if bool(s_c.any()) else None
+        w_t, _ = inverse_sqrt_on_range(u_t.T @ u_t, (m, common + u_t.shape[1]), sigma_1=whole)
+        left = torch.cat([u_c, u_t @ w_t], 1)
+    vh = torch.cat(vhs, 0)
+    w_v, _ = inverse_sqrt_on_range(vh @ vh.T, vh.shape)
+    return finish(group, (left @ w_v.mul_(s_all.mean())) @ vh)
 
 
 # ---------------------------------------------------------------- STAR
