@@ -68,13 +68,14 @@ def assert_blocks_equal_whole(r: dict, tmp_path, **options) -> None:
 
 
 SEPARABLE = ["linear", "task_arithmetic", "consensus_ta", "nearswap", "passthrough", "ram",
-             "tsv_m", "iso_c", "iso_cts", "star", "cart"]
+             "tsv_m", "iso_c", "iso_cts", "star", "cart", "wudi"]
 
 
 @pytest.mark.parametrize("method", SEPARABLE)
 def test_row_blocks_write_the_bytes_of_the_whole_merge(method, model_family, tmp_path):
     base, fts = model_family("llama", 3)
-    r = recipe(method, base, fts)
+    # WUDI's matrices are not what is compared here (they stay whole): a few steps suffice.
+    r = recipe(method, base, fts, **({"iterations": 5} if method == "wudi" else {}))
     plan = plan_merge(r)
     try:
         blocked = {t.name for t in plan.tensors if row_spans(plan, t, TINY_CHUNK) != [None]}
@@ -83,7 +84,7 @@ def test_row_blocks_write_the_bytes_of_the_whole_merge(method, model_family, tmp
             m.checkpoint.close()
     assert EMBED in blocked  # the test exercises blocks, of 1-D tensors too (one input's are too small)
     assert ("model.norm.weight" in blocked) == (method != "passthrough")
-    if method in ("tsv_m", "iso_c", "iso_cts", "star", "cart"):  # decomposed matrices stay whole
+    if method in ("tsv_m", "iso_c", "iso_cts", "star", "cart", "wudi"):  # decomposed matrices stay whole
         assert "model.layers.0.self_attn.q_proj.weight" not in blocked
     assert_blocks_equal_whole(r, tmp_path)
 

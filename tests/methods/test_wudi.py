@@ -23,7 +23,7 @@ from fusion_bench.method.wudi.wudi import wudi_merging
 
 import mergesmith
 from mergesmith.methods import TensorGroup, get_method
-from mergesmith.methods.wudi import wudi_task_vector
+from mergesmith.methods.wudi import interference_gradient, wudi_task_vector
 from tiny_models import load_state
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -89,12 +89,34 @@ def test_identical_tasks_converge_to_that_task_vector():
 # ---------------------------------------------------------------- parity with FusionBench
 
 @pytest.mark.parametrize("shape,k,iterations", [((16, 8), 3, 30), ((8, 16), 2, 30), ((12, 12), 4, 30),
-                                                ((24, 6), 3, 300)])
+                                                ((24, 6), 3, 300), ((4, 32), 2, 30), ((6, 40), 3, 300)])
 def test_matches_fusion_bench_on_single_tensors(shape, k, iterations):
-    # (16, 8) and (24, 6) take the Gram-matrix gradient, (8, 16) the term-by-term one.
+    # (4, 32) and (6, 40) have cols >= 2 T rows and take the term-by-term gradient, the others
+    # the Gram-matrix one (the wide (8, 16) too: cols < 2 T rows).
     deltas = task_vectors(shape, k, seed=shape[0] + k)
     ours = wudi_task_vector([d.clone() for d in deltas], iterations)
     assert rel_diff(ours, fusion_bench(deltas, iterations)) < 1e-5
+
+
+@pytest.mark.parametrize("shape,k", [((8, 16), 2), ((4, 32), 2), ((16, 8), 3), ((8, 12), 1), ((12, 8), 1)])
+def test_both_gradient_forms_are_the_gradient(shape, k):
+    # Whichever form interference_gradient picks, it is dL/dtau: checked against autograd on
+    # the loss itself, in float64, at a point away from the start.
+    deltas = [d.double() for d in task_vectors(shape, k, seed=7)]
+    sq = [float(d.square().sum()) for d in deltas]
+    tau = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    picked = interference_gradient(deltas, sq)
+    assert (picked.__name__ == "term_by_term") == (shape[1] >= 2 * k * shape[0] or k == 1 < shape[1] / shape[0])
+    tau_var = tau.clone().requires_grad_()
+    loss = sum(((tau_var - d) @ d.T).square().sum() / s for d, s in zip(deltas, sq))
+    loss.backward()
+    torch.testing.assert_close(picked(tau), tau_var.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_the_task_vectors_are_released_once_the_loss_has_them():
+    deltas = task_vectors((8, 16), 2, seed=1)
+    wudi_task_vector(deltas, 3)
+    assert deltas == []
 
 
 def test_matches_fusion_bench_on_a_whole_checkpoint(tmp_path, model_family):
