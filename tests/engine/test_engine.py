@@ -242,3 +242,38 @@ def test_folder_without_weights_is_named(tmp_path, model_family):
     (empty / "config.json").write_text((a / "config.json").read_text())
     with pytest.raises(InputError, match="no model weights found"):
         mergesmith.merge(linear(a, empty), tmp_path / "out", progress=False)
+
+
+def test_the_math_runs_on_the_threads_asked_for_in_a_fresh_thread(tmp_path, model_family, monkeypatch):
+    """torch gives a thread its count on its first parallel op, from the count some thread last
+    asked for; the reader and writer ask for one. A merge started in a thread that has run nothing
+    parallel yet (as ``mergesmith merge``'s main thread) must still do its math on --threads."""
+    import dataclasses
+    import threading
+
+    from mergesmith.methods import base as methods_base
+
+    spec = methods_base._REGISTRY["linear"]
+    seen = []
+
+    def counting(group):
+        torch.ones(1 << 16).sum()  # a parallel op: the thread's count is settled by now
+        seen.append(torch.get_num_threads())
+        return spec.fn(group)
+
+    monkeypatch.setitem(methods_base._REGISTRY, "linear", dataclasses.replace(spec, fn=counting))
+    _, (a, b, _) = model_family()
+    recipe = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in (a, b)]}
+    errors = []
+
+    def run():
+        try:
+            mergesmith.merge(recipe, tmp_path / "out", progress=False, threads=2)
+        except Exception as err:  # reported below, on the test's thread
+            errors.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert seen and set(seen) == {2}
