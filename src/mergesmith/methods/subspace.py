@@ -111,12 +111,8 @@ def inverse_sqrt_on_range(gram: torch.Tensor, dims: tuple[int, int],
     V^T = U V^T. Computing it this way needs one product of A's size where U = A V / s
     followed by U V^T needs two, and lets a product of polar factors be formed on the small
     side (``polar_product``)."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    s = eigenvalues.clamp_min(0).sqrt()
-    sigma_1 = _floor_reference(s, sigma_1)
-    kept = s > max(dims) * _EPS32 * sigma_1
-    s = s * kept
-    return (eigenvectors * (kept / _safe(s, kept))) @ eigenvectors.T, s
+    s, q, kept = gram_spectrum(gram, dims, sigma_1)
+    return (q * (kept / _safe(s, kept))) @ q.T, s
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
