@@ -26,4 +26,9 @@ if [ -d /opt/wheels ]; then links=(--find-links /opt/wheels); fi
 # The lock names torch's public version: `torch==2.13.0` takes the local CPU build where one lies on
 # disk (2.13.0+cpu sorts above 2.13.0), and PyPI's build elsewhere.
 sed -i -E 's/^(torch==[0-9][0-9.]*)\+cpu$/\1/' requirements/lock.txt
+# The extra `all` names mergesmith itself (mergesmith[eval,zoo,search]), which pip-compile writes as
+# `mergesmith @ file:///<this folder>`: a path that exists only here. setup.sh installs the project
+# itself, editable, from the clone it runs in.
+awk '/^mergesmith @ /{skip=1; next} skip && /^ +#/{next} {skip=0; print}' requirements/lock.txt > requirements/lock.tmp
+mv requirements/lock.tmp requirements/lock.txt
 echo "requirements/lock.txt: $(grep -cE '^[A-Za-z0-9]' requirements/lock.txt) pinned packages"
