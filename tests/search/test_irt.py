@@ -1,5 +1,5 @@
 """The IRT estimator: an exact hand case, better than the anchors alone on simulated answers, a JSON round
-trip that estimates bit for bit the same, in a search."""
+trip that estimates bit for bit the same, in a search and its resume."""
 
 from __future__ import annotations
 
@@ -98,3 +98,9 @@ def test_search_with_irt_fitness_reports_its_error(search_world, tmp_path):
     assert all(r["fitness"] == r["full"] for r in held)
     estimated_only = [r for r in records if r["full"] is None]
     assert all(r["fitness"] == pytest.approx(r["estimated"]) for r in estimated_only)
+    # A resume reads irt.json: the items stay fitted on the same models, and the held-back pairs go on.
+    resumed = search(space, out, budget_s=6, per_task=6, population=3, fitness="irt", irt_calibration=2,
+                     irt_holdout_every=2, save_model=False, resume=True, progress=False)
+    again = resumed.summary["irt"]
+    assert again["fitted_on_models"] == report["fitted_on_models"] and again["held_back"] >= report["held_back"]
+    assert json.loads((out / "irt.json").read_text())["bank"] is not None
