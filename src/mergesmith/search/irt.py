@@ -176,6 +176,34 @@ class IRTFitness:
         fields["fitness"] = fields["full"] if fields["full"] is not None else weighted_fitness(scores, self.weights)
         return fields
 
+    def state(self) -> dict:
+        """Everything a resumed search needs, as JSON-able data: item keys as ``[task, position]``,
+        answers grouped by task as the workers report them, the fitted ``a`` and ``b`` as nested
+        lists (a float64 survives JSON exactly, so the reloaded bank estimates bit for bit the same)."""
+        bank = None if self.bank is None else {"a": self.bank.a.tolist(), "b": self.bank.b.tolist(),
+                                               "penalty": self.bank.penalty}
+        return {"keys": [list(k) for k in self.keys], "anchors": sorted(list(k) for k in self.anchors),
+                "weights": self.weights, "calibration": self.calibration, "holdout_every": self.holdout_every,
+                "dim": self.dim, "seed": self.seed, "bank": bank, "fitted_on": self.fitted_on,
+                "responses": [_grouped(answers) for answers in self.responses], "calibrated": self.calibrated,
+                "pairs": self.pairs, "raw_pairs": self.raw_pairs, "eval_s": self.eval_s}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "IRTFitness":
+        keys = [(task, int(pos)) for task, pos in state["keys"]]
+        bank = state["bank"]
+        irt = cls(keys, {(task, int(pos)) for task, pos in state["anchors"]}, dict(state["weights"]),
+                  state["calibration"], state["holdout_every"], state["dim"], state["seed"],
+                  None if bank is None else ItemBank(keys, torch.tensor(bank["a"], dtype=torch.float64),
+                                                     torch.tensor(bank["b"], dtype=torch.float64), bank["penalty"]),
+                  state["fitted_on"])
+        irt.responses = [_answers({"answers": grouped}) for grouped in state["responses"]]
+        irt.calibrated = state["calibrated"]
+        irt.pairs = [(x, y) for x, y in state["pairs"]]
+        irt.raw_pairs = [(x, y) for x, y in state["raw_pairs"]]
+        irt.eval_s = {k: list(v) for k, v in state["eval_s"].items()}
+        return irt
+
     def report(self) -> dict:
         full, anchors = self.eval_s["full"], self.eval_s["anchors"]
         return {"fitted": self.bank is not None, "fitted_on_models": self.fitted_on,
@@ -189,8 +217,13 @@ def _answers(result: dict) -> dict[ItemKey, float]:
     return {(task, int(pos)): float(v) for task, rows in (result.get("answers") or {}).items() for pos, v in rows}
 
 
+def _grouped(answers: dict[ItemKey, float]) -> dict[str, list[list]]:
+    """The inverse of ``_answers``: ``{task: [[position, value], ...]}``, in the answers' order."""
+    grouped: dict[str, list[list]] = {}
+    for (task, pos), v in answers.items():
+        grouped.setdefault(task, []).append([pos, v])
+    return grouped
+
+
 def _per_task(answers: dict[ItemKey, float]) -> dict[str, float]:
-    totals: dict[str, list[float]] = {}
-    for (task, _), v in answers.items():
-        totals.setdefault(task, []).append(v)
-    return {task: float(np.mean(v)) for task, v in totals.items()}
+    return {task: float(np.mean([v for _, v in rows])) for task, rows in _grouped(answers).items()}

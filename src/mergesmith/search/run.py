@@ -14,8 +14,9 @@ The flow, all of it counted against ``budget_s``:
    tasks), merge it to ``DIR/model`` if that still fits, and draw the plots.
 
 Every scored candidate is one line of ``trace.jsonl``, appended and flushed as it
-arrives; with the optimizer's state (``optimizer.pkl``, saved after every generation)
-that is what ``resume`` continues from.
+arrives; with the optimizer's state (``optimizer.json``, saved after every generation; with
+IRT fitness also ``irt.json``) that is what ``resume`` continues from. Both are JSON in a
+format of ours (``optimizers.py``), never pickles of library objects.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ import yaml
 from mergesmith.errors import InputError
 from mergesmith.extras import extra_problems
 from mergesmith.search.fitness import stratified_subsample, task_scores, weighted_fitness
-from mergesmith.search.optimizers import (OPTIMIZERS, default_batch, load_optimizer, make_optimizer,
-                                          save_optimizer)
+from mergesmith.search.optimizers import (OPTIMIZERS, default_batch, load_optimizer, make_optimizer, read_state,
+                                          save_optimizer, write_state)
 from mergesmith.search.space import SearchSpace, load_space, space_problems
 
 TRACE = "trace.jsonl"
-STATE = "optimizer.pkl"
-IRT_STATE = "irt.pkl"
+STATE = "optimizer.json"
+IRT_STATE = "irt.json"
+# What mergesmith wrote before its states were JSON: pickles, which a resume no longer reads.
+PICKLED_STATES = ("optimizer.pkl", "irt.pkl")
 SETTINGS = "search.json"
 DEFAULT_PER_TASK = 40
 # Time kept back for writing best.yml, the summary and the plots.
@@ -237,6 +240,11 @@ def _check(space_path: Union[str, Path], out: Optional[Path], options: SearchOpt
                         "another --out")
     elif options.resume and not (out / TRACE).exists():
         problems.append(f"{out}: --resume, but there is no {TRACE} to continue from; drop --resume")
+    elif options.resume and any((out / name).exists() for name in PICKLED_STATES):
+        pickled = ", ".join(name for name in PICKLED_STATES if (out / name).exists())
+        problems.append(f"{out}: --resume, but it holds {pickled}, search state that an older mergesmith "
+                        "pickled and this version no longer reads (it keeps its state as JSON); start a new --out "
+                        f"(the old {TRACE} keeps its candidates)")
     if problems:
         raise InputError(problems)
     assert space is not None
@@ -328,7 +336,7 @@ def _loop(space: SearchSpace, optimizer: Any, pool: Any, records: list[dict], tr
         optimizer.tell([np.asarray(u) for u, _ in batch], objectives)
         save_optimizer(optimizer, out / STATE)
         if irt is not None:
-            save_optimizer(irt, out / IRT_STATE)
+            write_state(out / IRT_STATE, irt.state())
 
 
 def _record(index: int, generation: int, optimizer: str, u: Any, values: dict, result: dict,
@@ -352,7 +360,7 @@ def _irt_state(out: Path, tasks: list, fitness_tasks: list, weights: dict[str, f
     from mergesmith.search.irt import IRTFitness
 
     if options.resume and (out / IRT_STATE).is_file():
-        return load_optimizer(out / IRT_STATE)
+        return IRTFitness.from_state(read_state(out / IRT_STATE))
     keys = [(t.name, item.position) for t in tasks for item in t.items]
     anchors = {(t.name, item.position) for t in fitness_tasks for item in t.items}
     return IRTFitness(keys, anchors, weights, options.irt_calibration, options.irt_holdout_every, seed=options.seed)
@@ -377,7 +385,7 @@ def _evaluate_references(space: SearchSpace, pool: Any, irt: Any, deadline: floa
             irt.add_reference(result)
             log(f"IRT reference {refs[result['index']]}: full validation "
                 f"{statistics.mean(v for v in result['scores'].values() if v is not None):.4f}")
-    save_optimizer(irt, out / IRT_STATE)
+    write_state(out / IRT_STATE, irt.state())
 
 
 def _throughput(records: list[dict], loop_s: float, workers: int) -> dict[str, Any]:
