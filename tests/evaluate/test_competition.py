@@ -281,3 +281,15 @@ def test_unknown_submission_format_is_refused_before_merging(tmp_path):
     with pytest.raises(InputError, match="--submission-format 'csv'"):
         compete({"models": []}, [hidden], tmp_path / "x", budget="1m", merge_fn=copy_merge, submission_format="csv")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_nul_in_a_prediction_is_written_as_the_replacement_character(tmp_path):
+    # Python 3.10's csv writer raises on NUL ("need to escape, but no escapechar set"); a tiny
+    # model's greedy output can contain one.
+    from mergesmith.evaluate.competition import write_csv_atomic
+
+    path = write_csv_atomic(tmp_path / "submission.csv", ["id", "prediction"], [["a", "x\x00y"], ["b", "plain"]])
+    text = path.read_text(encoding="utf-8")
+    assert "\x00" not in text
+    with open(path, newline="", encoding="utf-8") as fh:
+        assert list(csv.reader(fh)) == [["id", "prediction"], ["a", "x\ufffdy"], ["b", "plain"]]

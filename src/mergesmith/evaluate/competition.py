@@ -79,8 +79,12 @@ def format_answer_choices(choices: Sequence[str]) -> str:
 
 def write_csv_atomic(path: Union[str, Path], header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
     """Write a CSV under a temporary name beside ``path``, then rename it into place:
-    an interrupted write leaves the previous file (or none), never half a file."""
+    an interrupted write leaves the previous file (or none), never half a file.
+
+    A NUL character in a field (a small model can generate one) is written as U+FFFD: Python 3.10's
+    csv module cannot write NUL at all, and many CSV readers stop at one."""
     path = Path(path)
+    rows = [[v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row] for row in rows]
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
