@@ -16,8 +16,11 @@ torch_req=${TORCH:-$(grep -E '^torch==' "$lock")}
 rm -rf .venv-latest
 "$PY" -m venv .venv-latest || exit 2
 .venv-latest/bin/python -m pip install -q --upgrade pip || exit 2
+# A constraint, so that the eager upgrade below leaves torch where TORCH (or the lock) put it.
+echo "$torch_req" > .venv-latest/torch-constraint.txt
 .venv-latest/bin/python -m pip install -q "$torch_req" || exit 2
-.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[all,test]" || exit 2
+.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt \
+  -e ".[all,test]" || exit 2
 
 changes() {
   .venv-latest/bin/python - "$lock" <<'PY'
