@@ -162,7 +162,10 @@ def main() -> None:
 
     work = args.workdir / f"L{args.layers}-H{args.hidden}-I{args.intermediate}-V{args.vocab}"
     work.mkdir(parents=True, exist_ok=True)
-    base, fts = build_checkpoints(work, args)
+    # The checkpoints are stored in bfloat16; --dtype is the recipe's math dtype, not theirs.
+    shape = argparse.Namespace(**{k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "vocab",
+                                                                "heads", "kv_heads")})
+    base, fts = build_checkpoints(work, shape)
     recipe = {"merge_method": "ties", "base_model": str(base),
               "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in fts],
               "parameters": {"normalize": True}, "out_dtype": "bfloat16"}

@@ -92,7 +92,7 @@ GRIDS: dict[str, list[dict]] = {
     "adamerging": [{}],  # learned: layer-wise weights from the entropy on validation prompts
     "dam": [{}],  # learned: per-column coefficients distilled from each expert on its train prompts
 }
-# 'all' is every training-free method, the README's table; the data-aware rows need statistics or a
+# 'all' is every training-free method, the table in docs/results.md; the data-aware rows need statistics or a
 # learning step each (minutes per seed on two idle CPU cores) and are named by 'data-aware'.
 DATA_AWARE_METHODS = ("regmean", "regmean_plusplus", "fisher", "adamerging", "dam")
 ALL_METHODS = tuple(m for m in GRIDS if m not in DATA_AWARE_METHODS)
