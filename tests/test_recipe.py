@@ -70,3 +70,27 @@ def test_a_global_parameter_under_a_model_is_a_warning_naming_the_field():
     with pytest.warns(UserWarning, match=r"models\[0\]\.parameters\.normalize is a global parameter of ties"):
         loaded = load_recipe(recipe)
     assert loaded.method.name == "ties"
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ([], "models[0].parameters.weight is an empty list, which gives no value"),
+    ([{"filter": "mlp", "value": []}, {"value": 1}], "models[0].parameters.weight[0].value is an empty list"),
+    ([0.5, {"filter": "mlp", "value": 1.0}],
+     "models[0].parameters.weight mixes values with lists or {filter, value} entries"),
+    ([[0.1, 0.2], 0.3], "models[0].parameters.weight mixes values with lists or {filter, value} entries"),
+    ({"filter": 3, "value": 1.0}, "models[0].parameters.weight.filter = 3 must be a string"),
+    ([{"filter": "mlp", "value": [{"filter": 3, "value": 1.0}]}, {"value": 1}],
+     "models[0].parameters.weight[0].value[0].filter = 3 must be a string"),
+    ({"filter": "mlp"}, "models[0].parameters.weight is a mapping without value:"),
+    (None, "models[0].parameters.weight is empty (null)"),
+])
+def test_a_setting_planning_could_not_resolve_is_a_recipe_problem(setting, expected):
+    """Issue 20: each of these passed the recipe check and then failed in planning with a KeyError,
+    AttributeError or TypeError (exit 1); now the recipe check names the field."""
+    from mergesmith.errors import InputError
+    from mergesmith.recipe import load_recipe
+
+    with pytest.raises(InputError) as err:
+        load_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": setting}},
+                                                          {"model": "b", "parameters": {"weight": 1.0}}]})
+    assert any(expected in p for p in err.value.problems), err.value.problems

@@ -12,7 +12,10 @@ an optional ``base_model`` and parameters. A parameter setting is one of
   get the *first* value: the same rule as mergekit.
 - filtered values, a list of ``{filter: SUBSTRING, value: SETTING}``: the first
   entry whose filter is a substring of the tensor name (or has no filter, or
-  ``"*"``) applies.
+  ``"*"``) applies. A filter's value is itself a setting.
+
+Nothing else is a setting: an empty list, a list that mixes values and filters or
+holds lists, a filter that is not a string are recipe problems, found before planning.
 
 Precedence, highest first: the slice source's (model's) own parameters, then the
 slice's, then the recipe's global ``parameters``; then the method's default.
@@ -502,16 +505,56 @@ def _check_structure(where: str, method: MethodSpec, slices: list[Slice], proble
 
 
 def _leaves(setting: Any, path: str):
-    """Yield (path, scalar) for every scalar inside a setting, or (path, None) for a malformed part."""
+    """Yield (path, scalar, None) for every value inside a setting, and (path, part, why) for a part
+    whose shape ``resolve_setting`` does not take, so that a recipe it would fail on never reaches
+    planning."""
     if _is_scalar(setting):
-        yield path, setting
+        yield path, setting, None
     elif _is_conditional(setting):
         yield from _leaves(setting["value"], f"{path}.value")
-    elif isinstance(setting, list):
+    elif isinstance(setting, list) and setting and all(_is_scalar(e) for e in setting):
         for i, e in enumerate(setting):
-            yield from _leaves(e, f"{path}[{i}]")
+            yield f"{path}[{i}]", e, None
+    elif isinstance(setting, list) and setting and all(_is_conditional(e) for e in setting):
+        for i, e in enumerate(setting):
+            yield from _leaves(e["value"], f"{path}[{i}].value")
     else:
-        yield path, None
+        yield path, setting, _shape_problem(setting)
+
+
+def _shape_problem(setting: Any) -> str:
+    """Why a part of a setting that ``_leaves`` marked has no shape a parameter can take."""
+    takes = "give a value, a gradient (a list of values) or a list of {filter, value}"
+    if isinstance(setting, list) and not setting:
+        return f"is an empty list, which gives no value; {takes}"
+    if isinstance(setting, list):
+        return ("mixes values with lists or {filter, value} entries; a gradient holds values only, "
+                f"a filter list {{filter, value}} entries only; {takes}")
+    if isinstance(setting, dict) and "value" not in setting:
+        return f"is a mapping without value:; {takes}"
+    if isinstance(setting, dict):
+        extra = ", ".join(sorted(str(k) for k in setting if k not in ("value", "filter")))
+        return f"has keys other than filter and value ({extra}); {takes}"
+    if setting is None:
+        return f"is empty (null); {takes}"
+    return f"= {setting!r} is not a value; {takes}"
+
+
+def _filter_problems(setting: Any, path: str) -> list[str]:
+    """Every filter inside a setting that is not a string (a filter is a substring of tensor names)."""
+    if _is_conditional(setting):
+        entries = [(path, setting)]
+    elif isinstance(setting, list):
+        entries = [(f"{path}[{i}]", e) for i, e in enumerate(setting) if _is_conditional(e)]
+    else:
+        return []
+    problems = []
+    for step, entry in entries:
+        flt = entry.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            problems.append(f"{step}.filter = {flt!r} must be a string (part of the tensor names to match)")
+        problems += _filter_problems(entry["value"], f"{step}.value")
+    return problems
 
 
 def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], field_name: str,
@@ -527,14 +570,10 @@ def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], fiel
             # As in mergekit, a model's own parameters only hold per-model ones.
             warnings.warn(f"{where}: {field_name}.{name} is a global parameter of {method.name}, so a model's "
                           f"value is ignored; set it under parameters: (or a slice's parameters:)", stacklevel=3)
-        if isinstance(setting, list) and setting and all(_is_conditional(c) for c in setting):
-            for i, c in enumerate(setting):
-                if "filter" in c and c["filter"] is not None and not isinstance(c["filter"], str):
-                    problems.append(f"{where}: {field_name}.{name}[{i}].filter must be a string")
-        for path, value in _leaves(setting, f"{field_name}.{name}"):
-            if value is None:
-                problems.append(f"{where}: {path} must be a value, a list of values (gradient) "
-                                "or a list of {filter, value}")
+        problems += [f"{where}: {p}" for p in _filter_problems(setting, f"{field_name}.{name}")]
+        for path, value, malformed in _leaves(setting, f"{field_name}.{name}"):
+            if malformed:
+                problems.append(f"{where}: {path} {malformed}")
                 continue
             try:
                 coerced = param.coerce(value)

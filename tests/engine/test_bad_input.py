@@ -181,3 +181,14 @@ def test_cli_exit_codes(tmp_path, model_family, capsys):
     assert main(["merge", str(good), str(tmp_path / "out"), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["merge", str(good), str(tmp_path / "out"), "--no-progress", "--overwrite"]) == 0
+
+
+def test_an_empty_gradient_is_reported_by_the_recipe_check(tmp_path, model_family, capsys):
+    """Issue 20: ``weight: []`` ended in ``KeyError: 'weight'``, exit 1."""
+    _, (a, b, _) = model_family()
+    recipe = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": []}},
+                                                    {"model": str(b), "parameters": {"weight": 1.0}}]}
+    assert problems(recipe, tmp_path) == [
+        "recipe: models[0].parameters.weight is an empty list, which gives no value; give a value, "
+        "a gradient (a list of values) or a list of {filter, value}"]
+    assert main(["merge", str(write(tmp_path, recipe)), str(tmp_path / "out"), "--no-progress"]) == 2
