@@ -274,6 +274,80 @@ def resolve_param(param: Param, scopes: list[dict[str, Any]], tensor_name: str, 
     return param.default
 
 
+class ParamResolver:
+    """Resolves each output tensor's parameters while a merge is planned, and gathers the required
+    ones that no setting gives a value for some tensors.
+
+    That happens when every scope setting a parameter is a filter list and no filter matches a
+    tensor's name: the recipe check cannot see it, as it needs the models' tensor names. The
+    problems come out grouped, one per model (or slice) and parameter, naming a few of its
+    tensors and how many there are.
+    """
+
+    def __init__(self, recipe: "Recipe", shown: int = 3):
+        self.recipe = recipe
+        self.shown = shown
+        self.tried: dict[tuple[str, str], int] = {}  # (owner, parameter) -> tensors resolved
+        self.missing: dict[tuple[str, str], list[str]] = {}  # (owner, parameter) -> tensors left without
+        self.settings: dict[tuple[str, str], list[str]] = {}  # (owner, parameter) -> the fields that set it
+
+    def resolve(self, sl: Slice, out_name: str, input_names: list[str], t: float,
+                base_index: Optional[int]) -> Optional[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """One output tensor's global parameters and each input's per-model ones, at layer position
+        ``t``; None when a required one has no value for it (``problems`` then says which)."""
+        method = self.recipe.method
+        shared = [(sl.parameters, f"{sl.field}.parameters"), (self.recipe.parameters, "parameters")]
+        owner = sl.field if self.recipe.form == "slices" else ""
+        complete = True
+        params: dict[str, Any] = {}
+        for p in method.params:
+            if not p.per_model:
+                complete &= self._one(p, shared, owner, out_name, t, params)
+        model_params = []
+        for k, (src, name) in enumerate(zip(sl.sources, input_names)):
+            values: dict[str, Any] = {}
+            for p in method.params:
+                if p.per_model and (k != base_index or p.on_base):
+                    complete &= self._one(p, [(src.parameters, f"{src.field}.parameters"), *shared],
+                                          f"{src.field} ({src.model})", name, t, values)
+            model_params.append(values)
+        return (params, model_params) if complete else None
+
+    def _one(self, param: Param, scopes: list[tuple[dict[str, Any], str]], owner: str, tensor: str, t: float,
+             into: dict[str, Any]) -> bool:
+        key = (owner, param.name)
+        self.tried[key] = self.tried.get(key, 0) + 1
+        try:
+            into[param.name] = resolve_param(param, [scope for scope, _ in scopes], tensor, t)
+            return True
+        except KeyError:
+            self.missing.setdefault(key, []).append(tensor)
+            self.settings[key] = [f"{name}.{param.name} = {_flow(scope[param.name])}"
+                                  for scope, name in scopes if param.name in scope]
+            return False
+
+    def problems(self) -> list[str]:
+        where = self.recipe.source_name
+        out = []
+        for (owner, name), tensors in self.missing.items():
+            shown = ", ".join(tensors[:self.shown])
+            more = f" and {len(tensors) - self.shown} more" if len(tensors) > self.shown else ""
+            settings = self.settings[(owner, name)]
+            match = "matches" if len(settings) == 1 else "match"
+            who = f"{owner}: " if owner else ""
+            out.append(f"{where}: {who}{name} has no value for {len(tensors)} of {self.tried[(owner, name)]} "
+                       f"tensors ({shown}{more}): {' and '.join(settings)} {match} none of them; end the list "
+                       "with an entry without a filter, {value: ...}, for the tensors no filter names")
+        return out
+
+
+def _flow(setting: Any, limit: int = 80) -> str:
+    """A setting as a short line of YAML, the way a recipe writes it."""
+    text = yaml.safe_dump(setting, default_flow_style=True, width=10_000).strip()
+    text = text[:-4].rstrip() if text.endswith("\n...") else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # ----------------------------------------------------------------------------- loading and checks
 
 
