@@ -94,3 +94,21 @@ def test_a_setting_planning_could_not_resolve_is_a_recipe_problem(setting, expec
         load_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": setting}},
                                                           {"model": "b", "parameters": {"weight": 1.0}}]})
     assert any(expected in p for p in err.value.problems), err.value.problems
+
+
+def test_a_whole_number_gradient_rounds_half_up():
+    """Issue 20: karcher's max_iter: [1, 10] failed planning with 'ValueError: must be a whole number, got
+    5.5' (exit 1); a gradient of a whole-number parameter now gives whole numbers."""
+    iterations = Param("max_iter", int, 10, low=0)
+    assert resolve_setting([1, 10], "x", 0.5, iterations) == 6
+    assert resolve_setting([0, 10], "x", 0.25, iterations) == 3
+    assert resolve_setting([0, 10], "x", 0.2, iterations) == 2
+
+
+def test_a_whole_number_gradient_plans(model_family):
+    from mergesmith.engine import plan_merge
+
+    _, (a, b, _) = model_family()
+    plan = plan_merge({"merge_method": "karcher", "parameters": {"max_iter": [1, 10]},
+                       "models": [{"model": str(a)}, {"model": str(b)}]})
+    assert [t.params["max_iter"] for t in plan.tensors if ".mlp.up_proj." in t.name] == [1, 6, 10]

@@ -7,7 +7,8 @@ an optional ``base_model`` and parameters. A parameter setting is one of
 - a gradient, a list interpolated across the layers of a slice:
   ``t: [0, 0.5, 1]``. Layer ``i`` of an ``n``-layer slice sits at
   ``t = i / (n - 1)`` (``t = 1`` for a one-layer slice); numeric values are
-  interpolated linearly between neighbouring entries, others are picked. Tensors
+  interpolated linearly between neighbouring entries (rounded half up for a whole-number
+  parameter), others are picked. Tensors
   outside the layers (embeddings, final norm, lm_head) sit at ``t = 0``, so they
   get the *first* value: the same rule as mergekit.
 - filtered values, a list of ``{filter: SUBSTRING, value: SETTING}``: the first
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +252,8 @@ def resolve_setting(setting: Any, tensor_name: str, t: float, param: Param) -> A
             i0 = int(pos)
             i1 = min(len(values) - 1, i0 + 1)
             frac = pos - i0
-            return param.coerce((1 - frac) * values[i0] + frac * values[i1])
+            value = (1 - frac) * values[i0] + frac * values[i1]
+            return param.coerce(math.floor(value + 0.5) if param.kind is int else value)
         for cond in setting:
             flt = cond.get("filter")
             if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
