@@ -188,3 +188,17 @@ def test_answers_setting_and_missing_answers_are_reported_up_front(tmp_path, mod
     with pytest.raises(InputError, match=rf"{unlabelled}: 1 of 1 items have no gold answer .*needs an answer"):
         plan_merge(recipe)
     assert not (tmp_path / "c").exists()  # found before any model ran
+
+
+def test_a_model_calibration_could_not_run_is_refused_when_planned(tmp_path, model_family):
+    """Issue 20: calibration runs every input model; a model_type transformers does not know is named
+    when the merge is planned, not by transformers once the statistics are computed."""
+    from tiny_models import with_model_type
+
+    _, (a, b, _) = model_family()
+    odd = [with_model_type(m, tmp_path / m.name) for m in (a, b)]
+    recipe = recipe_for("regmean", odd, write_calibration(tmp_path / "cal.jsonl"), tmp_path / "cache")
+    with pytest.raises(InputError) as err:
+        plan_merge(recipe)
+    assert len(err.value.problems) == 2
+    assert all("model_type 'fancy_llm'" in p and "trust_remote_code" in p for p in err.value.problems)

@@ -152,3 +152,15 @@ def test_methods_that_need_statistics_are_refused_up_front(model_family):
     assert err.value.problems == [
         f"space: merge_method {m} needs calibration statistics, which search does not support yet; offer another "
         "method" for m in ("regmean", "dam")]
+
+
+def test_a_space_whose_candidates_could_not_run_is_refused(tmp_path, model_family):
+    """Issue 20: every candidate is built from the output config and run; a model_type transformers does
+    not know failed there (exit 1) and now is a problem of the space, found before any search."""
+    from tiny_models import with_model_type
+
+    base, variants = model_family("llama", 3)
+    odd = [with_model_type(m, tmp_path / m.name) for m in (base, variants[0])]
+    space = load_space({"merge_method": "task_arithmetic", "base_model": str(odd[0]),
+                        "models": [{"model": str(odd[1]), "parameters": {"weight": {"range": [0, 1]}}}]})
+    assert [p for p in space_problems(space) if "model_type 'fancy_llm'" in p and "trust_remote_code" in p]

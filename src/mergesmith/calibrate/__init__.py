@@ -31,6 +31,7 @@ from mergesmith.calibrate.collect import collect_fisher, collect_grams
 from mergesmith.calibrate import sequential
 from mergesmith.calibrate.data import CalibrationSettings, data_fingerprint, encode_items, select_items, token_count
 from mergesmith.calibrate.store import EntryWriter, StatRef, StatsStore, cache_key, default_cache_dir
+from mergesmith.checkpoint.config import model_type_problem
 from mergesmith.checkpoint.lora import LoraCheckpoint
 from mergesmith.malloc import mapped_allocations
 from mergesmith.units import human_bytes
@@ -151,6 +152,11 @@ def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> S
         if isinstance(model.checkpoint, LoraCheckpoint):
             problems.append(f"{recipe.source_name}: {model.ref}: calibration of a LoRA-adapted model is not "
                             "supported; merge the adapter into the model first (mergesmith merge with linear)")
+            out.append(None)
+            continue
+        runnable = model_type_problem(model.config, model.path / "config.json")  # calibration runs the model
+        if runnable:
+            problems.append(f"{recipe.source_name}: {runnable}")
             out.append(None)
             continue
         settings = settings_for(recipe, model.ref)

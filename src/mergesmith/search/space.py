@@ -370,6 +370,7 @@ def _method_problems(space: SearchSpace, where: str) -> list[str]:
 def space_problems(space: SearchSpace) -> list[str]:
     """Build the middle candidate for each method on offer, every model kept, and check it as a recipe
     (models opened, shapes matched), before any weight is read."""
+    from mergesmith.checkpoint.config import model_type_problem
     from mergesmith.engine import MergeOptions, plan_merge
 
     method_gene = next((g for g in space.genes if g.path == ("merge_method",)), None)
@@ -386,6 +387,9 @@ def space_problems(space: SearchSpace) -> list[str]:
             plan = plan_merge(space.recipe(values), MergeOptions(progress=False))
             for m in plan.models:
                 m.checkpoint.close()
+            runnable = model_type_problem(plan.out_config, plan.models[plan.reference].path / "config.json")
+            if runnable:  # every candidate is built from the output config and run
+                problems.append(runnable)
         except InputError as err:
             label = f" (with merge_method {method})" if method is not None else ""
             problems += [p.replace("recipe:", f"{space.source}{label}:", 1) for p in err.problems]
