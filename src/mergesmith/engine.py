@@ -429,9 +429,6 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
         if resolved is None:  # the resolver reports it, grouped
             return
         params, model_params = resolved
-        if method.check_params is not None:
-            for msg in method.check_params(params, model_params):
-                problems.append(f"{where}: {out_name}: {msg}")
         if not ref_info.dtype.is_floating_point:
             notes.append(f"{out_name}: not a float tensor; copied from the first input")
         out_dtype = forced_out or ref_info.dtype

@@ -278,27 +278,30 @@ def resolve_param(param: Param, scopes: list[dict[str, Any]], tensor_name: str, 
 
 
 class ParamResolver:
-    """Resolves each output tensor's parameters while a merge is planned, and gathers the required
-    ones that no setting gives a value for some tensors.
+    """Resolves each output tensor's parameters while a merge is planned and runs the method's
+    ``check_params`` on them, gathering what is wrong for the tensors it is wrong for.
 
-    That happens when every scope setting a parameter is a filter list and no filter matches a
-    tensor's name: the recipe check cannot see it, as it needs the models' tensor names. The
-    problems come out grouped, one per model (or slice) and parameter, naming a few of its
-    tensors and how many there are.
+    A required parameter has no value for a tensor when every scope setting it is a filter list
+    and no filter matches the tensor's name: the recipe check cannot see that, as it needs the
+    models' tensor names. The problems come out grouped, one per model (or slice) and parameter,
+    and one per failed check, each naming a few of its tensors and how many there are.
     """
 
     def __init__(self, recipe: "Recipe", shown: int = 3):
         self.recipe = recipe
         self.shown = shown
+        self.tensors = 0  # output tensors resolved
         self.tried: dict[tuple[str, str], int] = {}  # (owner, parameter) -> tensors resolved
         self.missing: dict[tuple[str, str], list[str]] = {}  # (owner, parameter) -> tensors left without
         self.settings: dict[tuple[str, str], list[str]] = {}  # (owner, parameter) -> the fields that set it
+        self.failed: dict[str, list[str]] = {}  # check_params message -> tensors
 
     def resolve(self, sl: Slice, out_name: str, input_names: list[str], t: float,
                 base_index: Optional[int]) -> Optional[tuple[dict[str, Any], list[dict[str, Any]]]]:
         """One output tensor's global parameters and each input's per-model ones, at layer position
         ``t``; None when a required one has no value for it (``problems`` then says which)."""
         method = self.recipe.method
+        self.tensors += 1
         shared = [(sl.parameters, f"{sl.field}.parameters"), (self.recipe.parameters, "parameters")]
         owner = sl.field if self.recipe.form == "slices" else ""
         complete = True
@@ -314,7 +317,11 @@ class ParamResolver:
                     complete &= self._one(p, [(src.parameters, f"{src.field}.parameters"), *shared],
                                           f"{src.field} ({src.model})", name, t, values)
             model_params.append(values)
-        return (params, model_params) if complete else None
+        if not complete:
+            return None
+        for message in method.check_params(params, model_params) if method.check_params else []:
+            self.failed.setdefault(message, []).append(out_name)
+        return params, model_params
 
     def _one(self, param: Param, scopes: list[tuple[dict[str, Any], str]], owner: str, tensor: str, t: float,
              into: dict[str, Any]) -> bool:
@@ -333,15 +340,20 @@ class ParamResolver:
         where = self.recipe.source_name
         out = []
         for (owner, name), tensors in self.missing.items():
-            shown = ", ".join(tensors[:self.shown])
-            more = f" and {len(tensors) - self.shown} more" if len(tensors) > self.shown else ""
             settings = self.settings[(owner, name)]
             match = "matches" if len(settings) == 1 else "match"
             who = f"{owner}: " if owner else ""
-            out.append(f"{where}: {who}{name} has no value for {len(tensors)} of {self.tried[(owner, name)]} "
-                       f"tensors ({shown}{more}): {' and '.join(settings)} {match} none of them; end the list "
-                       "with an entry without a filter, {value: ...}, for the tensors no filter names")
+            out.append(f"{where}: {who}{name} has no value for {self._few(tensors, self.tried[(owner, name)])}: "
+                       f"{' and '.join(settings)} {match} none of them; end the list with an entry without a "
+                       "filter, {value: ...}, for the tensors no filter names")
+        for message, tensors in self.failed.items():
+            out.append(f"{where}: {self._few(tensors, self.tensors)}: {message}")
         return out
+
+    def _few(self, tensors: list[str], total: int) -> str:
+        """``tensors`` as their count and a few of their names: ``2 of 30 tensors (a, b)``."""
+        more = f" and {len(tensors) - self.shown} more" if len(tensors) > self.shown else ""
+        return f"{len(tensors)} of {total} tensors ({', '.join(tensors[:self.shown])}{more})"
 
 
 def _flow(setting: Any, limit: int = 80) -> str:

@@ -222,3 +222,13 @@ def test_an_empty_gradient_is_reported_by_the_recipe_check(tmp_path, model_famil
         "recipe: models[0].parameters.weight is an empty list, which gives no value; give a value, "
         "a gradient (a list of values) or a list of {filter, value}"]
     assert main(["merge", str(write(tmp_path, recipe)), str(tmp_path / "out"), "--no-progress"]) == 2
+
+
+def test_a_check_that_fails_for_every_tensor_is_one_problem(tmp_path, model_family):
+    """Found by the recipe property tests: consensus_k (default 2) with one fine-tune gave the same
+    message once per tensor, 30 lines here, 50 and '... and N more' for a real model."""
+    base, (a, _, _) = model_family()
+    [p] = problems({"merge_method": "consensus_ta", "base_model": str(base),
+                    "models": [{"model": str(base)}, {"model": str(a), "parameters": {"weight": 1.0}}]}, tmp_path)
+    assert p.startswith("recipe: 30 of 30 tensors (model.embed_tokens.weight, ")
+    assert "and 27 more): consensus_k = 2 but only 1 model(s) besides the base are merged" in p
