@@ -28,6 +28,7 @@ one ``InputError`` listing every problem, each naming the file and the field.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import warnings
@@ -81,8 +82,8 @@ class CalibrationSpec(_Strict):
     seed: int = 0
     batch_size: int = 8
     # Statistics accumulators held at once; "auto": a quarter of the model's float32 size, at most 2 GiB
-    # (calibrate.data.CalibrationSettings.accumulator_bytes).
-    memory: Union[int, str] = "auto"
+    # (calibrate.data.CalibrationSettings.accumulator_bytes). Any, as include_answers below.
+    memory: Any = "auto"
     cache_dir: Optional[str] = None
     # true: each sequence is the item's context followed by its gold answer (calibrate/data.py).
     # Any, so that a wrong value is reported with the block's other problems, not alone by the schema.
@@ -512,13 +513,19 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
             problems.append(f"{where}: calibration.{name} = {value} must be at least 1")
     memory: Optional[int] = None
     if block.memory != "auto":
-        try:
-            memory = block.memory if isinstance(block.memory, int) else parse_size(block.memory)
-        except (argparse.ArgumentTypeError, TypeError):
-            memory = 0
+        memory = 0
+        if isinstance(block.memory, int) and not isinstance(block.memory, bool):
+            memory = block.memory
+        elif isinstance(block.memory, str):
+            with contextlib.suppress(argparse.ArgumentTypeError):
+                memory = parse_size(block.memory)
         if memory < 1:
             problems.append(f"{where}: calibration.memory = {block.memory!r} must be a positive size like 2GiB "
                             "or 500MB, or auto (the default: a quarter of the model's float32 size, at most 2 GiB)")
+    if block.cache_dir is not None:
+        from mergesmith.paths import output_problems
+
+        problems += [f"{where}: calibration.cache_dir = {p}" for p in output_problems(block.cache_dir, {})]
     if not isinstance(block.include_answers, bool):
         problems.append(f"{where}: calibration.include_answers = {block.include_answers!r} must be true or false "
                         "(true: calibrate on each item's prompt followed by its gold answer; false: prompts only)")

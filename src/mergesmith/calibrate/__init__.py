@@ -143,7 +143,7 @@ def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> S
     cache = Path(recipe.calibration.cache_dir).expanduser() if recipe.calibration.cache_dir else default_cache_dir()
     inputs = set(recipe.input_models())
     problems: list[str] = []
-    fingerprints: dict[tuple[str, ...], str] = {}
+    fingerprints: dict[tuple[str, ...], Optional[str]] = {}  # None: the files have problems
     out: list[Optional[ModelStats]] = []
     for model in models:
         if model.ref not in inputs:
@@ -164,9 +164,11 @@ def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> S
             try:
                 fingerprints[settings.files] = data_fingerprint(select_items(settings))
             except InputError as err:
+                fingerprints[settings.files] = None  # said once, not once per model that reads these files
                 problems += [f"{recipe.source_name}: calibration data: {p}" for p in err.problems]
-                out.append(None)
-                continue
+        if fingerprints[settings.files] is None:
+            out.append(None)
+            continue
         folders = {k: cache / cache_key(k, [model.path], fingerprints[settings.files], settings.samples,
                                         settings.max_length, settings.seed, settings.include_answers)
                    for k in kinds if k != sequential.KIND}
