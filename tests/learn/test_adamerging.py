@@ -252,3 +252,19 @@ def test_a_base_model_it_could_not_run_is_refused_before_loading(family, tmp_pat
     with pytest.raises(InputError, match=r"base_model: .*model_type 'fancy_llm'.*no trust_remote_code"):
         adamerge(write_recipe(tmp_path / "r.yml", odd[0], odd[1:]), [str(write_prompts(tmp_path / "p.jsonl"))],
                  tmp_path / "l.yml", AdaMergingSettings(**FAST))
+
+
+def test_an_existing_out_file_is_said_to_exist_not_to_be_a_file(family, tmp_path):
+    """Found trying wrong inputs (issue 20): an existing --out also got '... is a file, not a folder;
+    choose another output path', for each of the recipe and its trace, though --out is a file name."""
+    _, base, tuned = family
+    out = tmp_path / "l.yml"
+    out.write_text("keep me\n")
+    with pytest.raises(InputError) as err:
+        adamerge(write_recipe(tmp_path / "r.yml", base, tuned), [str(write_prompts(tmp_path / "p.jsonl"))], out,
+                 AdaMergingSettings(**FAST), plot=False)
+    assert err.value.problems == [f"--out {out}: {out} already exists; choose another name or pass --overwrite"]
+    under = tmp_path / "l.yml" / "x.yml"
+    with pytest.raises(InputError, match=f"{out} is a file, not a folder"):
+        adamerge(write_recipe(tmp_path / "r.yml", base, tuned), [str(write_prompts(tmp_path / "p.jsonl"))], under,
+                 AdaMergingSettings(**FAST), plot=False)

@@ -469,7 +469,7 @@ def argument_problems(recipe: PathLike, task_files: list[str], out: PathLike, se
         inputs[f"the recipe {recipe}"] = recipe
     png, trace = side_files(out)
     for path in (Path(out), trace) + ((png,) if plot else ()):
-        problems += [f"--out {p}" for p in output_problems(path, inputs, what="--out")]
+        problems += [f"--out {p}" for p in output_problems(path, inputs, what="--out", file=True)]
         if path.is_dir():
             problems.append(f"--out {out}: {path} is a folder; give a file name")
         elif path.exists() and not overwrite:
