@@ -191,3 +191,4 @@ def test_a_malformed_space_is_an_input_error(raw, expected):
         if problems:
             raise InputError(problems)
     assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
+    assert not any("must be a method name" in p for p in err.value.problems)  # not said twice

@@ -175,6 +175,8 @@ def load_space(path: Union[str, Path, dict], *, base_dir: Optional[Path] = None)
     notes: list[str] = []
     if "genome" in raw:
         raw = genome_to_space(raw, where, problems, notes)
+        if problems and not raw:  # nothing was translated: checking an empty space would only add noise
+            raise InputError(problems)
     space = _parse(raw, where, problems)
     if problems:
         raise InputError(problems)
@@ -336,6 +338,8 @@ def _method_problems(space: SearchSpace, where: str) -> list[str]:
     problems: list[str] = []
     methods = []
     for name in names:
+        if isinstance(name, dict) and _is_marker(name):
+            continue  # a marker that made no gene: _marker_gene said why
         if not isinstance(name, str):
             problems.append(f"{where}: merge_method = {name!r} must be a method name (mergesmith methods lists them)")
             continue
