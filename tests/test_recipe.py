@@ -70,3 +70,45 @@ def test_a_global_parameter_under_a_model_is_a_warning_naming_the_field():
     with pytest.warns(UserWarning, match=r"models\[0\]\.parameters\.normalize is a global parameter of ties"):
         loaded = load_recipe(recipe)
     assert loaded.method.name == "ties"
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ([], "models[0].parameters.weight is an empty list, which gives no value"),
+    ([{"filter": "mlp", "value": []}, {"value": 1}], "models[0].parameters.weight[0].value is an empty list"),
+    ([0.5, {"filter": "mlp", "value": 1.0}],
+     "models[0].parameters.weight mixes values with lists or {filter, value} entries"),
+    ([[0.1, 0.2], 0.3], "models[0].parameters.weight mixes values with lists or {filter, value} entries"),
+    ({"filter": 3, "value": 1.0}, "models[0].parameters.weight.filter = 3 must be a string"),
+    ([{"filter": "mlp", "value": [{"filter": 3, "value": 1.0}]}, {"value": 1}],
+     "models[0].parameters.weight[0].value[0].filter = 3 must be a string"),
+    ({"filter": "mlp"}, "models[0].parameters.weight is a mapping without value:"),
+    (None, "models[0].parameters.weight is empty (null)"),
+])
+def test_a_setting_planning_could_not_resolve_is_a_recipe_problem(setting, expected):
+    """Issue 20: each of these passed the recipe check and then failed in planning with a KeyError,
+    AttributeError or TypeError (exit 1); now the recipe check names the field."""
+    from mergesmith.errors import InputError
+    from mergesmith.recipe import load_recipe
+
+    with pytest.raises(InputError) as err:
+        load_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": setting}},
+                                                          {"model": "b", "parameters": {"weight": 1.0}}]})
+    assert any(expected in p for p in err.value.problems), err.value.problems
+
+
+def test_a_whole_number_gradient_rounds_half_up():
+    """Issue 20: karcher's max_iter: [1, 10] failed planning with 'ValueError: must be a whole number, got
+    5.5' (exit 1); a gradient of a whole-number parameter now gives whole numbers."""
+    iterations = Param("max_iter", int, 10, low=0)
+    assert resolve_setting([1, 10], "x", 0.5, iterations) == 6
+    assert resolve_setting([0, 10], "x", 0.25, iterations) == 3
+    assert resolve_setting([0, 10], "x", 0.2, iterations) == 2
+
+
+def test_a_whole_number_gradient_plans(model_family):
+    from mergesmith.engine import plan_merge
+
+    _, (a, b, _) = model_family()
+    plan = plan_merge({"merge_method": "karcher", "parameters": {"max_iter": [1, 10]},
+                       "models": [{"model": str(a)}, {"model": str(b)}]})
+    assert [t.params["max_iter"] for t in plan.tensors if ".mlp.up_proj." in t.name] == [1, 6, 10]

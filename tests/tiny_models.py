@@ -94,3 +94,18 @@ def finetuned_tensors(shape, k: int, seed: int, scale: float = 0.1):
 def max_relative_difference(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|."""
     return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def with_model_type(src: Path, dst: Path, model_type: str = "fancy_llm", custom_code: bool = True) -> Path:
+    """A copy of the model folder ``src`` whose config names a model type transformers does not know,
+    as a model that ships its own modeling code does (``auto_map``; no code is written)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(model_type=model_type, architectures=["FancyForCausalLM"])
+    if custom_code:
+        config["auto_map"] = {"AutoConfig": "configuration_fancy.FancyConfig",
+                              "AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

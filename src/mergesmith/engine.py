@@ -65,7 +65,7 @@ from mergesmith import malloc
 from mergesmith.errors import InputError, ResourceError, read_text
 from mergesmith.methods import BasePolicy, TensorGroup
 from mergesmith.paths import OutputLock, output_problems
-from mergesmith.recipe import Recipe, Slice, load_recipe, model_refs_of, read_recipe_raw, resolve_param
+from mergesmith.recipe import ParamResolver, Recipe, Slice, load_recipe, model_refs_of, read_recipe_raw
 from mergesmith.units import human_bytes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -369,6 +369,7 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
 
     tensors: list[TensorPlan] = []
     vocab_warned: set[tuple[int, int]] = set()
+    resolver = ParamResolver(recipe)
 
     def plan_tensor(out_name: str, sl: Slice, input_names: list[str], t: float) -> None:
         srcs = sl.sources
@@ -424,29 +425,10 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
         base_index = None
         if method.base is not BasePolicy.IGNORED and sl.base_model is not None:
             base_index = next((k for k, s in enumerate(srcs) if s.model == sl.base_model), None)
-        shared_scopes = [sl.parameters, recipe.parameters]
-        try:
-            params = {p.name: resolve_param(p, shared_scopes, out_name, t) for p in method.params if not p.per_model}
-        except KeyError as err:
-            problems.append(f"{where}: {out_name}: parameters.{err.args[0]} matches no filter for this tensor; "
-                            "add an entry without a filter")
+        resolved = resolver.resolve(sl, out_name, input_names, t, base_index)
+        if resolved is None:  # the resolver reports it, grouped
             return
-        model_params = []
-        for k, (src, name) in enumerate(zip(srcs, input_names)):
-            scopes = [src.parameters, sl.parameters, recipe.parameters]
-            values = {}
-            for p in method.params:
-                if not p.per_model or (k == base_index and not p.on_base):
-                    continue
-                try:
-                    values[p.name] = resolve_param(p, scopes, name, t)
-                except KeyError:
-                    problems.append(f"{where}: {src.field}.parameters.{p.name} matches no filter for {name}; "
-                                    "add an entry without a filter")
-            model_params.append(values)
-        if method.check_params is not None and len(model_params) == len(srcs):
-            for msg in method.check_params(params, model_params):
-                problems.append(f"{where}: {out_name}: {msg}")
+        params, model_params = resolved
         if not ref_info.dtype.is_floating_point:
             notes.append(f"{out_name}: not a float tensor; copied from the first input")
         out_dtype = forced_out or ref_info.dtype
@@ -492,6 +474,7 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
             out_layer += 1
 
     plan_non_layer([n for n in non_layer if not is_pre_layer(n)], recipe.slices[-1])
+    problems += resolver.problems()
     if problems:
         with _closed_on_error(models):
             raise InputError(_dedupe(problems))

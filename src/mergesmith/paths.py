@@ -35,11 +35,12 @@ def _within(inner: Path, outer: Path) -> bool:
 
 
 def output_problems(out: PathLike, inputs: Union[Mapping[str, PathLike], Iterable[PathLike]],
-                    what: str = "output") -> list[str]:
+                    what: str = "output", *, file: bool = False) -> list[str]:
     """Why ``out`` must not be written, given the paths the run reads (empty: fine).
 
     ``inputs`` maps a label (as the user wrote it, e.g. the recipe's model reference)
-    to a path, or is a plain list of paths.
+    to a path, or is a plain list of paths. ``out`` is a folder, or with ``file`` a file,
+    which may exist as one (whether to replace it is the caller's to say).
     """
     labelled = inputs.items() if isinstance(inputs, Mapping) else ((str(p), p) for p in inputs)
     target = _real(out)
@@ -58,7 +59,7 @@ def output_problems(out: PathLike, inputs: Union[Mapping[str, PathLike], Iterabl
         elif _within(target, source):
             problems.append(f"{out}: the {what} path lies inside the input {where}; an input is never "
                             "written to; choose a path outside it")
-    for parent in [target, *target.parents]:
+    for parent in [*([] if file else [target]), *target.parents]:
         if parent.exists():
             if not parent.is_dir():
                 problems.append(f"{out}: {parent} is a file, not a folder; choose another output path")

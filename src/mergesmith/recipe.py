@@ -7,12 +7,16 @@ an optional ``base_model`` and parameters. A parameter setting is one of
 - a gradient, a list interpolated across the layers of a slice:
   ``t: [0, 0.5, 1]``. Layer ``i`` of an ``n``-layer slice sits at
   ``t = i / (n - 1)`` (``t = 1`` for a one-layer slice); numeric values are
-  interpolated linearly between neighbouring entries, others are picked. Tensors
+  interpolated linearly between neighbouring entries (rounded half up for a whole-number
+  parameter), others are picked. Tensors
   outside the layers (embeddings, final norm, lm_head) sit at ``t = 0``, so they
   get the *first* value: the same rule as mergekit.
 - filtered values, a list of ``{filter: SUBSTRING, value: SETTING}``: the first
   entry whose filter is a substring of the tensor name (or has no filter, or
-  ``"*"``) applies.
+  ``"*"``) applies. A filter's value is itself a setting.
+
+Nothing else is a setting: an empty list, a list that mixes values and filters or
+holds lists, a filter that is not a string are recipe problems, found before planning.
 
 Precedence, highest first: the slice source's (model's) own parameters, then the
 slice's, then the recipe's global ``parameters``; then the method's default.
@@ -24,7 +28,9 @@ one ``InputError`` listing every problem, each naming the file and the field.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +82,8 @@ class CalibrationSpec(_Strict):
     seed: int = 0
     batch_size: int = 8
     # Statistics accumulators held at once; "auto": a quarter of the model's float32 size, at most 2 GiB
-    # (calibrate.data.CalibrationSettings.accumulator_bytes).
-    memory: Union[int, str] = "auto"
+    # (calibrate.data.CalibrationSettings.accumulator_bytes). Any, as include_answers below.
+    memory: Any = "auto"
     cache_dir: Optional[str] = None
     # true: each sequence is the item's context followed by its gold answer (calibrate/data.py).
     # Any, so that a wrong value is reported with the block's other problems, not alone by the schema.
@@ -247,7 +253,8 @@ def resolve_setting(setting: Any, tensor_name: str, t: float, param: Param) -> A
             i0 = int(pos)
             i1 = min(len(values) - 1, i0 + 1)
             frac = pos - i0
-            return param.coerce((1 - frac) * values[i0] + frac * values[i1])
+            value = (1 - frac) * values[i0] + frac * values[i1]
+            return param.coerce(math.floor(value + 0.5) if param.kind is int else value)
         for cond in setting:
             flt = cond.get("filter")
             if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
@@ -269,6 +276,92 @@ def resolve_param(param: Param, scopes: list[dict[str, Any]], tensor_name: str, 
     if param.required:
         raise KeyError(param.name)
     return param.default
+
+
+class ParamResolver:
+    """Resolves each output tensor's parameters while a merge is planned and runs the method's
+    ``check_params`` on them, gathering what is wrong for the tensors it is wrong for.
+
+    A required parameter has no value for a tensor when every scope setting it is a filter list
+    and no filter matches the tensor's name: the recipe check cannot see that, as it needs the
+    models' tensor names. The problems come out grouped, one per model (or slice) and parameter,
+    and one per failed check, each naming a few of its tensors and how many there are.
+    """
+
+    def __init__(self, recipe: "Recipe", shown: int = 3):
+        self.recipe = recipe
+        self.shown = shown
+        self.tensors = 0  # output tensors resolved
+        self.tried: dict[tuple[str, str], int] = {}  # (owner, parameter) -> tensors resolved
+        self.missing: dict[tuple[str, str], list[str]] = {}  # (owner, parameter) -> tensors left without
+        self.settings: dict[tuple[str, str], list[str]] = {}  # (owner, parameter) -> the fields that set it
+        self.failed: dict[str, list[str]] = {}  # check_params message -> tensors
+
+    def resolve(self, sl: Slice, out_name: str, input_names: list[str], t: float,
+                base_index: Optional[int]) -> Optional[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """One output tensor's global parameters and each input's per-model ones, at layer position
+        ``t``; None when a required one has no value for it (``problems`` then says which)."""
+        method = self.recipe.method
+        self.tensors += 1
+        shared = [(sl.parameters, f"{sl.field}.parameters"), (self.recipe.parameters, "parameters")]
+        owner = sl.field if self.recipe.form == "slices" else ""
+        complete = True
+        params: dict[str, Any] = {}
+        for p in method.params:
+            if not p.per_model:
+                complete &= self._one(p, shared, owner, out_name, t, params)
+        model_params = []
+        for k, (src, name) in enumerate(zip(sl.sources, input_names)):
+            values: dict[str, Any] = {}
+            for p in method.params:
+                if p.per_model and (k != base_index or p.on_base):
+                    complete &= self._one(p, [(src.parameters, f"{src.field}.parameters"), *shared],
+                                          f"{src.field} ({src.model})", name, t, values)
+            model_params.append(values)
+        if not complete:
+            return None
+        for message in method.check_params(params, model_params) if method.check_params else []:
+            self.failed.setdefault(message, []).append(out_name)
+        return params, model_params
+
+    def _one(self, param: Param, scopes: list[tuple[dict[str, Any], str]], owner: str, tensor: str, t: float,
+             into: dict[str, Any]) -> bool:
+        key = (owner, param.name)
+        self.tried[key] = self.tried.get(key, 0) + 1
+        try:
+            into[param.name] = resolve_param(param, [scope for scope, _ in scopes], tensor, t)
+            return True
+        except KeyError:
+            self.missing.setdefault(key, []).append(tensor)
+            self.settings[key] = [f"{name}.{param.name} = {_flow(scope[param.name])}"
+                                  for scope, name in scopes if param.name in scope]
+            return False
+
+    def problems(self) -> list[str]:
+        where = self.recipe.source_name
+        out = []
+        for (owner, name), tensors in self.missing.items():
+            settings = self.settings[(owner, name)]
+            match = "matches" if len(settings) == 1 else "match"
+            who = f"{owner}: " if owner else ""
+            out.append(f"{where}: {who}{name} has no value for {self._few(tensors, self.tried[(owner, name)])}: "
+                       f"{' and '.join(settings)} {match} none of them; end the list with an entry without a "
+                       "filter, {value: ...}, for the tensors no filter names")
+        for message, tensors in self.failed.items():
+            out.append(f"{where}: {self._few(tensors, self.tensors)}: {message}")
+        return out
+
+    def _few(self, tensors: list[str], total: int) -> str:
+        """``tensors`` as their count and a few of their names: ``2 of 30 tensors (a, b)``."""
+        more = f" and {len(tensors) - self.shown} more" if len(tensors) > self.shown else ""
+        return f"{len(tensors)} of {total} tensors ({', '.join(tensors[:self.shown])}{more})"
+
+
+def _flow(setting: Any, limit: int = 80) -> str:
+    """A setting as a short line of YAML, the way a recipe writes it."""
+    text = yaml.safe_dump(setting, default_flow_style=True, width=10_000).strip()
+    text = text[:-4].rstrip() if text.endswith("\n...") else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- loading and checks
@@ -420,13 +513,19 @@ def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices:
             problems.append(f"{where}: calibration.{name} = {value} must be at least 1")
     memory: Optional[int] = None
     if block.memory != "auto":
-        try:
-            memory = block.memory if isinstance(block.memory, int) else parse_size(block.memory)
-        except (argparse.ArgumentTypeError, TypeError):
-            memory = 0
+        memory = 0
+        if isinstance(block.memory, int) and not isinstance(block.memory, bool):
+            memory = block.memory
+        elif isinstance(block.memory, str):
+            with contextlib.suppress(argparse.ArgumentTypeError):
+                memory = parse_size(block.memory)
         if memory < 1:
             problems.append(f"{where}: calibration.memory = {block.memory!r} must be a positive size like 2GiB "
                             "or 500MB, or auto (the default: a quarter of the model's float32 size, at most 2 GiB)")
+    if block.cache_dir is not None:
+        from mergesmith.paths import output_problems
+
+        problems += [f"{where}: calibration.cache_dir = {p}" for p in output_problems(block.cache_dir, {})]
     if not isinstance(block.include_answers, bool):
         problems.append(f"{where}: calibration.include_answers = {block.include_answers!r} must be true or false "
                         "(true: calibrate on each item's prompt followed by its gold answer; false: prompts only)")
@@ -502,16 +601,56 @@ def _check_structure(where: str, method: MethodSpec, slices: list[Slice], proble
 
 
 def _leaves(setting: Any, path: str):
-    """Yield (path, scalar) for every scalar inside a setting, or (path, None) for a malformed part."""
+    """Yield (path, scalar, None) for every value inside a setting, and (path, part, why) for a part
+    whose shape ``resolve_setting`` does not take, so that a recipe it would fail on never reaches
+    planning."""
     if _is_scalar(setting):
-        yield path, setting
+        yield path, setting, None
     elif _is_conditional(setting):
         yield from _leaves(setting["value"], f"{path}.value")
-    elif isinstance(setting, list):
+    elif isinstance(setting, list) and setting and all(_is_scalar(e) for e in setting):
         for i, e in enumerate(setting):
-            yield from _leaves(e, f"{path}[{i}]")
+            yield f"{path}[{i}]", e, None
+    elif isinstance(setting, list) and setting and all(_is_conditional(e) for e in setting):
+        for i, e in enumerate(setting):
+            yield from _leaves(e["value"], f"{path}[{i}].value")
     else:
-        yield path, None
+        yield path, setting, _shape_problem(setting)
+
+
+def _shape_problem(setting: Any) -> str:
+    """Why a part of a setting that ``_leaves`` marked has no shape a parameter can take."""
+    takes = "give a value, a gradient (a list of values) or a list of {filter, value}"
+    if isinstance(setting, list) and not setting:
+        return f"is an empty list, which gives no value; {takes}"
+    if isinstance(setting, list):
+        return ("mixes values with lists or {filter, value} entries; a gradient holds values only, "
+                f"a filter list {{filter, value}} entries only; {takes}")
+    if isinstance(setting, dict) and "value" not in setting:
+        return f"is a mapping without value:; {takes}"
+    if isinstance(setting, dict):
+        extra = ", ".join(sorted(str(k) for k in setting if k not in ("value", "filter")))
+        return f"has keys other than filter and value ({extra}); {takes}"
+    if setting is None:
+        return f"is empty (null); {takes}"
+    return f"= {setting!r} is not a value; {takes}"
+
+
+def _filter_problems(setting: Any, path: str) -> list[str]:
+    """Every filter inside a setting that is not a string (a filter is a substring of tensor names)."""
+    if _is_conditional(setting):
+        entries = [(path, setting)]
+    elif isinstance(setting, list):
+        entries = [(f"{path}[{i}]", e) for i, e in enumerate(setting) if _is_conditional(e)]
+    else:
+        return []
+    problems = []
+    for step, entry in entries:
+        flt = entry.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            problems.append(f"{step}.filter = {flt!r} must be a string (part of the tensor names to match)")
+        problems += _filter_problems(entry["value"], f"{step}.value")
+    return problems
 
 
 def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], field_name: str,
@@ -527,14 +666,10 @@ def _check_settings(where: str, method: MethodSpec, params: dict[str, Any], fiel
             # As in mergekit, a model's own parameters only hold per-model ones.
             warnings.warn(f"{where}: {field_name}.{name} is a global parameter of {method.name}, so a model's "
                           f"value is ignored; set it under parameters: (or a slice's parameters:)", stacklevel=3)
-        if isinstance(setting, list) and setting and all(_is_conditional(c) for c in setting):
-            for i, c in enumerate(setting):
-                if "filter" in c and c["filter"] is not None and not isinstance(c["filter"], str):
-                    problems.append(f"{where}: {field_name}.{name}[{i}].filter must be a string")
-        for path, value in _leaves(setting, f"{field_name}.{name}"):
-            if value is None:
-                problems.append(f"{where}: {path} must be a value, a list of values (gradient) "
-                                "or a list of {filter, value}")
+        problems += [f"{where}: {p}" for p in _filter_problems(setting, f"{field_name}.{name}")]
+        for path, value, malformed in _leaves(setting, f"{field_name}.{name}"):
+            if malformed:
+                problems.append(f"{where}: {path} {malformed}")
                 continue
             try:
                 coerced = param.coerce(value)

@@ -188,3 +188,51 @@ def test_answers_setting_and_missing_answers_are_reported_up_front(tmp_path, mod
     with pytest.raises(InputError, match=rf"{unlabelled}: 1 of 1 items have no gold answer .*needs an answer"):
         plan_merge(recipe)
     assert not (tmp_path / "c").exists()  # found before any model ran
+
+
+def test_a_model_calibration_could_not_run_is_refused_when_planned(tmp_path, model_family):
+    """Issue 20: calibration runs every input model; a model_type transformers does not know is named
+    when the merge is planned, not by transformers once the statistics are computed."""
+    from tiny_models import with_model_type
+
+    _, (a, b, _) = model_family()
+    odd = [with_model_type(m, tmp_path / m.name) for m in (a, b)]
+    recipe = recipe_for("regmean", odd, write_calibration(tmp_path / "cal.jsonl"), tmp_path / "cache")
+    with pytest.raises(InputError) as err:
+        plan_merge(recipe)
+    assert len(err.value.problems) == 2
+    assert all("model_type 'fancy_llm'" in p and "trust_remote_code" in p for p in err.value.problems)
+
+
+def test_a_cache_dir_under_a_file_is_a_recipe_problem(tmp_path, model_family):
+    """Issue 20: calibration.cache_dir naming a file (or a folder under one) ended in 'error: ...: File
+    exists' or 'Not a directory', exit 1, when the statistics were about to be written."""
+    _, (a, b, _) = model_family()
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    for cache in (taken, taken / "sub"):
+        recipe = recipe_for("regmean", [a, b], write_calibration(tmp_path / "cal.jsonl"), cache)
+        with pytest.raises(InputError, match=rf"calibration.cache_dir = {cache}: {taken} is a file, not a folder"):
+            load_recipe(recipe)
+
+
+@pytest.mark.parametrize("memory", [1.5, True, [1], {"size": 2}])
+def test_a_calibration_memory_of_a_wrong_type_is_one_problem(tmp_path, model_family, memory):
+    """Issue 20: the schema reported each branch of int | str, e.g. 'calibration.memory.int Input should
+    be a valid integer' and 'calibration.memory.str Input should be a valid string'."""
+    _, (a, b, _) = model_family()
+    recipe = recipe_for("regmean", [a, b], write_calibration(tmp_path / "cal.jsonl"), tmp_path / "c")
+    recipe["calibration"]["memory"] = memory
+    with pytest.raises(InputError) as err:
+        load_recipe(recipe)
+    assert err.value.problems == [f"recipe: calibration.memory = {memory!r} must be a positive size like 2GiB or "
+                                  "500MB, or auto (the default: a quarter of the model's float32 size, at most 2 GiB)"]
+
+
+def test_bad_calibration_data_is_said_once_for_the_models_that_share_it(tmp_path, model_family):
+    _, (a, b, _) = model_family()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError) as err:
+        plan_merge(recipe_for("regmean", [a, b], empty, tmp_path / "c"))
+    assert err.value.problems == [f"recipe: calibration data: {empty}: no items; a task file needs at least one row"]

@@ -181,3 +181,54 @@ def test_cli_exit_codes(tmp_path, model_family, capsys):
     assert main(["merge", str(good), str(tmp_path / "out"), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["merge", str(good), str(tmp_path / "out"), "--no-progress", "--overwrite"]) == 0
+
+
+def test_a_filter_list_that_matches_no_tensor_is_one_grouped_problem(tmp_path, model_family, capsys):
+    """Issue 20: a per-model weight whose filters match no tensor ended in ``KeyError: 'weight'``, exit 1.
+    Each tensor's resolution fell through and linear's weight check then read the missing value."""
+    _, (a, b, _) = model_family()
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": [{"filter": "no_such_tensor", "value": 0.5}]}},
+        {"model": str(b), "parameters": {"weight": 1.0}}]}
+    [p] = problems(recipe, tmp_path)
+    assert p.startswith(f"recipe: models[0] ({a}): weight has no value for 30 of 30 tensors (model.embed_tokens.weight, ")
+    assert "and 27 more)" in p
+    assert "models[0].parameters.weight = [{filter: no_such_tensor, value: 0.5}] matches none of them" in p
+    assert "end the list with an entry without a filter" in p
+    assert main(["merge", str(write(tmp_path, recipe)), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "KeyError" not in capsys.readouterr().err
+
+
+def test_filters_that_leave_some_tensors_without_a_value_name_every_setting_tried(tmp_path, model_family):
+    base, (a, _, _) = model_family()
+    found = problems({"merge_method": "slerp", "base_model": str(base),
+                      "parameters": {"t": [{"filter": "mlp", "value": 0.5}]},
+                      "slices": [{"sources": [{"model": str(base), "layer_range": [0, 3]},
+                                              {"model": str(a), "layer_range": [0, 3]}],
+                                  "parameters": {"t": [{"filter": "self_attn", "value": 0.3}]}}]}, tmp_path)
+    # 3 layers of 9 tensors and 3 outside them: mlp and self_attn name 3 + 4 per layer.
+    [p] = found
+    assert p.startswith("recipe: slices[0]: t has no value for 9 of 30 tensors (model.embed_tokens.weight, ")
+    assert ("slices[0].parameters.t = [{filter: self_attn, value: 0.3}] and "
+            "parameters.t = [{filter: mlp, value: 0.5}] match none of them") in p
+
+
+def test_an_empty_gradient_is_reported_by_the_recipe_check(tmp_path, model_family, capsys):
+    """Issue 20: ``weight: []`` ended in ``KeyError: 'weight'``, exit 1."""
+    _, (a, b, _) = model_family()
+    recipe = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": []}},
+                                                    {"model": str(b), "parameters": {"weight": 1.0}}]}
+    assert problems(recipe, tmp_path) == [
+        "recipe: models[0].parameters.weight is an empty list, which gives no value; give a value, "
+        "a gradient (a list of values) or a list of {filter, value}"]
+    assert main(["merge", str(write(tmp_path, recipe)), str(tmp_path / "out"), "--no-progress"]) == 2
+
+
+def test_a_check_that_fails_for_every_tensor_is_one_problem(tmp_path, model_family):
+    """Found by the recipe property tests: consensus_k (default 2) with one fine-tune gave the same
+    message once per tensor, 30 lines here, 50 and '... and N more' for a real model."""
+    base, (a, _, _) = model_family()
+    [p] = problems({"merge_method": "consensus_ta", "base_model": str(base),
+                    "models": [{"model": str(base)}, {"model": str(a), "parameters": {"weight": 1.0}}]}, tmp_path)
+    assert p.startswith("recipe: 30 of 30 tensors (model.embed_tokens.weight, ")
+    assert "and 27 more): consensus_k = 2 but only 1 model(s) besides the base are merged" in p

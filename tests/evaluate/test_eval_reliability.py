@@ -9,6 +9,7 @@ and library noise on the terminal.
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -20,12 +21,15 @@ from hypothesis import strategies as st
 
 from eval_data import MC_ROWS, build_model, build_tokenizer, write_jsonl
 from merge_helpers import commit_then_hang, copy_merge, partial_then_sleep
+import mergesmith
 from mergesmith import checks, extras
 from mergesmith.cli import main
 from mergesmith.errors import InputError
 from mergesmith.evaluate import runner
-from mergesmith.evaluate.compete import DONE, SKIPPED, STOPPED, clean_after_merge, compete, run_merge_isolated
+from mergesmith.evaluate.compete import (DONE, SKIPPED, STOPPED, check_recipe, clean_after_merge, compete,
+                                         run_merge_isolated)
 from mergesmith.evaluate.tasks import load_tasks
+from tiny_models import with_model_type
 
 GEN_ROW = {"id": "g1", "type": "generation", "prompt": "one two three", "references": ["four"]}
 
@@ -452,3 +456,58 @@ def test_no_loading_progress_bar_from_transformers(tmp_path, model_dir, mc_file,
     assert main(["evaluate", str(model_dir), "--tasks", str(mc_file), "--out", str(tmp_path / "o"),
                  "--no-progress", "--bootstrap", "0"]) == 0
     assert "Loading weights" not in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 20: no code from a model folder
+
+
+@pytest.mark.parametrize("custom_code", [True, False])
+def test_evaluate_refuses_a_model_type_transformers_does_not_know(tmp_path, model_dir, mc_file, no_model_loading,
+                                                                   capfd, custom_code):
+    """Issue 20: this ended with exit 1 after transformers' own warning (with auto_map, after its prompt
+    to run the folder's code); now our message comes first, before transformers is asked anything."""
+    odd = with_model_type(model_dir, tmp_path / "odd", custom_code=custom_code)
+    assert main(["evaluate", str(odd), "--tasks", str(mc_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capfd.readouterr().err
+    assert f"error: {odd / 'config.json'}: model_type 'fancy_llm'" in err
+    assert "never runs code from a model folder (no trust_remote_code)" in err
+    assert ("auto_map" in err) == custom_code
+    assert "You are using a model of type" not in err and "custom code" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="model_type 'fancy_llm'"):
+        runner.evaluate(str(odd), [mc_file], progress=False)
+
+
+def test_a_model_type_without_a_causal_lm_is_named(tmp_path, model_dir, mc_file, no_model_loading):
+    odd = with_model_type(model_dir, tmp_path / "t5", model_type="t5", custom_code=False)
+    with pytest.raises(InputError, match="model_type 't5' has no causal language model"):
+        runner.evaluate(str(odd), [mc_file], progress=False)
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_refused_never_run(tmp_path, model_dir, mc_file):
+    odd = tmp_path / "odd"
+    shutil.copytree(model_dir, odd)
+    config = json.loads((odd / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="FancyTokenizer",
+                  auto_map={"AutoTokenizer": ["tokenization_fancy.FancyTokenizer", None]})
+    (odd / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="no usable tokenizer .*never runs code from a model folder"):
+        runner.evaluate(str(odd), [mc_file], progress=False)
+
+
+def test_compete_refuses_a_model_it_could_not_run_before_merging(tmp_path, model_dir, mc_file):
+    odd = with_model_type(model_dir, tmp_path / "odd")
+    recipe = {"merge_method": "linear", "models": [{"model": str(odd), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(InputError, match="model_type 'fancy_llm'.*no trust_remote_code"):
+        compete(recipe, [mc_file], tmp_path / "run", budget="1h", check_fn=check_recipe, merge_fn=never,
+                isolate_merge=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_merging_a_model_type_transformers_does_not_know_is_allowed(tmp_path, model_dir):
+    """A merge reads tensors only, never the model's code, so it is no reason to refuse; the config
+    (and its auto_map) is kept for whoever runs the result with that code."""
+    odd = with_model_type(model_dir, tmp_path / "odd")
+    mergesmith.merge({"merge_method": "linear", "models": [{"model": str(odd), "parameters": {"weight": 1.0}}]},
+                     tmp_path / "merged", progress=False)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "fancy_llm"

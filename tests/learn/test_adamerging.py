@@ -16,7 +16,7 @@ from mergesmith.learn import adamerging
 from mergesmith.learn.adamerging import (AdaMergingSettings, adamerge, batch_entropies, encode_prompts, entropy,
                                          merged_parameters, objective)
 from learn_data import write_prompts
-from tiny_models import load_state, make_model
+from tiny_models import load_state, make_model, with_model_type
 
 FAST = dict(steps=6, lr=0.05, batch_size=4, progress=False)
 
@@ -241,3 +241,30 @@ def test_a_recipe_that_would_not_reproduce_is_never_written(learned):
     swapped[:, [0, 1]] = swapped[:, [1, 0]]  # layers 0 and 1 exchanged
     with pytest.raises(RuntimeError, match="model.layers.0"):
         adamerging.check_recipe_reproduces(good, result.vectors, swapped)
+
+
+def test_a_base_model_it_could_not_run_is_refused_before_loading(family, tmp_path, monkeypatch):
+    """Issue 20: the base model is run to learn on, so a model_type transformers does not know is
+    refused with the argument problems, not by transformers once planning is done."""
+    _, base, tuned = family
+    monkeypatch.setattr("mergesmith.evaluate.model.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    odd = [with_model_type(m, tmp_path / m.name) for m in (base, *tuned)]
+    with pytest.raises(InputError, match=r"base_model: .*model_type 'fancy_llm'.*no trust_remote_code"):
+        adamerge(write_recipe(tmp_path / "r.yml", odd[0], odd[1:]), [str(write_prompts(tmp_path / "p.jsonl"))],
+                 tmp_path / "l.yml", AdaMergingSettings(**FAST))
+
+
+def test_an_existing_out_file_is_said_to_exist_not_to_be_a_file(family, tmp_path):
+    """Found trying wrong inputs (issue 20): an existing --out also got '... is a file, not a folder;
+    choose another output path', for each of the recipe and its trace, though --out is a file name."""
+    _, base, tuned = family
+    out = tmp_path / "l.yml"
+    out.write_text("keep me\n")
+    with pytest.raises(InputError) as err:
+        adamerge(write_recipe(tmp_path / "r.yml", base, tuned), [str(write_prompts(tmp_path / "p.jsonl"))], out,
+                 AdaMergingSettings(**FAST), plot=False)
+    assert err.value.problems == [f"--out {out}: {out} already exists; choose another name or pass --overwrite"]
+    under = tmp_path / "l.yml" / "x.yml"
+    with pytest.raises(InputError, match=f"{out} is a file, not a folder"):
+        adamerge(write_recipe(tmp_path / "r.yml", base, tuned), [str(write_prompts(tmp_path / "p.jsonl"))], under,
+                 AdaMergingSettings(**FAST), plot=False)

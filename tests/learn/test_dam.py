@@ -16,7 +16,7 @@ from mergesmith.learn.dam import (
     COEFFICIENTS_FILE, RECIPE_FILE, DamSettings, kl_to_expert, mofo_adamw_step, regularizer, run_dam,
     similarity_penalty,
 )
-from tiny_models import load_state
+from tiny_models import load_state, with_model_type
 
 def write_calibration(path: Path, n: int, offset: int) -> Path:
     """Prompts over the tiny tokenizer's words t3..t63 (as tests/calibrate/calibration_data.py), one MC row."""
@@ -200,3 +200,16 @@ def test_include_answers_needs_labelled_data_before_work(setup, tmp_path):
     assert not (tmp_path / "out").exists()
     assert main(["dam", str(recipe), "--out", str(tmp_path / "o"), "--include-answers", "--no-progress",
                  "--data", *(f"{k}={','.join(v)}" for k, v in bad.items())]) == 2
+
+
+def test_models_it_could_not_run_are_refused_with_the_other_problems(setup, tmp_path):
+    """Issue 20: mergesmith never runs code from a model folder; a model_type transformers does not know
+    is named with the other argument problems, before any model is loaded."""
+    root, _, variants, data = setup
+    odd = [with_model_type(v, tmp_path / v.name) for v in variants]
+    recipe = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in odd]}
+    with pytest.raises(InputError) as err:
+        run_dam(recipe, {str(m): files for m, files in zip(odd, data.values())}, tmp_path / "out",
+                DamSettings(lr=-1), progress=False)
+    found = [p for p in err.value.problems if "model_type 'fancy_llm'" in p and "trust_remote_code" in p]
+    assert len(found) == 2 and any("--lr -1" in p for p in err.value.problems)

@@ -152,3 +152,43 @@ def test_methods_that_need_statistics_are_refused_up_front(model_family):
     assert err.value.problems == [
         f"space: merge_method {m} needs calibration statistics, which search does not support yet; offer another "
         "method" for m in ("regmean", "dam")]
+
+
+def test_a_space_whose_candidates_could_not_run_is_refused(tmp_path, model_family):
+    """Issue 20: every candidate is built from the output config and run; a model_type transformers does
+    not know failed there (exit 1) and now is a problem of the space, found before any search."""
+    from tiny_models import with_model_type
+
+    base, variants = model_family("llama", 3)
+    odd = [with_model_type(m, tmp_path / m.name) for m in (base, variants[0])]
+    space = load_space({"merge_method": "task_arithmetic", "base_model": str(odd[0]),
+                        "models": [{"model": str(odd[1]), "parameters": {"weight": {"range": [0, 1]}}}]})
+    assert [p for p in space_problems(space) if "model_type 'fancy_llm'" in p and "trust_remote_code" in p]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # each of these ended in a TypeError (exit 1)
+    ({"merge_method": {"range": [0, 1]}, "models": [{"model": "a", "parameters": {"weight": 1.0}}]},
+     "space: merge_method: range searches numbers; give choice: a list of method names"),
+    ({"merge_method": "linear", "models": 3, "parameters": {"weight": {"range": [0, 1]}}},
+     "space: models Input should be a valid list"),
+    ({"genome": {"models": ["a"], "merge_method": ["ties"]}},
+     "space: genome.merge_method = ['ties'] must be one of linear"),
+    ({"genome": {"models": ["a"], "merge_method": {"ties": 1}}},
+     "space: genome.merge_method = {'ties': 1} must be one of linear"),
+    # a range for include decoded to a number, taken as true or false by its truthiness
+    ({"merge_method": "linear", "models": [{"model": "a", "include": {"range": [0, 1]},
+                                            "parameters": {"weight": 1.0}}]},
+     "space: models[0].include: range searches numbers; give choice: [true, false]"),
+    ({"genome": {"models": ["a"], "merge_method": "ties", "base_model": ["b"]}},
+     "space: genome.base_model = ['b'] must be a model path"),
+])
+def test_a_malformed_space_is_an_input_error(raw, expected):
+    """Issue 20, found by generating spaces: a space's wrong types are problems of the space."""
+    with pytest.raises(InputError) as err:
+        space = load_space(raw)
+        problems = space_problems(space)
+        if problems:
+            raise InputError(problems)
+    assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
+    assert not any("must be a method name" in p for p in err.value.problems)  # not said twice

@@ -31,6 +31,7 @@ from mergesmith.calibrate.collect import collect_fisher, collect_grams
 from mergesmith.calibrate import sequential
 from mergesmith.calibrate.data import CalibrationSettings, data_fingerprint, encode_items, select_items, token_count
 from mergesmith.calibrate.store import EntryWriter, StatRef, StatsStore, cache_key, default_cache_dir
+from mergesmith.checkpoint.config import model_type_problem
 from mergesmith.checkpoint.lora import LoraCheckpoint
 from mergesmith.malloc import mapped_allocations
 from mergesmith.units import human_bytes
@@ -142,7 +143,7 @@ def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> S
     cache = Path(recipe.calibration.cache_dir).expanduser() if recipe.calibration.cache_dir else default_cache_dir()
     inputs = set(recipe.input_models())
     problems: list[str] = []
-    fingerprints: dict[tuple[str, ...], str] = {}
+    fingerprints: dict[tuple[str, ...], Optional[str]] = {}  # None: the files have problems
     out: list[Optional[ModelStats]] = []
     for model in models:
         if model.ref not in inputs:
@@ -153,14 +154,21 @@ def plan_statistics(recipe: Any, models: list[Any], kinds: tuple[str, ...]) -> S
                             "supported; merge the adapter into the model first (mergesmith merge with linear)")
             out.append(None)
             continue
+        runnable = model_type_problem(model.config, model.path / "config.json")  # calibration runs the model
+        if runnable:
+            problems.append(f"{recipe.source_name}: {runnable}")
+            out.append(None)
+            continue
         settings = settings_for(recipe, model.ref)
         if settings.files not in fingerprints:
             try:
                 fingerprints[settings.files] = data_fingerprint(select_items(settings))
             except InputError as err:
+                fingerprints[settings.files] = None  # said once, not once per model that reads these files
                 problems += [f"{recipe.source_name}: calibration data: {p}" for p in err.problems]
-                out.append(None)
-                continue
+        if fingerprints[settings.files] is None:
+            out.append(None)
+            continue
         folders = {k: cache / cache_key(k, [model.path], fingerprints[settings.files], settings.samples,
                                         settings.max_length, settings.seed, settings.include_answers)
                    for k in kinds if k != sequential.KIND}

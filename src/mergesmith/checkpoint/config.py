@@ -65,3 +65,47 @@ def config_problems(config: dict, path: Path, prefix: str = "") -> list[str]:
 def _show(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def model_type_problem(config: dict, where: "Path | str") -> str | None:
+    """Why transformers cannot build the causal language model ``config`` describes from its own
+    code, or None.
+
+    mergesmith never runs code from a model folder (no ``trust_remote_code``): a ``model_type``
+    the installed transformers does not know (its ``CONFIG_MAPPING``, which also holds types
+    registered with ``AutoConfig.register``) would need the folder's code, so it is refused with
+    this message before transformers is asked to load anything.
+    """
+    import transformers
+
+    model_type = config.get("model_type")
+    version = f"transformers {transformers.__version__}"
+    if not isinstance(model_type, str) or not model_type:
+        return (f"{where}: config.json names no model_type, so transformers cannot tell which model to build; "
+                f"add the model_type the model was saved with (e.g. llama); {FIX}")
+    if model_type not in transformers.CONFIG_MAPPING:
+        code = " (its auto_map points at code in the model folder)" if config.get("auto_map") else ""
+        return (f"{where}: model_type {model_type!r}{code} is not a model type the installed {version} knows; "
+                "mergesmith never runs code from a model folder (no trust_remote_code), so it cannot run this "
+                "model: use a model of a type transformers supports, or a transformers release that supports "
+                f"{model_type} if it is new")
+    if transformers.CONFIG_MAPPING[model_type] not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        return (f"{where}: model_type {model_type!r} has no causal language model in {version} "
+                "(AutoModelForCausalLM); mergesmith runs decoder language models, as for text generation")
+    return None
+
+
+def runnable_problems(folder: "Path | str") -> list[str]:
+    """``model_type_problem`` of a local model folder, or the problems of its config.json.
+
+    [] for anything else (a hub id, a missing folder): the checks that resolve those name them.
+    """
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        return []
+    try:
+        config = read_config(path / "config.json")
+    except InputError as err:
+        return err.problems
+    problem = model_type_problem(config, path / "config.json")
+    return [problem] if problem else []

@@ -48,13 +48,15 @@ def _metric_defaults(args: argparse.Namespace) -> dict[str, str]:
 def run_evaluate(args: argparse.Namespace) -> int:
     from mergesmith.checks import prepare_output_dir, remove_if_empty
     from mergesmith.errors import InputError
+    from mergesmith.evaluate.model import model_path_problems
     from mergesmith.evaluate.runner import evaluate, evaluate_output_problems, metric_problems, settings_problems
     from mergesmith.evaluate.tasks import load_tasks
     from mergesmith.paths import OutputLock
 
-    # every argument, the output folder and the task files are checked before the model is loaded
+    # every argument, the model folder, the output folder and the task files are checked before the model is loaded
     problems = settings_problems(batch_size=args.batch_size, bootstrap=args.bootstrap, max_length=args.max_length,
                                  device=args.device, dtype=args.dtype)
+    problems += model_path_problems(args.model)
     problems += evaluate_output_problems(args.out, args.model, args.tokenizer, args.tasks)
     tasks = []
     try:

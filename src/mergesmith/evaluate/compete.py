@@ -115,9 +115,14 @@ def default_merge(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite:
 
 
 def check_recipe(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
+    from mergesmith.checkpoint.config import model_type_problem
     from mergesmith.engine import merge
 
-    merge(recipe, out_dir, dry_run=True, device=device, overwrite=overwrite, progress=False)
+    plan = merge(recipe, out_dir, dry_run=True, device=device, overwrite=overwrite, progress=False).plan
+    # compete runs what it merges: a model transformers cannot build is refused before the merge, not after
+    problem = model_type_problem(plan.out_config, plan.models[plan.reference].path / "config.json")
+    if problem:
+        raise InputError(problem)
 
 
 def _child(send: Any, fn: Callable, args: tuple, kwargs: dict) -> None:

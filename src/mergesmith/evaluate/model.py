@@ -97,25 +97,38 @@ def _load_tokenizer(source: str, where: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as err:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if not Path(source).expanduser().exists():
             raise InputError(f"{where}: could not load a tokenizer: not a local folder, and the Hugging Face "
                              f"Hub could not provide it ({reason}). Offline, give a local folder.") from None
+        if "trust_remote_code" in str(err):
+            reason = ("its tokenizer_config.json names a tokenizer class that only code in the folder defines, "
+                      "and mergesmith never runs code from a model folder (no trust_remote_code)")
         raise InputError(f"{where}: no usable tokenizer ({reason}); save the tokenizer beside the model "
                          "(tokenizer.json, tokenizer_config.json) or pass --tokenizer PATH") from None
 
 
-def _check_model_path(path: str) -> Path:
+def model_path_problems(path: str) -> list[str]:
+    """Why ``path`` is not a model folder transformers can load without running its code; [] for a
+    hub id (the hub is asked when it loads)."""
+    from mergesmith.checkpoint.config import runnable_problems
+
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
-        raise InputError(f"{path}: not a model folder (no config.json); give the folder a merge or "
-                         "save_pretrained wrote")
+        return [f"{path}: not a model folder (no config.json); give the folder a merge or save_pretrained wrote"]
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
     if looks_local and not local.exists():
-        raise InputError(f"{path}: no such model folder")
-    return local
+        return [f"{path}: no such model folder"]
+    return runnable_problems(local)
+
+
+def _check_model_path(path: str) -> Path:
+    problems = model_path_problems(path)
+    if problems:
+        raise InputError(problems)
+    return Path(path).expanduser()
 
 
 @contextlib.contextmanager

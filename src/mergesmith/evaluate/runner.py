@@ -15,7 +15,7 @@ from mergesmith.evaluate.generation import encode_gen, generate
 from mergesmith.errors import InputError
 from mergesmith.evaluate.metrics import (bootstrap_ci, generation_scores, macro_bootstrap_ci, mc_choices,
                                          rouge_available)
-from mergesmith.evaluate.model import DTYPES, LoadedModel, load_model
+from mergesmith.evaluate.model import DTYPES, LoadedModel, load_model, model_path_problems
 from mergesmith.evaluate.prompts import render_context
 from mergesmith.evaluate.results import NOT_RUN, SCORED, UNLABELLED, EvalResult, Prediction, TaskResult
 from mergesmith.evaluate.scoring import STRATEGIES, encode_mc, score_mc
@@ -188,6 +188,8 @@ def evaluate(model: Any, tasks: Union[Iterable[Task], Iterable[Union[str, Path]]
     started = time.monotonic()
     problems = settings_problems(batch_size=batch_size, bootstrap=bootstrap, max_length=max_length, device=device,
                                  dtype=dtype, strategy=strategy)
+    if isinstance(model, (str, Path)):
+        problems += model_path_problems(str(model))
     if isinstance(tasks, (str, Path)):
         tasks = [tasks]
     tasks = list(tasks)

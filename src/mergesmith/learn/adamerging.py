@@ -64,10 +64,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from mergesmith.checkpoint.config import runnable_problems
+from mergesmith.checkpoint.lora import split_lora_ref
 from mergesmith.checks import at_least, choice_problems, device_problems, resolve_device
 from mergesmith.errors import InputError
 from mergesmith.paths import output_problems
-from mergesmith.recipe import Recipe, load_recipe, read_recipe_raw
+from mergesmith.recipe import Recipe, load_recipe, model_refs_of, read_recipe_raw
 
 GRANULARITIES = ("layer", "task")
 METHODS = ("task_arithmetic", "ties")
@@ -467,7 +469,7 @@ def argument_problems(recipe: PathLike, task_files: list[str], out: PathLike, se
         inputs[f"the recipe {recipe}"] = recipe
     png, trace = side_files(out)
     for path in (Path(out), trace) + ((png,) if plot else ()):
-        problems += [f"--out {p}" for p in output_problems(path, inputs, what="--out")]
+        problems += [f"--out {p}" for p in output_problems(path, inputs, what="--out", file=True)]
         if path.is_dir():
             problems.append(f"--out {out}: {path} is a folder; give a file name")
         elif path.exists() and not overwrite:
@@ -513,7 +515,9 @@ def recipe_problems(recipe: PathLike, settings: AdaMergingSettings) -> list[str]
             load_recipe(_raw_with_default_weight(raw, settings.init))
     except InputError as err:
         return [p.replace("recipe:", f"{where}:", 1) for p in err.problems]
-    return []
+    # the base model is run to learn on (the others' tensors are only read): one transformers can build
+    return [f"{where}: base_model: {p}" for ref in model_refs_of({"base_model": raw["base_model"]})
+            for p in runnable_problems(split_lora_ref(ref)[0])]
 
 
 def learn_adamerging(recipe: PathLike, task_files: list[str], settings: AdaMergingSettings, *,

@@ -72,6 +72,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from mergesmith.calibrate.data import CalibrationSettings, Sequence, encode_items, padded_batches, select_items
+from mergesmith.checkpoint.config import runnable_problems
 from mergesmith.errors import InputError
 from mergesmith.methods.dam import column_weighted_sum
 
@@ -392,6 +393,7 @@ def plan_dam(recipe: Any, data: dict[str, list[str]], out_dir: Any, settings: Da
             path = resolve_model_path(ref)
             if not (path / "config.json").is_file():
                 problems.append(f"{ref}: not a model folder (no config.json)")
+            problems += runnable_problems(path)  # every model is run, to distill from and to merge
             paths.append(path)
         except InputError as err:
             problems += err.problems

@@ -102,7 +102,7 @@ class ResidentMerger:
 
         if self.tokenizer is None:
             started = time.perf_counter()
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self._tokenizer_path))
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self._tokenizer_path), trust_remote_code=False)
             self.setup_s += time.perf_counter() - started
         return evaluate(self.model, tasks, tokenizer=self.tokenizer, batch_size=batch_size, bootstrap=0,
                         progress=False, deadline=deadline)

@@ -108,7 +108,7 @@ class SearchSpace:
         includes = [(x, g) for g, x in zip(self.genes, u) if g.path[-1] == "include"]
         base = self.template.get("base_model")
         fixed_in = any(isinstance(e, dict) and e.get("include", True) is True and e.get("model") != base
-                       for e in self.template.get("models") or [])
+                       for e in _listed(self.template.get("models")))
         if includes and not fixed_in and not any(values[g.name] for _, g in includes):
             values[max(includes, key=lambda p: p[0])[1].name] = True
         return values
@@ -140,9 +140,9 @@ class SearchSpace:
         refs: dict[str, None] = {}
         if isinstance(self.template.get("base_model"), str):
             refs[self.template["base_model"]] = None
-        entries = list(self.template.get("models") or [])
-        for sl in self.template.get("slices") or []:
-            entries += sl.get("sources") or [] if isinstance(sl, dict) else []
+        entries = _listed(self.template.get("models"))
+        for sl in _listed(self.template.get("slices")):
+            entries += _listed(sl.get("sources")) if isinstance(sl, dict) else []
         for e in entries:
             if isinstance(e, dict) and isinstance(e.get("model"), str):
                 refs[e["model"]] = None
@@ -175,6 +175,8 @@ def load_space(path: Union[str, Path, dict], *, base_dir: Optional[Path] = None)
     notes: list[str] = []
     if "genome" in raw:
         raw = genome_to_space(raw, where, problems, notes)
+        if problems and not raw:  # nothing was translated: checking an empty space would only add noise
+            raise InputError(problems)
     space = _parse(raw, where, problems)
     if problems:
         raise InputError(problems)
@@ -281,6 +283,10 @@ def _marker_gene(node: dict, path: tuple, where: str, problems: list[str]) -> Op
     if len(node) != 1:
         problems.append(f"{where}: {field_name}: give either range or choice, not both")
         return None
+    if "range" in node and (path == ("merge_method",) or path[-1] == "include"):
+        takes = "a list of method names" if path == ("merge_method",) else "[true, false]"
+        problems.append(f"{where}: {field_name}: range searches numbers; give choice: {takes}")
+        return None
     if "range" in node:
         r = node["range"]
         ok = (isinstance(r, list) and len(r) == 2
@@ -332,6 +338,8 @@ def _method_problems(space: SearchSpace, where: str) -> list[str]:
     problems: list[str] = []
     methods = []
     for name in names:
+        if isinstance(name, dict) and _is_marker(name):
+            continue  # a marker that made no gene: _marker_gene said why
         if not isinstance(name, str):
             problems.append(f"{where}: merge_method = {name!r} must be a method name (mergesmith methods lists them)")
             continue
@@ -370,6 +378,7 @@ def _method_problems(space: SearchSpace, where: str) -> list[str]:
 def space_problems(space: SearchSpace) -> list[str]:
     """Build the middle candidate for each method on offer, every model kept, and check it as a recipe
     (models opened, shapes matched), before any weight is read."""
+    from mergesmith.checkpoint.config import model_type_problem
     from mergesmith.engine import MergeOptions, plan_merge
 
     method_gene = next((g for g in space.genes if g.path == ("merge_method",)), None)
@@ -386,6 +395,9 @@ def space_problems(space: SearchSpace) -> list[str]:
             plan = plan_merge(space.recipe(values), MergeOptions(progress=False))
             for m in plan.models:
                 m.checkpoint.close()
+            runnable = model_type_problem(plan.out_config, plan.models[plan.reference].path / "config.json")
+            if runnable:  # every candidate is built from the output config and run
+                problems.append(runnable)
         except InputError as err:
             label = f" (with merge_method {method})" if method is not None else ""
             problems += [p.replace("recipe:", f"{space.source}{label}:", 1) for p in err.problems]
@@ -424,14 +436,17 @@ def genome_to_space(raw: dict[str, Any], where: str, problems: list[str], notes:
     method = genome.get("merge_method")
     models = genome.get("models")
     base = genome.get("base_model")
-    if method not in GENOME_PARAMS:
+    known = isinstance(method, str) and method in GENOME_PARAMS  # (a list or mapping is no key to look up)
+    if not known:
         extra = " (slerp genomes are not supported yet)" if method == "slerp" else ""
         problems.append(f"{where}: genome.merge_method = {method!r} must be one of "
                         f"{', '.join(GENOME_PARAMS)}{extra}")
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         problems.append(f"{where}: genome.models must be a non-empty list of model paths")
         models = []
-    if method in GENOME_NEEDS_BASE and not base:
+    if base is not None and not isinstance(base, str):
+        problems.append(f"{where}: genome.base_model = {base!r} must be a model path")
+    elif known and method in GENOME_NEEDS_BASE and not base:
         problems.append(f"{where}: genome.base_model is required for {method}")
     filters = genome.get("filters") or []
     if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
@@ -521,15 +536,21 @@ def _keep_method_params(raw: dict[str, Any]) -> None:
                 del params[name]
 
     prune(raw.get("parameters"))
-    for entry in raw.get("models") or []:
+    for entry in _listed(raw.get("models")):
         if isinstance(entry, dict):
             prune(entry.get("parameters"))
-    for sl in raw.get("slices") or []:
+    for sl in _listed(raw.get("slices")):
         if isinstance(sl, dict):
             prune(sl.get("parameters"))
-            for src in sl.get("sources") or []:
+            for src in _listed(sl.get("sources")):
                 if isinstance(src, dict):
                     prune(src.get("parameters"))
+
+
+def _listed(value: Any) -> list:
+    """``value`` when it is a list, else [] (a space's wrong ``models:`` or ``slices:`` is the recipe
+    check's to report, with the rest)."""
+    return list(value) if isinstance(value, list) else []
 
 
 def _plain(value: Any) -> Any:
@@ -562,7 +583,7 @@ def _path_text(path: tuple) -> str:
 
 def label_models(space: SearchSpace) -> None:
     """Rename genes after their model's folder name (``facts.weight``) where that is unambiguous."""
-    entries = space.template.get("models") or []
+    entries = _listed(space.template.get("models"))
     labels = {}
     for i, e in enumerate(entries):
         if isinstance(e, dict) and isinstance(e.get("model"), str):
