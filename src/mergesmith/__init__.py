@@ -1,6 +1,6 @@
 """mergesmith: merge language models without training."""
 
-__version__ = "0.1.0"
+from mergesmith._version import __version__
 
 
 def merge(recipe, out_dir, **options):

@@ -886,7 +886,7 @@ def _tokenizer_config_problems(recipe: Recipe, models: list[ModelInfo]) -> list[
 
 
 def _model_card(plan: MergePlan) -> str:
-    from mergesmith import __version__
+    from mergesmith._version import __version__
 
     m = plan.recipe.method
     models = "\n".join(f"- `{mi.ref}`" + (" (base)" if i == plan.reference and plan.recipe.base_model else "")
