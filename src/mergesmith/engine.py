@@ -62,6 +62,7 @@ from mergesmith.checkpoint.lora import LoraCheckpoint, split_lora_ref
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor, remove_stale_partials
 from mergesmith import malloc
+from mergesmith.checks import pick_device
 from mergesmith.errors import InputError, ResourceError, read_text
 from mergesmith.methods import BasePolicy, TensorGroup
 from mergesmith.paths import OutputLock, output_problems
@@ -257,7 +258,7 @@ def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, 
             if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
                 raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
             if plan.stats is not None and plan.stats.missing():
-                plan.stats.compute(str(_pick_device(options.device)), options.progress, plan)
+                plan.stats.compute(str(pick_device(options.device)), options.progress, plan)
                 plan.stats.attach(plan)
             return execute_plan(plan, out_dir, options)
     finally:
@@ -269,7 +270,7 @@ def option_problems(options: MergeOptions) -> list[str]:
     """What is wrong with the merge options (the CLI flags), before any work."""
     problems = []
     try:
-        _pick_device(options.device)
+        pick_device(options.device)
     except InputError as err:
         problems += err.problems
     if options.vocab_mismatch not in ("resize", "error"):
@@ -587,7 +588,7 @@ def _execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merg
 
 def _stream(plan: MergePlan, out_dir: Path, options: MergeOptions) -> MergeResult:
     start = time.perf_counter()
-    device = _pick_device(options.device)
+    device = pick_device(options.device)
     method = plan.recipe.method
     out_specs = [OutputTensor(t.name, t.out_dtype, t.shape) for t in plan.tensors]
     writer = CheckpointWriter(out_dir, out_specs, options.out_shard_size, overwrite=options.overwrite)
@@ -1013,20 +1014,6 @@ def _output_config(config: dict, layers: int, layer_types: list, tensors: list[T
         for k in keys:
             cfg[k] = name
     return cfg
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise InputError(f"device = {name!r} is not a device; use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device = {name}: CUDA is not available on this machine; use --device cpu or auto")
-    return device
 
 
 def _dedupe(problems: list[str], limit: int = 50) -> list[str]:

@@ -24,9 +24,10 @@ def register(subparsers) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from mergesmith.calibrate import plan_statistics
-    from mergesmith.engine import _pick_device, plan_merge
+    from mergesmith.checks import pick_device
+    from mergesmith.engine import plan_merge
 
-    device = str(_pick_device(args.device))
+    device = str(pick_device(args.device))
     plan = plan_merge(args.recipe)
     try:
         kinds = tuple(args.kinds) if args.kinds else plan.recipe.method.needs_stats
