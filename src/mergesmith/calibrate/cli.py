@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     from mergesmith.calibrate import plan_statistics
     from mergesmith.checks import pick_device
-    from mergesmith.engine import plan_merge
+    from mergesmith.engine.plan import plan_merge
 
     device = str(pick_device(args.device))
     plan = plan_merge(args.recipe)

@@ -19,7 +19,10 @@ import torch
 
 from mergesmith.checkpoint.memory import ModelWriter
 from mergesmith.errors import InputError
-from mergesmith.engine import MergeOptions, MergePlan, TensorPlan, load_inputs, merge_tensor, plan_merge
+from mergesmith.engine.merge_plan import MergePlan, TensorPlan
+from mergesmith.engine.options import MergeOptions
+from mergesmith.engine.plan import plan_merge
+from mergesmith.engine.tensor import load_inputs, merge_tensor
 
 
 class InputCache:
