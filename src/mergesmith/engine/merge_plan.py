@@ -3,7 +3,9 @@
 A ``MergePlan`` holds the opened models, every output tensor (``TensorPlan``) with its
 inputs (model and tensor name), its resolved parameters and its layer position, and the
 output's config. It is plain data: ``plan.py`` builds it, ``stream.py`` executes it, and
-search and learning read it.
+search and learning read it. The statistics a data-aware method reads are
+referred to through interfaces the engine defines here (``StatisticRef``,
+``Statistics``) and ``calibrate`` implements; the engine never imports it.
 
 A tensor whose inputs exceed the chunk budget (``MergeOptions.chunk_bytes``, 64 MiB)
 is merged in blocks of rows when the method declares its result row-separable for
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -44,6 +46,39 @@ from mergesmith.units import human_bytes
 
 # Rows lo:hi (first axis) of an output tensor merged in row blocks; None: the whole tensor.
 Span = Optional[tuple[int, int]]
+
+
+# ----------------------------------------------------------------------------- statistics, as the plan holds them
+
+
+class StatisticRef(Protocol):
+    """Where one statistic of one input tensor lies (``calibrate.StatRef``): its shape, or an
+    inline scalar ``value``, and how to read it."""
+
+    shape: tuple[int, ...]
+    value: Optional[float]
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def read(self, rows: Span = None) -> torch.Tensor:
+        """The statistic as stored; ``rows``: only rows ``lo:hi`` of its first axis."""
+
+
+class Statistics(Protocol):
+    """A plan's calibration statistics (``calibrate.StatsPlan``): what merging asks of them."""
+
+    def missing(self) -> list:
+        """What is not cached yet (empty: nothing to compute before merging)."""
+
+    def compute(self, device: str, progress: bool, plan: "MergePlan") -> None:
+        """Compute and cache what is missing, for ``plan``'s inputs."""
+
+    def attach(self, plan: "MergePlan") -> None:
+        """Record in every tensor of ``plan`` which statistics each of its inputs has."""
+
+    def describe(self) -> list[str]:
+        """Lines for ``MergePlan.describe``."""
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -67,14 +102,14 @@ class TensorPlan:
     model_params: list[dict[str, Any]]
     t: float
     seed: int
-    # Calibration statistics of each input (kind -> where it is cached), for methods that need them.
-    stats: Optional[list[dict[str, Any]]] = None
+    # Statistics of each input (kind -> where it lies), for methods that read them.
+    stats: Optional[list[dict[str, StatisticRef]]] = None
 
     def input_bytes(self, plan: "MergePlan") -> int:
         return sum(plan.models[i.model].checkpoint.infos[i.name].nbytes for i in self.inputs)
 
-    def row_shaped(self, ref: Any) -> bool:
-        """Whether the statistic ``ref`` (a ``calibrate.StatRef``) is shaped like this tensor, entry for
+    def row_shaped(self, ref: StatisticRef) -> bool:
+        """Whether the statistic ``ref`` is shaped like this tensor, entry for
         entry (a Fisher diagonal): a row block then reads only its rows of it."""
         return ref.value is None and tuple(ref.shape) == tuple(self.shape)
 
@@ -98,7 +133,7 @@ class MergePlan:
     out_config: dict[str, Any]
     compute_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
-    stats: Any = None  # a calibrate.StatsPlan when the method needs statistics
+    stats: Optional[Statistics] = None  # the calibration statistics, when the method needs them
 
     @property
     def bytes_to_read(self) -> int:

@@ -11,7 +11,8 @@ raising, so that one ``InputError`` lists every problem found before any weight 
 6. ``plan_tensor``, per output tensor: ``input_shapes``, ``output_shape``, ``input_refs`` (with
    the vocabulary rows each input keeps or is padded to), ``base_position``, ``resolve_params``;
 7. ``output_config``: the output's config.json;
-8. ``attach_statistics``: what a data-aware method reads beside the weights.
+8. ``attach_statistics``: what a data-aware method reads beside the weights, asked of a
+   ``StatisticsSource`` (an interface defined here, implemented by ``calibrate``).
 
 A new way to build the output is a new step or a new producer of ``Slot``s, not a branch
 in these.
@@ -24,25 +25,38 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
 
 from mergesmith.checkpoint.layout import is_vocab_tensor, vocab_tokens
 from mergesmith.checkpoint.reader import dtype_from_name, dtype_name
 from mergesmith.engine.layout import Slot, lay_out, output_layer_types
-from mergesmith.engine.merge_plan import InputRef, MergePlan, TensorPlan
+from mergesmith.engine.merge_plan import InputRef, MergePlan, Statistics, TensorPlan
 from mergesmith.engine.models import ModelInfo, closed_on_error, open_models
 from mergesmith.engine.options import MergeOptions, option_problems
 from mergesmith.engine.side_files import tokenizer_config_problems
 from mergesmith.errors import InputError
-from mergesmith.methods import BasePolicy
+from mergesmith.methods import BasePolicy, MethodSpec
 from mergesmith.paths import output_problems
 from mergesmith.recipe import Recipe, load_recipe, model_refs_of, read_recipe_raw, resolve_param
 
 
+class StatisticsSource(Protocol):
+    """Where the statistics a data-aware method reads come from (``calibrate.CALIBRATION``): the
+    engine asks, the room that computes and caches them answers."""
+
+    def input_files(self, recipe: Recipe) -> dict[str, Path]:
+        """The files the statistics are read from, by what each is (the output must not touch them)."""
+
+    def plan(self, plan: MergePlan) -> Optional[Statistics]:
+        """Record in every tensor of ``plan`` the statistics its inputs have (``TensorPlan.stats``);
+        return the calibration statistics (cached, or to compute before merging), or None."""
+
+
 def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOptions] = None, *,
-               out_dir: Optional[Union[str, Path]] = None, writing: bool = False) -> MergePlan:
+               out_dir: Optional[Union[str, Path]] = None, writing: bool = False,
+               statistics: Optional[StatisticsSource] = None) -> MergePlan:
     """Check everything that can be checked without reading a weight, then plan every output tensor.
 
     Problems with the options, the recipe, the model folders and the output path are
@@ -50,13 +64,16 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
     model folders it names are opened, even when the other one has problems. With
     ``out_dir``, an output that is, contains or lies inside an input is refused
     (``--overwrite`` or not); with ``writing``, so is an existing one without ``--overwrite``.
+    ``statistics`` answers for a method that reads statistics beside the weights; without one,
+    such a recipe is a problem (``mergesmith.api.plan_merge`` passes calibrate's).
     """
     options = options or MergeOptions()
     recipe, refs, where, problems = read_recipe(recipe)
     models, model_problems, input_paths = open_models(refs, where)
     with closed_on_error(models):
         problems = option_problems(options) + problems + model_problems
-        problems += input_problems(recipe, where, models, input_paths, options, out_dir, writing, model_problems)
+        problems += input_problems(recipe, where, models, input_paths, options, out_dir, writing, model_problems,
+                                   statistics)
         if problems:
             raise InputError(_dedupe(problems))
         assert recipe is not None
@@ -74,7 +91,7 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
         layers, layer_types = output_layer_types(recipe, models, ctx.by_ref)
         out_config = output_config(models[ctx.reference].config, layers, layer_types, tensors, ctx.out_dtype)
         plan = MergePlan(recipe, models, ctx.reference, tensors, out_config, ctx.compute_dtype, ctx.notes)
-        attach_statistics(plan)
+        attach_statistics(plan, statistics)
     return plan
 
 
@@ -100,37 +117,44 @@ def read_recipe(recipe: Union[str, Path, dict, Recipe]) -> tuple[Optional[Recipe
 
 def input_problems(recipe: Optional[Recipe], where: str, models: list[ModelInfo], input_paths: dict[str, Path],
                    options: MergeOptions, out_dir: Optional[Union[str, Path]], writing: bool,
-                   model_problems: list[str]) -> list[str]:
+                   model_problems: list[str], statistics: Optional[StatisticsSource]) -> list[str]:
     """The output path against every file the run reads (the models, the recipe, its calibration
-    and statistics files), an existing output, and the tokenizer config a chat_template goes into."""
+    data and statistics files), an existing output, the tokenizer config a chat_template goes
+    into, and a method that reads statistics with no source to ask for them."""
     problems = []
     if out_dir is not None:
         out_dir = Path(out_dir)
         if where != "recipe":
             input_paths[f"the recipe {where}"] = Path(where)
         if recipe is not None:
-            input_paths.update(recipe_input_files(recipe))
+            input_paths.update(calibration_files(recipe))
+        if recipe is not None and statistics is not None:
+            input_paths.update(statistics.input_files(recipe))
         problems += output_problems(out_dir, input_paths)
         if writing and out_dir.exists() and not options.overwrite:
             problems.append(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
     if recipe is not None and not model_problems:
         problems += tokenizer_config_problems(recipe, models)
+    if recipe is not None and reads_statistics(recipe.method) and statistics is None:
+        problems.append(f"{where}: merge_method {recipe.method.name} reads statistics beside the weights, and this "
+                        "plan was given no source for them; plan through mergesmith.api (plan_merge, merge), or "
+                        "pass statistics=mergesmith.calibrate.CALIBRATION")
     return problems
 
 
-def recipe_input_files(recipe: Recipe) -> dict[str, Path]:
-    """The files besides the models a recipe names: calibration data, statistics files."""
+def calibration_files(recipe: Recipe) -> dict[str, Path]:
+    """The calibration data files the recipe names (read to compute statistics), by what each is."""
     files = {}
     if recipe.calibration is not None:
         for names in (recipe.calibration.files, *recipe.calibration.per_model.values()):
             files.update({f"calibration file {f}": Path(f) for f in names})
-    from mergesmith.calibrate.stats_file import setting_files
-
-    for p in recipe.method.params:
-        if p.stats_file:
-            files.update({f"parameters.{p.name} file {f}": Path(f).expanduser()
-                          for f in setting_files(recipe.parameters.get(p.name))})
     return files
+
+
+def reads_statistics(method: MethodSpec) -> bool:
+    """Whether the method reads statistics beside the weights: calibration statistics, or a parameter
+    naming a statistics file."""
+    return bool(method.needs_stats) or any(p.stats_file for p in method.params)
 
 
 def resolve_layer_ranges(recipe: Recipe, models: list[ModelInfo], by_ref: dict[str, int], where: str) -> list[str]:
@@ -336,21 +360,11 @@ def output_config(config: dict, layers: int, layer_types: list, tensors: list[Te
     return cfg
 
 
-def attach_statistics(plan: MergePlan) -> None:
-    """Record in every tensor the statistics its inputs have: calibration statistics (cached or to
-    compute, ``plan.stats``) for a method that needs them, and per-input statistics given in a file
-    for a parameter declared ``stats_file``."""
-    method = plan.recipe.method
-    if method.needs_stats:
-        from mergesmith.calibrate import plan_statistics
-
-        plan.stats = plan_statistics(plan.recipe, plan.models, method.needs_stats)
-        plan.stats.attach(plan)
-    file_params = [p.name for p in method.params if p.stats_file]
-    if file_params:
-        from mergesmith.calibrate.stats_file import attach_stats_files
-
-        attach_stats_files(plan, file_params)
+def attach_statistics(plan: MergePlan, statistics: Optional[StatisticsSource]) -> None:
+    """For a method that reads statistics, record in every tensor those its inputs have, and keep the
+    calibration statistics to compute before merging (``plan.stats``); the source answers both."""
+    if statistics is not None and reads_statistics(plan.recipe.method):
+        plan.stats = statistics.plan(plan)
 
 
 def _dedupe(problems: list[str], limit: int = 50) -> list[str]:

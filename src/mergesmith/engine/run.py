@@ -10,7 +10,7 @@ from mergesmith.checkpoint.writer import remove_stale_partials
 from mergesmith.checks import pick_device
 from mergesmith.engine.merge_plan import MergeResult
 from mergesmith.engine.options import MergeOptions
-from mergesmith.engine.plan import plan_merge
+from mergesmith.engine.plan import StatisticsSource, plan_merge
 from mergesmith.engine.stream import execute_plan
 from mergesmith.errors import InputError
 from mergesmith.paths import OutputLock
@@ -18,18 +18,21 @@ from mergesmith.recipe import Recipe
 
 
 def merge(recipe: Union[str, Path, dict, Recipe], out_dir: Union[str, Path], *, dry_run: bool = False,
-          options: Optional[MergeOptions] = None, **kwargs: Any) -> MergeResult:
+          options: Optional[MergeOptions] = None, statistics: Optional[StatisticsSource] = None,
+          **kwargs: Any) -> MergeResult:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
 
     ``recipe`` is a mergekit-style YAML path, a dict, or a loaded ``Recipe``.
     Keyword arguments override ``MergeOptions`` fields (``device``, ``threads``,
     ``out_shard_size``, ``overwrite``, ...). With ``dry_run`` nothing is written.
+    ``statistics``: where a data-aware method's statistics come from (``plan_merge``);
+    ``mergesmith.merge`` and ``mergesmith.api.merge`` pass calibrate's.
     Raises ``InputError`` listing every problem with the recipe or the models.
     """
     # A copy: the caller's options object is left as it was (replace also rejects unknown names).
     options = dataclasses.replace(options or MergeOptions(), **kwargs)
     out_dir = Path(out_dir)
-    plan = plan_merge(recipe, options, out_dir=out_dir, writing=not dry_run)
+    plan = plan_merge(recipe, options, out_dir=out_dir, writing=not dry_run, statistics=statistics)
     try:
         if dry_run:
             return MergeResult(None, plan)

@@ -57,10 +57,8 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
         out.append(x)
     if task.stats is None:
         return out, None
-    from mergesmith.calibrate import StatsStore
-
-    return out, [{kind: StatsStore.read(ref, rows if task.row_shaped(ref) else None).to(device)
-                  for kind, ref in refs.items()} for refs in task.stats]
+    return out, [{kind: ref.read(rows if task.row_shaped(ref) else None).to(device) for kind, ref in refs.items()}
+                 for refs in task.stats]
 
 
 def merge_tensor(plan: MergePlan, task: TensorPlan, device: Union[str, torch.device] = "cpu",

@@ -92,13 +92,13 @@ class CompeteResult:
 
 
 def default_merge(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
-    from mergesmith.engine.run import merge
+    from mergesmith.api import merge
 
     merge(recipe, out_dir, device=device, overwrite=overwrite, progress=False)
 
 
 def check_recipe(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
-    from mergesmith.engine.run import merge
+    from mergesmith.api import merge
 
     merge(recipe, out_dir, dry_run=True, device=device, overwrite=overwrite, progress=False)
 

@@ -385,7 +385,7 @@ def learned_recipe(raw: dict[str, Any], vectors: TaskVectors, lambdas: torch.Ten
 def check_recipe_reproduces(recipe: dict[str, Any], vectors: TaskVectors, lambdas: torch.Tensor) -> None:
     """Plan the written recipe (headers only) and check that every tensor resolves, for every model,
     to exactly its learned coefficient; a mismatch is a bug, never written out."""
-    from mergesmith.engine.plan import plan_merge
+    from mergesmith.api import plan_merge
 
     plan = plan_merge(recipe)
     try:
@@ -524,7 +524,7 @@ def learn_adamerging(recipe: PathLike, task_files: list[str], settings: AdaMergi
     ``objectives`` the objective over all prompts is not evaluated before and after (NaN), which
     saves two passes over the data where time is counted (``mergesmith compete``).
     """
-    from mergesmith.engine.plan import plan_merge
+    from mergesmith.api import plan_merge
     from mergesmith.evaluate.model import load_model
 
     raw, where = read_recipe_raw(recipe)

@@ -17,11 +17,11 @@ from typing import Any, Optional, Union
 
 import torch
 
+from mergesmith.api import plan_merge
 from mergesmith.checkpoint.memory import ModelWriter
 from mergesmith.errors import InputError
 from mergesmith.engine.merge_plan import MergePlan, TensorPlan
 from mergesmith.engine.options import MergeOptions
-from mergesmith.engine.plan import plan_merge
 from mergesmith.engine.tensor import load_inputs, merge_tensor
 
 

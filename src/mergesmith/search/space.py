@@ -371,7 +371,7 @@ def space_problems(space: SearchSpace) -> list[str]:
     """Build the middle candidate for each method on offer, every model kept, and check it as a recipe
     (models opened, shapes matched), before any weight is read."""
     from mergesmith.engine.options import MergeOptions
-    from mergesmith.engine.plan import plan_merge
+    from mergesmith.api import plan_merge
 
     method_gene = next((g for g in space.genes if g.path == ("merge_method",)), None)
     variants = method_gene.choices if method_gene is not None else [None]
