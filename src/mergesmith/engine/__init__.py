@@ -9,7 +9,7 @@ Each room answers one question (docs/architecture.md draws the house):
     plan.py        how a recipe becomes a plan: plan_merge and its steps
     tensor.py      one planned tensor read and merged (load_inputs, merge_tensor)
     side_files.py  config, tokenizer and model card beside the weights
-    targets.py     where merged tensors go (the Target interface; a model folder)
+    targets.py     where merged tensors go (the Target interface; a model folder, a live model)
     stream.py      executing a plan: read, merge, write, overlapped
     run.py         merge(): plan, lock the output, compute missing statistics, stream
 
@@ -22,9 +22,9 @@ from mergesmith.engine.models import ModelInfo, resolve_model_path
 from mergesmith.engine.options import MergeOptions, option_problems
 from mergesmith.engine.plan import plan_merge
 from mergesmith.engine.stream import execute_plan
-from mergesmith.engine.targets import CheckpointTarget, Target
+from mergesmith.engine.targets import CheckpointTarget, ModelTarget, Target
 from mergesmith.engine.tensor import load_inputs, merge_tensor, nonfinite_counts
 
-__all__ = ["CheckpointTarget", "InputRef", "MergeOptions", "MergePlan", "MergeResult", "ModelInfo", "Span", "Target",
-           "TensorPlan", "execute_plan", "load_inputs", "merge", "merge_tensor", "nonfinite_counts", "option_problems",
+__all__ = ["CheckpointTarget", "InputRef", "MergeOptions", "MergePlan", "MergeResult", "ModelInfo", "ModelTarget", "Span",
+           "Target", "TensorPlan", "execute_plan", "load_inputs", "merge", "merge_tensor", "nonfinite_counts", "option_problems",
            "plan_merge", "resolve_model_path", "row_spans"]

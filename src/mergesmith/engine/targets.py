@@ -4,8 +4,10 @@ The executor (``stream.py``) opens a target, writes each merged tensor (or block
 of one) into it from its writer thread, and finishes it; it never asks which target it
 feeds. ``CheckpointTarget`` writes a Hugging Face model folder: the pre-laid-out
 safetensors shards (``checkpoint.writer``) and the side files, renamed into place only
-when everything is written. A new output form (an adapter's ``lora_A``/``lora_B``, say)
-is a new target.
+when everything is written. ``ModelTarget`` copies into a live model instead (search's
+resident model, ``checkpoint.memory``), so that a candidate costs the math and not a
+write and a reload. A new output form (an adapter's ``lora_A``/``lora_B``, say) is a
+new target.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional, Protocol
 
 import torch
 
+from mergesmith.checkpoint.memory import ModelWriter
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
 from mergesmith.engine.merge_plan import MergePlan
 from mergesmith.engine.side_files import write_side_files
@@ -25,7 +28,7 @@ from mergesmith.units import human_bytes
 
 class Target(Protocol):
     """What the stream feeds. A context manager: entering prepares it; leaving on an error or an
-    interrupt leaves no half-written result behind."""
+    interrupt cleans up what it can (a model folder leaves nothing behind)."""
 
     def __enter__(self) -> "Target": ...
 
@@ -77,3 +80,26 @@ class CheckpointTarget:
         assert self.writer is not None
         write_side_files(self.plan, self.writer)
         self.writer.commit()
+
+
+class ModelTarget:
+    """A live model (``checkpoint.memory.ModelWriter``): each tensor is copied into the parameter of its
+    name, with the rounding of loading the written checkpoint; ``finish`` checks that every tensor
+    was written, since one left from a previous merge would change the model silently. A merge
+    stopped halfway leaves the model part old, part new: the next one writes every tensor again."""
+
+    def __init__(self, writer: ModelWriter):
+        self.writer = writer
+
+    def __enter__(self) -> "ModelTarget":
+        self.writer.begin()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass
+
+    def write(self, name: str, tensor: torch.Tensor, row: Optional[int] = None) -> None:
+        self.writer.write(name, tensor, row=row)
+
+    def finish(self) -> None:
+        self.writer.finish()
