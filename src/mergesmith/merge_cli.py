@@ -47,7 +47,8 @@ def _show_warnings() -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from mergesmith.engine import MergeOptions, merge
+    from mergesmith.engine.options import MergeOptions
+    from mergesmith.api import merge
 
     _show_warnings()
     options = MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
