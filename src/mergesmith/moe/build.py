@@ -1,0 +1,139 @@
+"""Build a mixture of experts: plan (no weights read), gates (the prompt pass), then stream every
+output tensor into shards that the writer finishes atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from mergesmith.checks import device_problems, resolve_device
+from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor, remove_stale_partials
+from mergesmith.errors import InputError
+from mergesmith.moe.config import MoEConfig, read_moe_config, recipe_problems
+from mergesmith.moe.gates import compute_gates, degenerate_layers
+from mergesmith.moe.plan import MoEPlan, MoETensor, plan_moe
+from mergesmith.paths import OutputLock
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+RECIPE_NAME = "mergesmith_moe.yml"
+
+
+@dataclass
+class MoEOptions:
+    device: str = "cpu"  # where the prompt pass runs: cpu, cuda, cuda:N or auto
+    out_shard_size: int = 5 * 10 ** 9
+    overwrite: bool = False
+    progress: bool = True
+    random_seed: int = 0  # random gates and expert noise
+
+
+@dataclass
+class MoEResult:
+    out_dir: Optional[Path]
+    plan: MoEPlan
+    gates: Optional[torch.Tensor] = None  # (layers, routed + shared experts, hidden), float32
+    seconds: float = 0.0
+
+
+def option_problems(options: MoEOptions) -> list[str]:
+    problems = device_problems(options.device)
+    if options.out_shard_size < 1:
+        problems.append(f"--out-shard-size {options.out_shard_size} must be at least one byte, e.g. 5GB")
+    return problems
+
+
+def build_moe(config: Union[str, Path, dict, MoEConfig], out_dir: Union[str, Path], *, dry_run: bool = False,
+              options: Optional[MoEOptions] = None, **kwargs) -> MoEResult:
+    """Build the mixture of experts a mergekit-moe config describes into ``out_dir``.
+
+    Every problem with the config, the models and the output is raised together as one
+    ``InputError`` before any weight is read. With ``dry_run`` only the plan is made.
+    """
+    options = options or MoEOptions()
+    for key, value in kwargs.items():
+        if not hasattr(options, key):
+            raise TypeError(f"build_moe() got an unknown option {key!r}")
+        setattr(options, key, value)
+    out_dir = Path(out_dir)
+    parsed, where, text = read_moe_config(config)
+    plan = plan_moe(parsed, where, text, out_dir, overwrite=options.overwrite or dry_run,
+                    problems=option_problems(options) + recipe_problems(parsed, where))
+    if dry_run:
+        return MoEResult(None, plan)
+    with OutputLock(out_dir):
+        remove_stale_partials(out_dir)
+        if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
+            raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+        start = time.perf_counter()
+        gates = plan_gates(plan, options)
+        write_moe(plan, gates, out_dir, options)
+        return MoEResult(out_dir, plan, gates, time.perf_counter() - start)
+
+
+def plan_gates(plan: MoEPlan, options: MoEOptions) -> torch.Tensor:
+    """Router rows of every routed and shared expert: (layers, experts, hidden), float32."""
+    base = plan.base
+    embed = base.checkpoint.read("model.embed_tokens.weight") if plan.config.gate_mode == "cheap_embed" else None
+    gates = compute_gates(plan.config.gate_mode, plan.config.routed_and_shared, plan.layers, plan.hidden,
+                          base_path=base.path, embed=embed, device=resolve_device(options.device),
+                          seed=options.random_seed, progress=options.progress)
+    bad = degenerate_layers(gates)
+    if bad:
+        warnings.warn(f"{plan.where}: the router rows of {len(bad)} of {plan.layers} layers are nearly dependent "
+                      f"(condition number above 5, e.g. layer {bad[0]}); the prompts may be too alike, and some "
+                      "experts will rarely be chosen", stacklevel=2)
+    return gates
+
+
+def produce(plan: MoEPlan, t: MoETensor, gates: torch.Tensor, seed: int, position: int) -> torch.Tensor:
+    """One output tensor in the output dtype: a router block, or an input tensor with its expert's
+    noise (seeded per tensor, so any order gives the same bytes) and residual scale."""
+    n_routed = len(plan.config.experts)
+    if t.router is not None:
+        kind, layer = t.router
+        rows = gates[layer, :n_routed] if kind == "routed" else gates[layer, n_routed:n_routed + 1]
+        return rows.to(plan.out_dtype).contiguous()
+    checkpoint = plan.models[t.model].checkpoint
+    tensor = checkpoint.read(t.source)
+    if t.expert is not None:
+        tensor = expert_tensor(tensor, plan.config.routed_and_shared[t.expert].noise_scale,
+                               plan.config.routed_and_shared[t.expert].residual_scale if t.residual else None,
+                               torch.Generator().manual_seed(seed * 1_000_003 + position))
+    out = tensor.to(plan.out_dtype).contiguous()
+    checkpoint.release(t.source)
+    return out
+
+
+def expert_tensor(tensor: torch.Tensor, noise_scale: Optional[float], residual_scale: Optional[float],
+                  generator: torch.Generator) -> torch.Tensor:
+    """W + noise_scale * N(0, 1), times residual_scale (down projections only), in float32."""
+    out = tensor.float()
+    if noise_scale is not None:
+        out = out + noise_scale * torch.randn(out.shape, generator=generator)
+    if residual_scale is not None:
+        out = out * residual_scale
+    return out
+
+
+def write_moe(plan: MoEPlan, gates: torch.Tensor, out_dir: Path, options: MoEOptions) -> Path:
+    from tqdm.auto import tqdm
+
+    specs = [OutputTensor(t.name, plan.out_dtype, tuple(t.shape)) for t in plan.tensors]
+    with CheckpointWriter(out_dir, specs, options.out_shard_size, overwrite=options.overwrite) as writer:
+        for position, t in enumerate(tqdm(plan.tensors, desc="moe tensors", unit="tensor",
+                                          disable=not options.progress)):
+            writer.write(t.name, produce(plan, t, gates, options.random_seed, position))
+        writer.write_file("config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES:
+            if (plan.base.path / name).is_file():
+                writer.copy_file(plan.base.path / name)
+        writer.write_file(RECIPE_NAME, plan.yaml_text)
+        return writer.commit()

@@ -1,0 +1,114 @@
+"""The output folders: transformers loads and runs each architecture; tensors are the experts'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import moe_config
+from mergesmith.moe import build_moe
+from mergesmith.moe.build import TOKENIZER_FILES
+from tiny_models import load_state
+
+IDS = torch.tensor([[1, 5, 6, 7, 8, 20, 21], [1, 12, 13, 14, 40, 41, 42]])
+
+
+def load(path):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def logits(path_or_model):
+    model = load(path_or_model) if not isinstance(path_or_model, torch.nn.Module) else path_or_model
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("arch, shared, cls, router", [
+    ("llama", 0, "MixtralForCausalLM", "model.layers.1.block_sparse_moe.gate.weight"),
+    ("mistral", 0, "MixtralForCausalLM", "model.layers.1.block_sparse_moe.gate.weight"),
+    ("qwen2", 1, "Qwen2MoeForCausalLM", "model.layers.1.mlp.gate.weight"),
+    ("qwen3", 0, "Qwen3MoeForCausalLM", "model.layers.1.mlp.gate.weight"),
+])
+def test_transformers_loads_and_generates(experts, tmp_path, arch, shared, cls, router):
+    base, fts = experts(arch, 2 + shared)
+    out = tmp_path / "moe"
+    result = build_moe(moe_config(base, fts[:2], shared=fts[2:]), out, progress=False)
+    model = load(out)
+    assert type(model).__name__ == cls
+    generated = model.generate(IDS[:1], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, IDS.shape[1] + 4)
+    state = load_state(out)
+    assert torch.equal(state[router], result.gates[1, :2])
+    src = load_state(fts[1])
+    if arch in ("llama", "mistral"):
+        assert torch.equal(state["model.layers.0.block_sparse_moe.experts.1.w1.weight"],
+                           src["model.layers.0.mlp.gate_proj.weight"])
+        assert torch.equal(state["model.layers.0.block_sparse_moe.experts.1.w2.weight"],
+                           src["model.layers.0.mlp.down_proj.weight"])
+    else:
+        assert torch.equal(state["model.layers.0.mlp.experts.1.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"])
+    if shared:
+        assert torch.equal(state["model.layers.1.mlp.shared_expert.down_proj.weight"],
+                           load_state(fts[2])["model.layers.1.mlp.down_proj.weight"])
+        assert torch.equal(state["model.layers.1.mlp.shared_expert_gate.weight"], result.gates[1, 2:])
+    base_state = load_state(base)
+    assert torch.equal(state["model.layers.1.self_attn.q_proj.weight"], base_state["model.layers.1.self_attn.q_proj.weight"])
+    for name in TOKENIZER_FILES:  # copied unchanged (mergekit adds pad_token: docs/moe.md)
+        if (base / name).is_file():
+            assert (out / name).read_bytes() == (base / name).read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_experts_all_the_base_compute_the_base(experts, tmp_path, arch):
+    """Top-k weights sum to one, so a mixture of identical experts is that dense model."""
+    base, _ = experts(arch, 2)
+    config = moe_config(base, [base, base], gate_mode="random")
+    build_moe(config, tmp_path / "moe", progress=False)
+    torch.testing.assert_close(logits(tmp_path / "moe"), logits(base), rtol=1e-5, atol=1e-5)
+
+
+def test_noise_and_residual_scale(experts, tmp_path):
+    base, fts = experts("llama", 2)
+    config = moe_config(base, fts, gate_mode="uniform_random")
+    config["experts"][0].update(noise_scale=0.01, residual_scale=0.5)
+    build_moe(config, tmp_path / "a", progress=False, random_seed=3)
+    build_moe(config, tmp_path / "b", progress=False, random_seed=3)
+    a, src = load_state(tmp_path / "a"), load_state(fts[0])
+    assert all(torch.equal(a[k], v) for k, v in load_state(tmp_path / "b").items())  # seeded: reproducible
+    gate = a["model.layers.0.block_sparse_moe.experts.0.w1.weight"] - src["model.layers.0.mlp.gate_proj.weight"]
+    assert 0.007 < gate.std().item() < 0.013
+    down = a["model.layers.0.block_sparse_moe.experts.0.w2.weight"] - 0.5 * src["model.layers.0.mlp.down_proj.weight"]
+    assert 0.003 < down.std().item() < 0.007  # the noise is scaled too: (W + n) * 0.5
+    assert torch.equal(a["model.layers.0.block_sparse_moe.experts.1.w2.weight"], load_state(fts[1])["model.layers.0.mlp.down_proj.weight"])
+    bound = 16 ** -0.5
+    router = a["model.layers.0.block_sparse_moe.gate.weight"]
+    assert router.abs().max() <= bound and router.abs().max() > bound / 2
+
+
+def test_output_dtype_and_shards(experts, tmp_path):
+    base, fts = experts("llama", 2)
+    build_moe(moe_config(base, fts, gate_mode="random", dtype="bfloat16"), tmp_path / "moe", progress=False,
+              out_shard_size=5_000)
+    assert len(list((tmp_path / "moe").glob("model-*.safetensors"))) > 1
+    assert {t.dtype for t in load_state(tmp_path / "moe").values()} == {torch.bfloat16}
+    assert load(tmp_path / "moe").config.num_local_experts == 2
+
+
+def test_interrupted_build_leaves_nothing(experts, tmp_path, monkeypatch):
+    import mergesmith.moe.build as build
+
+    base, fts = experts("llama", 2)
+    real, calls = build.produce, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(build, "produce", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_moe(moe_config(base, fts, gate_mode="random"), tmp_path / "moe", progress=False)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
