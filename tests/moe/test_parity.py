@@ -55,57 +55,49 @@ def logits(path):
         return model(IDS).logits
 
 
-def router_names(arch_prefix: str, layers: int = 2) -> list[str]:
-    return [f"model.layers.{i}.{arch_prefix}.gate.weight" for i in range(layers)]
+def both(config: dict, tmp_path, monkeypatch=None, float32: bool = False):
+    """Build ``config`` with mergesmith and with mergekit: (router pairs (ours, theirs), our logits,
+    their logits). mergekit writes Mixtral routers under ``mlp.``, transformers 5 saves them under
+    ``block_sparse_moe.``; both load the same."""
+    ours = build_moe(config, tmp_path / "ours", progress=False)
+    theirs = run_mergekit(config, tmp_path / "theirs", float32=float32, monkeypatch=monkeypatch)
+    shared = bool(config.get("shared_experts"))
+    names = [ours.plan.arch.router_name(i) for i in range(2)] + \
+        [ours.plan.arch.shared_gate_name(i) for i in range(2) if shared]
+    their_names = [n.replace("block_sparse_moe", "mlp") for n in names]
+    pairs = list(zip(routers(ours.out_dir, names), routers(theirs, their_names)))
+    return pairs, logits(ours.out_dir), logits(theirs)
 
 
-def test_cheap_embed_llama_matches_mergekit(experts, tmp_path):
-    base, fts = experts("llama", 2)
-    config = moe_config(base, fts, gate_mode="cheap_embed")
-    ours = build_moe(config, tmp_path / "ours", progress=False).out_dir
-    theirs = run_mergekit(config, tmp_path / "theirs")
-    for a, b in zip(routers(ours, router_names("block_sparse_moe")), routers(theirs, router_names("mlp"))):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-5)
-
-
-def test_cheap_embed_qwen2_shared_expert_matches_mergekit(experts, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cheap_embed_matches_mergekit(experts, tmp_path, arch):
     # mergekit 0.1.5 opens readers for the base and the routed experts only, so its shared expert
     # must be one of those (here the base, the usual choice); ours may be any model.
-    base, fts = experts("qwen2", 2)
-    config = moe_config(base, fts, gate_mode="cheap_embed", shared=[base])
-    ours = build_moe(config, tmp_path / "ours", progress=False).out_dir
-    theirs = run_mergekit(config, tmp_path / "theirs")
-    names = router_names("mlp") + [f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in range(2)]
-    for a, b in zip(routers(ours, names), routers(theirs, names)):
+    base, fts = experts(arch, 2)
+    pairs, ours, theirs = both(moe_config(base, fts, gate_mode="cheap_embed",
+                                          shared=[base] if arch == "qwen2" else []), tmp_path)
+    for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_hidden_llama_matches_mergekit_as_shipped_in_bfloat16(experts, tmp_path):
     base, fts = experts("llama", 2)
-    config = moe_config(base, fts, gate_mode="hidden")
-    ours = build_moe(config, tmp_path / "ours", progress=False).out_dir
-    theirs = run_mergekit(config, tmp_path / "theirs")
-    for a, b in zip(routers(ours, router_names("block_sparse_moe")), routers(theirs, router_names("mlp"))):
+    pairs, ours, theirs = both(moe_config(base, fts, gate_mode="hidden"), tmp_path)
+    for a, b in pairs:
         assert (a - b).abs().max() <= BF16_ENTRY_TOLERANCE
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 1 - 1e-3
-    ours_logits, their_logits = logits(ours), logits(theirs)
-    assert (ours_logits - their_logits).abs().max() <= 1e-2 * their_logits.abs().max()
+    assert (ours - theirs).abs().max() <= 1e-2 * theirs.abs().max()
 
 
 @pytest.mark.parametrize("arch, mode", [("llama", "hidden"), ("llama", "hidden_last"), ("qwen2", "hidden")])
 def test_hidden_matches_mergekit_in_float32(experts, tmp_path, monkeypatch, arch, mode):
-    shared = 1 if arch == "qwen2" else 0
     base, fts = experts(arch, 2)
-    config = moe_config(base, fts, gate_mode=mode, shared=[base] * shared)
-    ours = build_moe(config, tmp_path / "ours", progress=False).out_dir
-    theirs = run_mergekit(config, tmp_path / "theirs", float32=True, monkeypatch=monkeypatch)
-    names = router_names("mlp") + [f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in range(2) if shared]
-    ours_names = router_names("block_sparse_moe") if arch == "llama" else names
-    for a, b in zip(routers(ours, ours_names), routers(theirs, names)):
+    config = moe_config(base, fts, gate_mode=mode, shared=[base] if arch == "qwen2" else [])
+    pairs, ours, theirs = both(config, tmp_path, monkeypatch, float32=True)
+    for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_hidden_avg_equal_length_prompts_match_mergekit(experts, tmp_path, monkeypatch):
@@ -115,9 +107,8 @@ def test_hidden_avg_equal_length_prompts_match_mergekit(experts, tmp_path, monke
     for i, e in enumerate(config["experts"]):
         e["positive_prompts"] = [f"t{5 + i} t{6 + i} t{7 + i}", f"t{20 + i} t{21 + i} t{22 + i}"]
         e["negative_prompts"] = [f"t{40 + i} t{41 + i} t{42 + i}"]
-    ours = build_moe(config, tmp_path / "ours", progress=False).out_dir
-    theirs = run_mergekit(config, tmp_path / "theirs", float32=True, monkeypatch=monkeypatch)
-    for a, b in zip(routers(ours, router_names("block_sparse_moe")), routers(theirs, router_names("mlp"))):
+    pairs, _, _ = both(config, tmp_path, monkeypatch, float32=True)
+    for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
