@@ -12,6 +12,8 @@ Tolerances:
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -79,6 +81,10 @@ def test_cheap_embed_matches_mergekit(experts, tmp_path, arch):
     for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # mergekit saves the tokenizer with the left padding (pad = BOS) it encoded the prompts with;
+    # ours is the base's, byte for byte (test_outputs.py)
+    padding = json.loads((tmp_path / "theirs" / "tokenizer.json").read_text())["padding"]
+    assert padding["direction"] == "Left" and json.loads((base / "tokenizer.json").read_text())["padding"] is None
 
 
 def test_hidden_llama_matches_mergekit_as_shipped_in_bfloat16(experts, tmp_path):
