@@ -90,11 +90,13 @@ def test_identical_prompts_refused_unless_random(experts, tmp_path, no_weight_re
     config["experts"][1]["positive_prompts"] = config["experts"][0]["positive_prompts"]
     config["experts"][1]["negative_prompts"] = config["experts"][0]["negative_prompts"]
     assert any("same positive and negative prompts" in p for p in problems_of(config, tmp_path))
-    for mode in ("random", "uniform_random"):
+    for mode in ("random", "uniform_random", "arrow"):
         config = moe_config(base, fts, gate_mode=mode)
         for e in config["experts"]:
             del e["positive_prompts"], e["negative_prompts"]
         assert build_moe(config, tmp_path / "out", dry_run=True).plan.arch.name == "Mixtral"
+    config["gate_mode"] = "ridge"
+    assert sum("has no positive_prompts; gate_mode ridge" in p for p in problems_of(config, tmp_path)) == 2
 
 
 def test_incompatible_models(experts, tmp_path, no_weight_reads):

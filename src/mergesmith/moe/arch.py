@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mergesmith.moe.config import RANDOM_MODES, MoEConfig
+from mergesmith.moe.config import PROMPT_MODES, MoEConfig
 
 PROJECTIONS = ("gate", "up", "down")
 MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
@@ -63,7 +63,7 @@ def refusal(arch: OutputArch, config: MoEConfig, model_types: list[str]) -> Opti
     shared = config.shared_experts or []
     if len(shared) != arch.shared_experts:
         return f"{arch.name} takes {arch.shared_experts} shared experts, the config has {len(shared)}"
-    if shared and config.gate_mode not in RANDOM_MODES and not shared[0].positive_prompts:
+    if shared and config.gate_mode in PROMPT_MODES and not shared[0].positive_prompts:
         return f"{arch.name}'s shared expert gate is built from its positive_prompts; give it some"
     if len(set(model_types)) != 1:
         return f"{arch.name} needs every input model of one model_type (got {', '.join(sorted(set(model_types)))})"

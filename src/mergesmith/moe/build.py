@@ -15,9 +15,10 @@ import torch
 from mergesmith.checks import device_problems, resolve_device
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor, remove_stale_partials
 from mergesmith.errors import InputError
-from mergesmith.moe.config import MoEConfig, read_moe_config, recipe_problems
-from mergesmith.moe.gates import compute_gates, degenerate_layers
+from mergesmith.moe.config import ROUTER_INPUT_MODES, MoEConfig, read_moe_config, recipe_problems
+from mergesmith.moe.gates import compute_gates, degenerate_layers, tokenize_like_mergekit
 from mergesmith.moe.plan import MoEPlan, MoETensor, plan_moe
+from mergesmith.moe.routers import arrow_gates, ridge_gates
 from mergesmith.paths import OutputLock
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -80,17 +81,40 @@ def build_moe(config: Union[str, Path, dict, MoEConfig], out_dir: Union[str, Pat
 
 def plan_gates(plan: MoEPlan, options: MoEOptions) -> torch.Tensor:
     """Router rows of every routed and shared expert: (layers, experts, hidden), float32."""
-    base = plan.base
-    embed = base.checkpoint.read("model.embed_tokens.weight") if plan.config.gate_mode == "cheap_embed" else None
-    gates = compute_gates(plan.config.gate_mode, plan.config.routed_and_shared, plan.layers, plan.hidden,
-                          base_path=base.path, embed=embed, device=resolve_device(options.device),
-                          seed=options.random_seed, progress=options.progress)
-    bad = degenerate_layers(gates)
+    base, mode, device = plan.base, plan.config.gate_mode, resolve_device(options.device)
+    if mode in ROUTER_INPUT_MODES:
+        gates = router_input_gates(plan, device, options.progress)
+    else:
+        embed = base.checkpoint.read("model.embed_tokens.weight") if mode == "cheap_embed" else None
+        gates = compute_gates(mode, plan.config.routed_and_shared, plan.layers, plan.hidden, base_path=base.path,
+                              embed=embed, device=device, seed=options.random_seed, progress=options.progress)
+    bad = degenerate_layers(gates) if mode not in ROUTER_INPUT_MODES else []  # their rows are not unit vectors
     if bad:
         warnings.warn(f"{plan.where}: the router rows of {len(bad)} of {plan.layers} layers are nearly dependent "
                       f"(condition number above 5, e.g. layer {bad[0]}); the prompts may be too alike, and some "
                       "experts will rarely be chosen", stacklevel=2)
     return gates
+
+
+def router_input_gates(plan: MoEPlan, device: str, progress: bool) -> torch.Tensor:
+    """``arrow`` or ``ridge`` rows for the routed experts; a shared expert's row is zero (routers.py)."""
+    from transformers.activations import ACT2FN
+
+    def read(ref: str, name: str) -> torch.Tensor:
+        checkpoint = plan.models[ref].checkpoint
+        tensor = checkpoint.read(name).to(torch.float32, copy=True)
+        checkpoint.release(name)
+        return tensor
+
+    refs = [e.source_model for e in plan.config.experts]
+    if plan.config.gate_mode == "arrow":
+        gates = arrow_gates(read, plan.config.base_model, refs, plan.layers,
+                            ACT2FN[plan.base.config.get("hidden_act", "silu")], progress)
+    else:
+        gates = ridge_gates(read, plan.base.path, refs, [e.positive_prompts for e in plan.config.experts],
+                            plan.layers, device, tokenize_like_mergekit, progress)
+    shared = torch.zeros(plan.layers, len(plan.config.shared_experts or []), plan.hidden)
+    return torch.cat([gates, shared], dim=1)
 
 
 def produce(plan: MoEPlan, t: MoETensor, gates: torch.Tensor, seed: int, position: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ Fields and their meaning (mergekit ``mergekit/moe/config.py``, ``scripts/moe.py`
   model the gate prompts run through;
 - ``experts``: one routed expert each; its MLP becomes expert ``i`` of every layer;
 - ``shared_experts``: experts every token goes through (Qwen2-MoE: exactly one);
-- ``gate_mode``: how router rows are made (``docs/moe.md`` gives each formula);
+- ``gate_mode``: how router rows are made (``docs/moe.md`` gives each formula); mergesmith adds
+  ``arrow`` and ``ridge``;
 - ``dtype``: the output dtype (default: the base model's ``torch_dtype``);
 - ``experts_per_token``: top-k of the router (default 2);
 - ``architecture``: the output architecture, matched case-insensitively by prefix against
@@ -26,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from mergesmith.errors import InputError, read_text
 
-PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")  # mergekit's, from the base's states
 RANDOM_MODES = ("random", "uniform_random")
-GATE_MODES = PROMPT_MODES + RANDOM_MODES
+ROUTER_INPUT_MODES = ("arrow", "ridge")  # mergesmith's, for the router's real input (routers.py)
+GATE_MODES = PROMPT_MODES + RANDOM_MODES + ROUTER_INPUT_MODES
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
@@ -116,7 +118,7 @@ def read_moe_config(source: Union[str, Path, dict, MoEConfig]) -> tuple[MoEConfi
 
 
 def needs_prompts(gate_mode: str) -> bool:
-    return gate_mode in PROMPT_MODES
+    return gate_mode in PROMPT_MODES or gate_mode == "ridge"
 
 
 def _prompt_key(expert: Expert) -> tuple:
@@ -158,8 +160,8 @@ def _prompt_problems(config: MoEConfig, where: str) -> list[str]:
     for i, e in enumerate(config.experts):
         if not e.positive_prompts:
             problems.append(f"{where}: experts[{i}] ({e.source_model}) has no positive_prompts; gate_mode "
-                            f"{config.gate_mode} builds its router row from them (random and uniform_random "
-                            "need none)")
+                            f"{config.gate_mode} builds its router row from them (random, uniform_random "
+                            "and arrow need none)")
     shared = config.shared_experts or []
     with_prompts = [bool(e.positive_prompts) for e in shared]
     if any(with_prompts) and not all(with_prompts):

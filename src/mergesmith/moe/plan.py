@@ -22,7 +22,7 @@ from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
 from mergesmith.engine import resolve_model_path
 from mergesmith.errors import InputError
 from mergesmith.moe.arch import MIXTRAL, PROJECTIONS, OutputArch, output_config, select_arch
-from mergesmith.moe.config import MoEConfig, identical_prompt_pairs, needs_prompts
+from mergesmith.moe.config import RANDOM_MODES, MoEConfig, identical_prompt_pairs, needs_prompts
 from mergesmith.paths import output_problems
 from mergesmith.units import human_bytes
 
@@ -77,12 +77,18 @@ class MoEPlan:
 
     def gate_pass_bytes(self) -> int:
         """What the prompt pass holds: the base model in float32 (hidden modes) or its embedding."""
-        if not needs_prompts(self.config.gate_mode):
+        if self.config.gate_mode in RANDOM_MODES:
             return 0
         infos = self.base.checkpoint.infos
-        if self.config.gate_mode == "cheap_embed":
+        mode, cfg = self.config.gate_mode, self.base.config
+        if mode == "arrow":  # two MLPs, the delta and its Gram
+            return (8 * cfg["intermediate_size"] + 2 * cfg["hidden_size"]) * cfg["hidden_size"] * 4
+        if mode == "cheap_embed":
             return infos["model.embed_tokens.weight"].numel * 4
-        return sum(i.numel for n, i in infos.items() if not is_skipped(n)) * 4
+        model = sum(i.numel for n, i in infos.items() if not is_skipped(n)) * 4
+        if mode == "ridge":  # per expert and layer, the Gram of its MLP inputs in float64
+            return model + len(self.config.experts) * self.layers * self.hidden ** 2 * 8
+        return model
 
     def predicted_peak_bytes(self) -> int:
         """The larger of the prompt pass and the write pass (a tensor in float32, its noise, its output)."""
@@ -200,7 +206,8 @@ def _tensor_problems(config: MoEConfig, models: dict[str, InputModel], where: st
     layers, hidden, inter = (base.config.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size"))
     problems = []
     shapes = {p: mlp_shape(base.config, p) for p in PROJECTIONS}
-    for ref in dict.fromkeys(e.source_model for e in config.routed_and_shared):
+    arrow = config.gate_mode == "arrow"  # reads the base's MLPs and norms too
+    for ref in dict.fromkeys(([base.ref] if arrow else []) + [e.source_model for e in config.routed_and_shared]):
         infos = models[ref].checkpoint.infos
         bad = [MLP_INPUT.format(layer=layer, proj=p) for layer in range(layers) for p in PROJECTIONS
                if MLP_INPUT.format(layer=layer, proj=p) not in infos
@@ -209,6 +216,7 @@ def _tensor_problems(config: MoEConfig, models: dict[str, InputModel], where: st
             problems.append(f"{where}: {ref}: {len(bad)} MLP tensors missing or of the wrong shape (e.g. {bad[0]}; "
                             f"expected gate/up {list(shapes['gate'])}, down {list(shapes['down'])})")
     needed = ["model.embed_tokens.weight"] + ([] if base.config.get("tie_word_embeddings") else ["lm_head.weight"])
+    needed += [f"model.layers.{i}.post_attention_layernorm.weight" for i in range(layers or 0) if arrow]
     problems += [f"{where}: {base.ref}: has no {n}" + ("; if it ties its embeddings, say tie_word_embeddings: true "
                                                        "in its config.json" if "lm_head" in n else "")
                  for n in needed if n not in base.checkpoint.infos]
