@@ -60,13 +60,15 @@ def test_transformers_loads_and_generates(experts, tmp_path, arch, shared, cls, 
             assert (out / name).read_bytes() == (base / name).read_bytes()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_experts_all_the_base_compute_the_base(experts, tmp_path, arch):
-    """Top-k weights sum to one, so a mixture of identical experts is that dense model."""
-    base, _ = experts(arch, 2)
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("qwen3", False)])
+def test_experts_all_the_base_compute_the_base(experts, tmp_path, arch, tied):
+    """Top-k weights sum to one, so a mixture of identical experts is that dense model (tied
+    embeddings stay tied: no lm_head is written)."""
+    base, _ = experts(arch, 2, **({"tied": True} if tied else {}))
     config = moe_config(base, [base, base], gate_mode="random")
     build_moe(config, tmp_path / "moe", progress=False)
     torch.testing.assert_close(logits(tmp_path / "moe"), logits(base), rtol=1e-5, atol=1e-5)
+    assert ("lm_head.weight" in load_state(tmp_path / "moe")) == (not tied)
 
 
 def test_noise_and_residual_scale(experts, tmp_path):
@@ -94,6 +96,17 @@ def test_output_dtype_and_shards(experts, tmp_path):
     assert len(list((tmp_path / "moe").glob("model-*.safetensors"))) > 1
     assert {t.dtype for t in load_state(tmp_path / "moe").values()} == {torch.bfloat16}
     assert load(tmp_path / "moe").config.num_local_experts == 2
+
+
+def test_options_object_is_not_changed(experts, tmp_path):
+    from mergesmith.moe import MoEOptions
+
+    base, fts = experts("llama", 2)
+    options = MoEOptions()
+    build_moe(moe_config(base, fts, gate_mode="random"), tmp_path / "moe", options=options, progress=False)
+    assert options.progress is True
+    with pytest.raises(TypeError):
+        build_moe(moe_config(base, fts), tmp_path / "x", dry_run=True, nonsense=1)
 
 
 def test_interrupted_build_leaves_nothing(experts, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ output tensor into shards that the writer finishes atomically."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -58,11 +59,8 @@ def build_moe(config: Union[str, Path, dict, MoEConfig], out_dir: Union[str, Pat
     Every problem with the config, the models and the output is raised together as one
     ``InputError`` before any weight is read. With ``dry_run`` only the plan is made.
     """
-    options = options or MoEOptions()
-    for key, value in kwargs.items():
-        if not hasattr(options, key):
-            raise TypeError(f"build_moe() got an unknown option {key!r}")
-        setattr(options, key, value)
+    # A copy: the caller's options stay as they were (replace also rejects unknown names).
+    options = dataclasses.replace(options or MoEOptions(), **kwargs)
     out_dir = Path(out_dir)
     parsed, where, text = read_moe_config(config)
     plan = plan_moe(parsed, where, text, out_dir, overwrite=options.overwrite or dry_run,
