@@ -125,3 +125,41 @@ def test_interrupted_build_leaves_nothing(experts, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_moe(moe_config(base, fts, gate_mode="random"), tmp_path / "moe", progress=False)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_shared_tensors_merged_from_the_experts(experts, tmp_path):
+    """Branch-Train-Mix: attention, norms and embeddings averaged over the experts (linear)."""
+    base, fts = experts("llama", 2)
+    config = moe_config(base, fts, gate_mode="random", shared_tensors={"merge_method": "linear",
+                                                                      "parameters": {"weight": 1.0}})
+    result = build_moe(config, tmp_path / "moe", progress=False)
+    assert "linear of the experts' model.layers.0.self_attn.q_proj.weight" in result.plan.describe()
+    out, a, b = load_state(tmp_path / "moe"), load_state(fts[0]), load_state(fts[1])
+    for name in ("model.layers.1.self_attn.o_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        torch.testing.assert_close(out[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out["model.layers.0.block_sparse_moe.experts.0.w1.weight"], a["model.layers.0.mlp.gate_proj.weight"])
+    assert load(tmp_path / "moe").generate(IDS[:1], max_new_tokens=2, do_sample=False).shape[1] == IDS.shape[1] + 2
+
+
+def test_shared_tensors_problems_reported_with_the_others(experts, tmp_path):
+    from mergesmith.errors import InputError
+
+    base, fts = experts("llama", 2)
+    config = moe_config(base, fts, gate_mode="nope", shared_tensors={"merge_method": "no_such_method"})
+    with pytest.raises(InputError) as err:
+        build_moe(config, tmp_path / "moe", progress=False)
+    text = str(err.value)
+    assert "gate_mode = 'nope'" in text and "shared_tensors: merge_method = 'no_such_method' is not a known" in text
+
+
+def test_shared_tensors_ties_uses_the_base(experts, tmp_path):
+    base, fts = experts("llama", 2)
+    config = moe_config(base, fts, gate_mode="random",
+                        shared_tensors={"merge_method": "ties", "parameters": {"density": 1.0, "weight": 1.0}})
+    build_moe(config, tmp_path / "moe", progress=False)
+    out, b0, a, b = (load_state(p) for p in (tmp_path / "moe", base, *fts))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tau = torch.stack([a[name] - b0[name], b[name] - b0[name]])  # TIES at density 1: elect, disjoint mean
+    keep = torch.sign(tau) == torch.sign(tau.sum(0))
+    expected = b0[name] + (tau * keep).sum(0) / keep.sum(0).clamp(min=1)
+    torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ import torch
 
 from mergesmith.checks import device_problems, resolve_device
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor, remove_stale_partials
+from mergesmith.engine import MergeOptions, merge_tensor
 from mergesmith.errors import InputError
 from mergesmith.moe.config import ROUTER_INPUT_MODES, MoEConfig, read_moe_config, recipe_problems
 from mergesmith.moe.gates import compute_gates, degenerate_layers, tokenize_like_mergekit
@@ -64,17 +65,30 @@ def build_moe(config: Union[str, Path, dict, MoEConfig], out_dir: Union[str, Pat
     out_dir = Path(out_dir)
     parsed, where, text = read_moe_config(config)
     plan = plan_moe(parsed, where, text, out_dir, overwrite=options.overwrite or dry_run,
-                    problems=option_problems(options) + recipe_problems(parsed, where))
+                    problems=option_problems(options) + recipe_problems(parsed, where),
+                    merge_options=MergeOptions(device=options.device, progress=False))
     if dry_run:
+        close_inputs(plan)
         return MoEResult(None, plan)
-    with OutputLock(out_dir):
-        remove_stale_partials(out_dir)
-        if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
-            raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
-        start = time.perf_counter()
-        gates = plan_gates(plan, options)
-        write_moe(plan, gates, out_dir, options)
-        return MoEResult(out_dir, plan, gates, time.perf_counter() - start)
+    try:
+        with OutputLock(out_dir):
+            remove_stale_partials(out_dir)
+            if out_dir.exists() and not options.overwrite:  # another run may have finished meanwhile
+                raise InputError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+            start = time.perf_counter()
+            gates = plan_gates(plan, options)
+            write_moe(plan, gates, out_dir, options)
+            return MoEResult(out_dir, plan, gates, time.perf_counter() - start)
+    finally:
+        close_inputs(plan)
+
+
+def close_inputs(plan: MoEPlan) -> None:
+    """Forget every mapped input file (the shared-tensor merge's too)."""
+    for m in plan.models.values():
+        m.checkpoint.close()
+    for m in plan.shared_merge.models if plan.shared_merge is not None else []:
+        m.checkpoint.close()
 
 
 def plan_gates(plan: MoEPlan, options: MoEOptions) -> torch.Tensor:
@@ -123,6 +137,9 @@ def produce(plan: MoEPlan, t: MoETensor, gates: torch.Tensor, seed: int, positio
         kind, layer = t.router
         rows = gates[layer, :n_routed] if kind == "routed" else gates[layer, n_routed:n_routed + 1]
         return rows.to(plan.out_dtype).contiguous()
+    if t.merged:
+        return merge_tensor(plan.shared_merge, plan.shared_task(t.source),
+                            resolve_device(plan.merge_options.device)).to(plan.out_dtype)
     checkpoint = plan.models[t.model].checkpoint
     tensor = checkpoint.read(t.source)
     if t.expert is not None:

@@ -11,7 +11,9 @@ Fields and their meaning (mergekit ``mergekit/moe/config.py``, ``scripts/moe.py`
 - ``dtype``: the output dtype (default: the base model's ``torch_dtype``);
 - ``experts_per_token``: top-k of the router (default 2);
 - ``architecture``: the output architecture, matched case-insensitively by prefix against
-  ``Mixtral``, ``Qwen MoE``, ``Qwen3 MoE`` (default: chosen from the inputs).
+  ``Mixtral``, ``Qwen MoE``, ``Qwen3 MoE`` (default: chosen from the inputs);
+- ``shared_tensors`` (mergesmith only): merge attention, norms and embeddings from the routed
+  experts with a mergesmith method instead of taking the base's (Branch-Train-Mix averages them).
 
 Checks that need only the recipe live here (``recipe_problems``); those that need the
 models' configs live in ``plan.py``.
@@ -66,6 +68,9 @@ class MoEConfig(BaseModel):
     experts_per_token: int = 2
     shared_experts: Optional[list[Expert]] = None
     architecture: Optional[str] = None
+    # mergesmith's extension: merge the tensors outside the MLPs from the routed experts with a
+    # mergesmith method (a recipe without models; see docs/moe.md). Absent: the base's, as mergekit.
+    shared_tensors: Optional[dict[str, Any]] = None
 
     _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: _path_of(v)))
 
@@ -115,6 +120,26 @@ def read_moe_config(source: Union[str, Path, dict, MoEConfig]) -> tuple[MoEConfi
     except ValidationError as err:
         raise InputError([_schema_problem(where, e) for e in err.errors()]) from None
     return config, where, text
+
+
+def shared_tensors_recipe(config: MoEConfig) -> Optional[dict[str, Any]]:
+    """The mergesmith recipe that merges the tensors outside the MLPs: the block, with the routed
+    experts as ``models`` and, for a method that uses a base (task vectors), the base as
+    ``base_model``, unless the block names its own. (A method that ignores bases would take the
+    base as one more input.)"""
+    from mergesmith.methods import BasePolicy, get_method
+
+    if config.shared_tensors is None:
+        return None
+    recipe: dict[str, Any] = {"models": [{"model": e.source_model} for e in config.experts]}
+    try:
+        uses_base = get_method(config.shared_tensors.get("merge_method")).base != BasePolicy.IGNORED
+    except (KeyError, TypeError):
+        uses_base = False  # the engine names the unknown method
+    if uses_base:
+        recipe["base_model"] = config.base_model
+    recipe.update(config.shared_tensors)
+    return recipe
 
 
 def needs_prompts(gate_mode: str) -> bool:

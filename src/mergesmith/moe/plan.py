@@ -12,17 +12,18 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from mergesmith.checkpoint.config import read_config
 from mergesmith.checkpoint.layout import is_skipped, split_layer_name
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name, dtype_name
-from mergesmith.engine import resolve_model_path
+from mergesmith.engine import MergeOptions, MergePlan, plan_merge, resolve_model_path
 from mergesmith.errors import InputError
 from mergesmith.moe.arch import MIXTRAL, PROJECTIONS, OutputArch, output_config, select_arch
-from mergesmith.moe.config import RANDOM_MODES, MoEConfig, identical_prompt_pairs, needs_prompts
+from mergesmith.moe.config import (RANDOM_MODES, MoEConfig, identical_prompt_pairs, needs_prompts,
+                                   shared_tensors_recipe)
 from mergesmith.paths import output_problems
 from mergesmith.units import human_bytes
 
@@ -51,6 +52,7 @@ class MoETensor:
     expert: Optional[int] = None  # index into config.routed_and_shared
     residual: bool = False
     router: Optional[tuple[str, int]] = None  # ("routed" | "shared", layer)
+    merged: bool = False  # merged by ``MoEPlan.shared_merge`` (the config's shared_tensors) instead
 
 
 @dataclass
@@ -66,6 +68,14 @@ class MoEPlan:
     layers: int
     hidden: int
     warnings: list[str] = field(default_factory=list)
+    shared_merge: Any = None  # the engine's MergePlan of the tensors outside the MLPs (shared_tensors)
+    merge_options: Any = None
+
+    def shared_task(self, name: str) -> Any:
+        """The engine's plan of tensor ``name`` in ``shared_merge``."""
+        if not hasattr(self, "_shared_tasks"):
+            self._shared_tasks = {t.name: t for t in self.shared_merge.tensors}
+        return self._shared_tasks[name]
 
     @property
     def base(self) -> InputModel:
@@ -93,7 +103,8 @@ class MoEPlan:
     def predicted_peak_bytes(self) -> int:
         """The larger of the prompt pass and the write pass (a tensor in float32, its noise, its output)."""
         largest = max(math.prod(t.shape) for t in self.tensors)
-        return max(self.gate_pass_bytes(), largest * (8 + self.out_dtype.itemsize))
+        merging = self.shared_merge.predicted_peak_bytes(self.merge_options) if self.shared_merge else 0
+        return max(self.gate_pass_bytes(), largest * (8 + self.out_dtype.itemsize), merging)
 
     def describe(self, full: bool = True) -> str:
         lines = []
@@ -102,6 +113,8 @@ class MoEPlan:
             for t in self.tensors:
                 src = f"router ({t.router[0]}, gate_mode {self.config.gate_mode})" if t.router else \
                     f"{t.model}:{t.source}"
+                if t.merged:
+                    src = f"{self.config.shared_tensors.get('merge_method')} of the experts' {t.source}"
                 if t.expert is not None:
                     e = self.config.routed_and_shared[t.expert]
                     extras = [f"noise {e.noise_scale}" if e.noise_scale else "",
@@ -125,7 +138,8 @@ class MoEPlan:
 
 
 def plan_moe(config: MoEConfig, where: str, yaml_text: str = "", out_dir: Optional[Path] = None,
-             overwrite: bool = True, problems: Optional[list[str]] = None) -> MoEPlan:
+             overwrite: bool = True, problems: Optional[list[str]] = None,
+             merge_options: Optional[MergeOptions] = None) -> MoEPlan:
     """Open every model named (headers and configs only) and check everything; InputError lists
     every problem at once, those passed in (the recipe's, the options') too. With ``out_dir``, an
     output that overlaps an input is refused, and an existing one unless ``overwrite``."""
@@ -150,15 +164,30 @@ def plan_moe(config: MoEConfig, where: str, yaml_text: str = "", out_dir: Option
         problems.append(f"{base.path}: no tokenizer, and gate_mode {config.gate_mode} runs the prompts through "
                         "this base model; save its tokenizer beside it")
     out_dtype = _out_dtype(config, base, where, problems)
+    merge_options = merge_options or MergeOptions(progress=False)
+    shared_merge = _shared_merge(config, where, merge_options, problems)
     if problems:
         raise InputError(problems)
     attention_bias = "model.layers.0.self_attn.q_proj.bias" in base.checkpoint.infos
     out_cfg = output_config(arch, base.config, len(config.experts), config.experts_per_token,
                             dtype_name(out_dtype), attention_bias)
     plan = MoEPlan(config, where, yaml_text, arch, models, out_cfg, out_dtype,
-                   _layout(config, arch, base), base.config["num_hidden_layers"], base.config["hidden_size"])
+                   _layout(config, arch, base, shared_merge), base.config["num_hidden_layers"],
+                   base.config["hidden_size"], shared_merge=shared_merge, merge_options=merge_options)
     plan.warnings = _warnings(config, where)
     return plan
+
+
+def _shared_merge(config: MoEConfig, where: str, options: MergeOptions, problems: list[str]) -> Optional[MergePlan]:
+    """The engine's plan for the shared_tensors block, its problems added to ``problems``."""
+    recipe = shared_tensors_recipe(config)
+    if recipe is None:
+        return None
+    try:
+        return plan_merge(recipe, options)
+    except InputError as err:
+        problems += [f"{where}: shared_tensors: {p.removeprefix('recipe: ')}" for p in err.problems]
+        return None
 
 
 def _open_models(config: MoEConfig, where: str) -> tuple[dict[str, InputModel], list[str]]:
@@ -233,11 +262,13 @@ def _out_dtype(config: MoEConfig, base: InputModel, where: str, problems: list[s
         return torch.float32
 
 
-def _layout(config: MoEConfig, arch: OutputArch, base: InputModel) -> list[MoETensor]:
-    """Every output tensor in write order: the base's non-MLP tensors, then each layer's router and experts."""
+def _layout(config: MoEConfig, arch: OutputArch, base: InputModel, shared_merge: Optional[MergePlan]) -> list[MoETensor]:
+    """Every output tensor in write order: the base's non-MLP tensors (or their merge), then each
+    layer's router and experts."""
     infos = base.checkpoint.infos
     layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
-    tensors = [MoETensor(n, info.shape, base.ref, n) for n, info in infos.items()
+    merged = {t.name for t in shared_merge.tensors} if shared_merge is not None else set()
+    tensors = [MoETensor(n, info.shape, base.ref, n, merged=n in merged) for n, info in infos.items()
                if not is_skipped(n) and ".mlp." not in n]
     tensors.sort(key=lambda t: (split_layer_name(t.name) is not None,
                                 split_layer_name(t.name).index if split_layer_name(t.name) else 0))
