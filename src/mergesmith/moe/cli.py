@@ -26,6 +26,26 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_moe)
 
+    t = subparsers.add_parser("moe-train", help="train only the routers of a mixture of experts",
+                              description="Train the routers of MOE_DIR (found by exact name; everything else "
+                                          "frozen) on the labelled items of task files, with a load-balancing "
+                                          "loss, and write OUT_DIR. See docs/moe.md.")
+    t.add_argument("moe_dir", help="the mixture of experts (a folder mergesmith moe wrote)")
+    t.add_argument("out_dir", help="where to write the model with trained routers")
+    t.add_argument("--data", nargs="+", required=True, help="task files (JSONL, CSV, YAML) whose labelled items "
+                                                            "are the training texts: train/validation, never test")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--balance", type=float, default=0.01, help="weight of the load-balancing loss (default 0.01)")
+    t.add_argument("--batch-size", type=int, default=8, help="texts per step (default 8)")
+    t.add_argument("--max-length", type=int, default=256, help="tokens per text, longer ones cut (default 256)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    t.add_argument("--out-shard-size", type=parse_size, default="5GB", help="max bytes per output shard (default 5GB)")
+    t.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    t.add_argument("--random-seed", type=int, default=0, help="order of the texts (default 0)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=run_moe_train)
+
 
 def run_moe(args: argparse.Namespace) -> int:
     from mergesmith.merge_cli import _show_warnings
@@ -41,4 +61,18 @@ def run_moe(args: argparse.Namespace) -> int:
         return 0
     print(result.plan.describe(full=False), file=sys.stderr)
     print(f"wrote {len(result.plan.tensors)} tensors to {result.out_dir} in {result.seconds:.1f} s")
+    return 0
+
+
+def run_moe_train(args: argparse.Namespace) -> int:
+    from mergesmith.moe.train import RouterTraining, train_routers
+
+    options = RouterTraining(steps=args.steps, lr=args.lr, balance=args.balance, batch_size=args.batch_size,
+                             max_length=args.max_length, seed=args.random_seed, device=args.device,
+                             overwrite=args.overwrite, out_shard_size=args.out_shard_size,
+                             progress=not args.no_progress)
+    result = train_routers(args.moe_dir, args.data, args.out_dir, options=options)
+    first, last = result.losses[0], result.losses[-1]
+    print(f"trained {len(result.routers)} routers for {len(result.losses)} steps (loss {first:.4f} -> {last:.4f}); "
+          f"wrote {result.out_dir}")
     return 0
