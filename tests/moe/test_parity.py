@@ -136,3 +136,18 @@ def test_hidden_avg_ignores_padding(experts):
     model = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     theirs = get_hidden_states(model, tokenize_prompts([short, long], tokenizer), average=True)
     assert (theirs - together).abs().max() > 1e-2  # the four pads of the short prompt, averaged in
+
+
+def test_hidden_in_bfloat16_like_mergekit(experts, tmp_path):
+    """With the prompt pass in bfloat16 too, the remaining difference is where the states are
+    averaged (mergekit in bfloat16, we in float32), and the predicted peak halves."""
+    base, fts = experts("llama", 2)
+    config = moe_config(base, fts, gate_mode="hidden")
+    ours = build_moe(config, tmp_path / "ours", progress=False, prompt_dtype="bfloat16")
+    theirs = run_mergekit(config, tmp_path / "theirs")
+    float32_plan = build_moe(config, tmp_path / "x", dry_run=True).plan
+    assert ours.plan.gate_pass_bytes() * 2 == float32_plan.gate_pass_bytes()
+    for i in range(2):
+        a = load_state(ours.out_dir)[ours.plan.arch.router_name(i)]
+        b = load_state(theirs)[f"model.layers.{i}.mlp.gate.weight"]
+        assert (a - b).abs().max() <= 2 ** -8

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from mergesmith.checks import device_problems, resolve_device
+from mergesmith.checks import choice_problems, device_problems, resolve_device
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor, remove_stale_partials
 from mergesmith.engine import MergeOptions, merge_tensor
 from mergesmith.errors import InputError
@@ -27,6 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 RECIPE_NAME = "mergesmith_moe.yml"
+PROMPT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -36,6 +37,7 @@ class MoEOptions:
     overwrite: bool = False
     progress: bool = True
     random_seed: int = 0  # random gates and expert noise
+    prompt_dtype: str = "float32"  # the base model's dtype in the prompt pass (bfloat16: mergekit's, half the memory)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class MoEResult:
 
 
 def option_problems(options: MoEOptions) -> list[str]:
-    problems = device_problems(options.device)
+    problems = device_problems(options.device) + choice_problems("--prompt-dtype", options.prompt_dtype, PROMPT_DTYPES)
     if options.out_shard_size < 1:
         problems.append(f"--out-shard-size {options.out_shard_size} must be at least one byte, e.g. 5GB")
     return problems
@@ -66,7 +68,8 @@ def build_moe(config: Union[str, Path, dict, MoEConfig], out_dir: Union[str, Pat
     parsed, where, text = read_moe_config(config)
     plan = plan_moe(parsed, where, text, out_dir, overwrite=options.overwrite or dry_run,
                     problems=option_problems(options) + recipe_problems(parsed, where),
-                    merge_options=MergeOptions(device=options.device, progress=False))
+                    merge_options=MergeOptions(device=options.device, progress=False),
+                    prompt_dtype=PROMPT_DTYPES.get(options.prompt_dtype, torch.float32))
     if dry_run:
         close_inputs(plan)
         return MoEResult(None, plan)
@@ -99,7 +102,8 @@ def plan_gates(plan: MoEPlan, options: MoEOptions) -> torch.Tensor:
     else:
         embed = base.checkpoint.read("model.embed_tokens.weight") if mode == "cheap_embed" else None
         gates = compute_gates(mode, plan.config.routed_and_shared, plan.layers, plan.hidden, base_path=base.path,
-                              embed=embed, device=device, seed=options.random_seed, progress=options.progress)
+                              embed=embed, device=device, seed=options.random_seed, progress=options.progress,
+                              dtype=plan.prompt_dtype)
     bad = degenerate_layers(gates) if mode not in ROUTER_INPUT_MODES else []  # their rows are not unit vectors
     if bad:
         warnings.warn(f"{plan.where}: the router rows of {len(bad)} of {plan.layers} layers are nearly dependent "
@@ -124,7 +128,7 @@ def router_input_gates(plan: MoEPlan, device: str, progress: bool) -> torch.Tens
                             ACT2FN[plan.base.config.get("hidden_act", "silu")], progress)
     else:
         gates = ridge_gates(read, plan.base.path, refs, [e.positive_prompts for e in plan.config.experts],
-                            plan.layers, device, tokenize_like_mergekit, progress)
+                            plan.layers, device, tokenize_like_mergekit, progress, plan.prompt_dtype)
     shared = torch.zeros(plan.layers, len(plan.config.shared_experts or []), plan.hidden)
     return torch.cat([gates, shared], dim=1)
 

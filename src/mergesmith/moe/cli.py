@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--random-seed", type=int, default=0,
                    help="seed of random gates and of experts' noise_scale noise (default 0)")
+    p.add_argument("--prompt-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the base model's dtype while the gate prompts run: float32 (default) or bfloat16 "
+                        "(mergekit's numerics, half the memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_moe)
 
@@ -53,7 +56,8 @@ def run_moe(args: argparse.Namespace) -> int:
 
     _show_warnings()
     options = MoEOptions(device=args.device, out_shard_size=args.out_shard_size, overwrite=args.overwrite,
-                         progress=not args.no_progress, random_seed=args.random_seed)
+                         progress=not args.no_progress, random_seed=args.random_seed,
+                         prompt_dtype=args.prompt_dtype)
     result = build_moe(args.config, args.out_dir, dry_run=args.dry_run, options=options)
     if args.dry_run:
         print(result.plan.describe())

@@ -75,13 +75,13 @@ def tokenize_like_mergekit(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 def prompt_summarizer(mode: str, base_path, layers: int, device: str,
-                      embed: Optional[torch.Tensor] = None) -> Summary:
-    """The function v(P) for ``mode``; ``hidden*`` modes load the base model once (float32) through
-    ``mergesmith.evaluate``'s loader."""
+                      embed: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> Summary:
+    """The function v(P) for ``mode``; ``hidden*`` modes load the base model once (in ``dtype``; the
+    states are averaged in float32) through ``mergesmith.evaluate``'s loader."""
     from mergesmith.evaluate.model import load_model
     from mergesmith.evaluate.scoring import left_padded
 
-    lm = load_model(str(base_path), device=device, dtype=torch.float32) if mode != "cheap_embed" else None
+    lm = load_model(str(base_path), device=device, dtype=dtype) if mode != "cheap_embed" else None
     if lm is None:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(base_path))
@@ -103,7 +103,7 @@ def prompt_summarizer(mode: str, base_path, layers: int, device: str,
 
 def compute_gates(mode: str, experts: list[Expert], layers: int, hidden: int, *, base_path=None,
                   embed: Optional[torch.Tensor] = None, device: str = "cpu", seed: int = 0,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Router rows of ``experts`` for every layer: (layers, len(experts), hidden), float32."""
     generator = torch.Generator().manual_seed(seed)
     if mode == "random":
@@ -112,7 +112,7 @@ def compute_gates(mode: str, experts: list[Expert], layers: int, hidden: int, *,
         return uniform_random_gates(layers, len(experts), hidden, generator)
     from tqdm.auto import tqdm
 
-    summarize = prompt_summarizer(mode, base_path, layers, device, embed)
+    summarize = prompt_summarizer(mode, base_path, layers, device, embed, dtype)
     rows = [expert_direction(summarize, e) for e in tqdm(experts, desc="expert prompts", disable=not progress)]
     return torch.stack(rows, dim=1)
 

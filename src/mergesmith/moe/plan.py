@@ -70,6 +70,7 @@ class MoEPlan:
     warnings: list[str] = field(default_factory=list)
     shared_merge: Any = None  # the engine's MergePlan of the tensors outside the MLPs (shared_tensors)
     merge_options: Any = None
+    prompt_dtype: torch.dtype = torch.float32  # the base model's dtype in the prompt pass
 
     def shared_task(self, name: str) -> Any:
         """The engine's plan of tensor ``name`` in ``shared_merge``."""
@@ -86,7 +87,8 @@ class MoEPlan:
         return sum(math.prod(t.shape) for t in self.tensors) * self.out_dtype.itemsize
 
     def gate_pass_bytes(self) -> int:
-        """What the prompt pass holds: the base model in float32 (hidden modes) or its embedding."""
+        """What the prompt pass holds: the base model in ``prompt_dtype`` (hidden modes, ridge) or its
+        embedding (float32); arrow, two MLPs of one layer and their delta's Gram."""
         if self.config.gate_mode in RANDOM_MODES:
             return 0
         infos = self.base.checkpoint.infos
@@ -95,7 +97,7 @@ class MoEPlan:
             return (8 * cfg["intermediate_size"] + 2 * cfg["hidden_size"]) * cfg["hidden_size"] * 4
         if mode == "cheap_embed":
             return infos["model.embed_tokens.weight"].numel * 4
-        model = sum(i.numel for n, i in infos.items() if not is_skipped(n)) * 4
+        model = sum(i.numel for n, i in infos.items() if not is_skipped(n)) * self.prompt_dtype.itemsize
         if mode == "ridge":  # per expert and layer, the Gram of its MLP inputs in float64
             return model + len(self.config.experts) * self.layers * self.hidden ** 2 * 8
         return model
@@ -139,7 +141,7 @@ class MoEPlan:
 
 def plan_moe(config: MoEConfig, where: str, yaml_text: str = "", out_dir: Optional[Path] = None,
              overwrite: bool = True, problems: Optional[list[str]] = None,
-             merge_options: Optional[MergeOptions] = None) -> MoEPlan:
+             merge_options: Optional[MergeOptions] = None, prompt_dtype: torch.dtype = torch.float32) -> MoEPlan:
     """Open every model named (headers and configs only) and check everything; InputError lists
     every problem at once, those passed in (the recipe's, the options') too. With ``out_dir``, an
     output that overlaps an input is refused, and an existing one unless ``overwrite``."""
@@ -173,7 +175,8 @@ def plan_moe(config: MoEConfig, where: str, yaml_text: str = "", out_dir: Option
                             dtype_name(out_dtype), attention_bias)
     plan = MoEPlan(config, where, yaml_text, arch, models, out_cfg, out_dtype,
                    _layout(config, arch, base, shared_merge), base.config["num_hidden_layers"],
-                   base.config["hidden_size"], shared_merge=shared_merge, merge_options=merge_options)
+                   base.config["hidden_size"], shared_merge=shared_merge, merge_options=merge_options,
+                   prompt_dtype=prompt_dtype)
     plan.warnings = _warnings(config, where)
     return plan
 

@@ -114,13 +114,14 @@ def mlp_inputs(lm, prompts: list[str], tokenize) -> list[torch.Tensor]:
 
 
 def ridge_gates(read: Read, base_path, expert_refs: list[str], prompts: list[list[str]], layers: int,
-                device: str, tokenize, progress: bool = False) -> torch.Tensor:
-    """(layers, experts, hidden): the base loaded once (float32), each expert's MLPs swapped in turn."""
+                device: str, tokenize, progress: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(layers, experts, hidden): the base loaded once (in ``dtype``), each expert's MLPs swapped in turn;
+    the Grams in float64."""
     from tqdm.auto import tqdm
 
     from mergesmith.evaluate.model import load_model
 
-    lm = load_model(str(base_path), device=device, dtype=torch.float32)
+    lm = load_model(str(base_path), device=device, dtype=dtype)
     params = dict(lm.model.named_parameters())
     stats = []
     for ref, expert_prompts in tqdm(list(zip(expert_refs, prompts)), desc="ridge prompts", disable=not progress):
