@@ -29,20 +29,24 @@ def logits(path_or_model):
     ("llama", 0, "MixtralForCausalLM", "model.layers.1.block_sparse_moe.gate.weight"),
     ("mistral", 0, "MixtralForCausalLM", "model.layers.1.block_sparse_moe.gate.weight"),
     ("qwen2", 1, "Qwen2MoeForCausalLM", "model.layers.1.mlp.gate.weight"),
+    ("llama", 1, "Qwen2MoeForCausalLM", "model.layers.1.mlp.gate.weight"),  # no q/k/v biases: qkv_bias false
     ("qwen3", 0, "Qwen3MoeForCausalLM", "model.layers.1.mlp.gate.weight"),
 ])
 def test_transformers_loads_and_generates(experts, tmp_path, arch, shared, cls, router):
     base, fts = experts(arch, 2 + shared)
     out = tmp_path / "moe"
     result = build_moe(moe_config(base, fts[:2], shared=fts[2:]), out, progress=False)
-    model = load(out)
+    import transformers as tf
+
+    model, info = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert type(model).__name__ == cls
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     generated = model.generate(IDS[:1], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, IDS.shape[1] + 4)
     state = load_state(out)
     assert torch.equal(state[router], result.gates[1, :2])
     src = load_state(fts[1])
-    if arch in ("llama", "mistral"):
+    if cls == "MixtralForCausalLM":
         assert torch.equal(state["model.layers.0.block_sparse_moe.experts.1.w1.weight"],
                            src["model.layers.0.mlp.gate_proj.weight"])
         assert torch.equal(state["model.layers.0.block_sparse_moe.experts.1.w2.weight"],

@@ -71,7 +71,7 @@ def both(config: dict, tmp_path, monkeypatch=None, float32: bool = False):
     return pairs, logits(ours.out_dir), logits(theirs)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_cheap_embed_matches_mergekit(experts, tmp_path, arch):
     # mergekit 0.1.5 opens readers for the base and the routed experts only, so its shared expert
     # must be one of those (here the base, the usual choice); ours may be any model.
