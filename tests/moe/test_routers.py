@@ -87,3 +87,26 @@ def test_arrow_builds_loadable_models_with_a_zero_shared_gate(experts, tmp_path)
     assert state["model.layers.1.mlp.gate.weight"].abs().sum(-1).min() > 0
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_routing_accuracy_of_ridge_on_its_prompts(experts, tmp_path, capsys):
+    import json
+
+    from mergesmith.cli import main
+    from mergesmith.moe.routing import routing_accuracy
+
+    base, fts = experts("llama", 2)
+    config = moe_config(base, fts, gate_mode="ridge", experts_per_token=1)
+    build_moe(config, tmp_path / "moe", progress=False)
+    files = []
+    for e, expert in enumerate(config["experts"]):
+        path = tmp_path / f"skill{e}.jsonl"
+        path.write_text("".join(json.dumps({"id": str(i), "type": "generation", "prompt": p, "references": [""]}) + "\n"
+                                for i, p in enumerate(expert["positive_prompts"])))
+        files.append([path])
+    report = routing_accuracy(tmp_path / "moe", files)
+    assert report.tokens.tolist() == [5, 5]  # BOS not counted
+    assert report.hits[:, 0].tolist() == [5, 5]  # the first layer reads exactly what ridge was fit on
+    assert 0.5 < report.accuracy <= 1.0
+    assert main(["moe-routing", str(tmp_path / "moe"), "--expert", str(files[0][0]), "--expert", str(files[1][0])]) == 0
+    assert "routing accuracy (mean over experts)" in capsys.readouterr().out

@@ -49,6 +49,17 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=run_moe_train)
 
+    r = subparsers.add_parser("moe-routing", help="how often a mixture sends each skill's tokens to its expert",
+                              description="Routing accuracy: for each expert, the share of its skill's tokens "
+                                          "(labelled items of its task files) whose top-1 expert is that expert, "
+                                          "per layer and on average.")
+    r.add_argument("moe_dir", help="the mixture of experts")
+    r.add_argument("--expert", nargs="+", action="append", required=True, metavar="TASK_FILE",
+                   help="task files of one expert's skill; repeat once per expert, in the experts' order")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    r.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
+    r.set_defaults(func=run_moe_routing)
+
 
 def run_moe(args: argparse.Namespace) -> int:
     from mergesmith.merge_cli import _show_warnings
@@ -79,4 +90,14 @@ def run_moe_train(args: argparse.Namespace) -> int:
     first, last = result.losses[0], result.losses[-1]
     print(f"trained {len(result.routers)} routers for {len(result.losses)} steps (loss {first:.4f} -> {last:.4f}); "
           f"wrote {result.out_dir}")
+    return 0
+
+
+def run_moe_routing(args: argparse.Namespace) -> int:
+    from mergesmith.checks import resolve_device
+    from mergesmith.moe.routing import routing_accuracy
+
+    report = routing_accuracy(args.moe_dir, args.expert, device=resolve_device(args.device),
+                              batch_size=args.batch_size)
+    print(report.table())
     return 0
