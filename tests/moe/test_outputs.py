@@ -151,9 +151,10 @@ def test_shared_tensors_problems_reported_with_the_others(experts, tmp_path):
     base, fts = experts("llama", 2)
     config = moe_config(base, fts, gate_mode="nope", shared_tensors={"merge_method": "no_such_method"})
     with pytest.raises(InputError) as err:
-        build_moe(config, tmp_path / "moe", progress=False)
+        build_moe(config, tmp_path / "moe", progress=False, device="cuda:7")
     text = str(err.value)
     assert "gate_mode = 'nope'" in text and "shared_tensors: merge_method = 'no_such_method' is not a known" in text
+    assert text.count("cuda:7") == 1
 
 
 def test_shared_tensors_ties_uses_the_base(experts, tmp_path):

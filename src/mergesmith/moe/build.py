@@ -68,7 +68,9 @@ def build_moe(config: Union[str, Path, dict, MoEConfig], out_dir: Union[str, Pat
     parsed, where, text = read_moe_config(config)
     plan = plan_moe(parsed, where, text, out_dir, overwrite=options.overwrite or dry_run,
                     problems=option_problems(options) + recipe_problems(parsed, where),
-                    merge_options=MergeOptions(device=options.device, progress=False),
+                    # a bad --device is reported once, by option_problems, not again by the engine
+                    merge_options=MergeOptions(device="cpu" if device_problems(options.device) else options.device,
+                                               progress=False),
                     prompt_dtype=PROMPT_DTYPES.get(options.prompt_dtype, torch.float32))
     if dry_run:
         close_inputs(plan)
