@@ -17,6 +17,7 @@ def test_dry_run_then_build_then_overwrite(experts, tmp_path, capsys):
     assert main(["moe", str(cfg), str(out), "--no-progress", "--out-shard-size", "10KB"]) == 0
     assert "wrote" in capsys.readouterr().out and (out / "config.json").is_file()
     assert (out / "mergesmith_moe.yml").read_text() == cfg.read_text()
+    assert "MixtralForCausalLM of 2 experts, 2 per token" in (out / "README.md").read_text()
     assert main(["moe", str(cfg), str(out), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["moe", str(cfg), str(out), "--no-progress", "--overwrite", "--device", "cpu"]) == 0

@@ -168,3 +168,17 @@ def test_shared_tensors_ties_uses_the_base(experts, tmp_path):
     keep = torch.sign(tau) == torch.sign(tau.sum(0))
     expected = b0[name] + (tau * keep).sum(0) / keep.sum(0).clamp(min=1)
     torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_routed_model_is_evaluated_like_any_model(experts, tmp_path):
+    import json
+
+    from mergesmith.evaluate import evaluate, load_tasks
+
+    base, fts = experts("llama", 2)
+    build_moe(moe_config(base, fts, gate_mode="cheap_embed"), tmp_path / "moe", progress=False)
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps({"id": str(i), "type": "multiple_choice", "prompt": f"t{5 + i} t6",
+                                        "choices": [" t7", " t8"], "answer": i % 2}) + "\n" for i in range(4)))
+    result = evaluate(str(tmp_path / "moe"), load_tasks([task]), progress=False)
+    assert 0.0 <= result.tasks[0].score <= 1.0

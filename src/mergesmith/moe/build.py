@@ -181,4 +181,19 @@ def write_moe(plan: MoEPlan, gates: torch.Tensor, out_dir: Path, options: MoEOpt
             if (plan.base.path / name).is_file():
                 writer.copy_file(plan.base.path / name)
         writer.write_file(RECIPE_NAME, plan.yaml_text)
+        writer.write_file("README.md", model_card(plan))
         return writer.commit()
+
+
+def model_card(plan: MoEPlan) -> str:
+    from mergesmith import __version__
+
+    c = plan.config
+    experts = "\n".join(f"{i}. `{e.source_model}`" for i, e in enumerate(c.experts))
+    shared = "".join(f"\nShared expert: `{e.source_model}`\n" for e in c.shared_experts or [])
+    return (f"---\nlibrary_name: transformers\ntags:\n- mergesmith\n- moe\n---\n# Mixture of experts\n\n"
+            f"Built with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `moe`: a "
+            f"{plan.arch.class_name} of {len(c.experts)} experts, {c.experts_per_token} per token, routers from "
+            f"gate_mode `{c.gate_mode}`, everything outside the MLPs from `{c.base_model}`"
+            + (f" merged by `{c.shared_tensors.get('merge_method')}`" if c.shared_tensors else "") + ".\n\n"
+            f"## Experts\n\n{experts}\n{shared}\n## Config\n\n```yaml\n{plan.yaml_text}```\n")
