@@ -64,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(ap)
     ap.add_argument("--gate-mode", default="hidden", help="mergekit's default, hidden")
+    ap.add_argument("--prompt-dtype", default="float32", help="mergesmith's --prompt-dtype (mergekit: bfloat16)")
     ap.add_argument("--skip-mergekit", action="store_true")
     args = ap.parse_args()
     args.dtype = torch.bfloat16
@@ -79,11 +80,13 @@ def main() -> None:
     ours_out, theirs_out = work / "moe-mergesmith", work / "moe-mergekit"
     for d in (ours_out, theirs_out):
         shutil.rmtree(d, ignore_errors=True)
-    ours = timed([str(BIN / "mergesmith"), "moe", str(config_path), str(ours_out), "--no-progress"],
+    ours = timed([str(BIN / "mergesmith"), "moe", str(config_path), str(ours_out), "--no-progress",
+                  "--prompt-dtype", args.prompt_dtype],
                  work / "moe-mergesmith.log")
     print(f"mergesmith moe:  {ours[0]:7.1f} s   peak RSS {ours[1]:5.2f} GiB", flush=True)
     params = sum(i.numel for i in Checkpoint.open(ours_out).infos.values())
-    print(f"\n4 experts, top-2, gate_mode {args.gate_mode}, {params / 1e9:.2f}B output parameters (bf16), "
+    print(f"\n4 experts, top-2, gate_mode {args.gate_mode} (mergesmith's prompt pass in {args.prompt_dtype}), "
+          f"{params / 1e9:.2f}B output parameters (bf16), "
           f"{os.cpu_count()} cores")
     if args.skip_mergekit:
         return

@@ -148,9 +148,10 @@ def produce(plan: MoEPlan, t: MoETensor, gates: torch.Tensor, seed: int, positio
                             resolve_device(plan.merge_options.device)).to(plan.out_dtype)
     checkpoint = plan.models[t.model].checkpoint
     tensor = checkpoint.read(t.source)
-    if t.expert is not None:
-        tensor = expert_tensor(tensor, plan.config.routed_and_shared[t.expert].noise_scale,
-                               plan.config.routed_and_shared[t.expert].residual_scale if t.residual else None,
+    expert = plan.config.routed_and_shared[t.expert] if t.expert is not None else None
+    residual_scale = expert.residual_scale if expert is not None and t.residual else None
+    if expert is not None and (expert.noise_scale is not None or residual_scale is not None):
+        tensor = expert_tensor(tensor, expert.noise_scale, residual_scale,
                                torch.Generator().manual_seed(seed * 1_000_003 + position))
     out = tensor.to(plan.out_dtype).contiguous()
     checkpoint.release(t.source)
