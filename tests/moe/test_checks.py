@@ -57,11 +57,21 @@ def _write(tmp_path, text):
 
 
 def test_schema_errors_name_file_and_field(tmp_path):
-    path = _write(tmp_path, "experts:\n  - source_model: a\n    positive_promts: [x]\n")
+    path = _write(tmp_path, "experts:\n  - source_model: a\n    noise_scale: loud\n")
     with pytest.raises(InputError) as err:
         read_moe_config(path)
     text = str(err.value)
     assert f"{path}: base_model is required" in text
+    assert f"{path}: experts[0].noise_scale Input should be a valid number" in text
+
+
+def test_unknown_keys_are_ignored_with_a_warning_as_mergekit_ignores_them(tmp_path):
+    path = _write(tmp_path, "base_model: b\ntokenizer_source: base\nexperts:\n  - source_model: a\n"
+                            "    positive_promts: [x]\n")
+    with pytest.warns(UserWarning) as caught:
+        read_moe_config(path)
+    text = "\n".join(str(w.message) for w in caught)
+    assert "tokenizer_source is not a mergekit-moe field and is ignored" in text
     assert "experts[0].positive_promts is not a mergekit-moe field" in text
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import warnings
+
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -47,7 +49,8 @@ def _path_of(value: Any) -> Any:
 
 
 class Expert(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # mergekit ignores keys it does not know; so do we, with a warning (unknown_keys)
+    model_config = ConfigDict(extra="allow")
 
     source_model: str
     positive_prompts: Optional[list[str]] = None
@@ -59,7 +62,7 @@ class Expert(BaseModel):
 
 
 class MoEConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     base_model: str
     experts: list[Expert]
@@ -90,8 +93,6 @@ def _schema_problem(where: str, error: dict[str, Any]) -> str:
     kind = error["type"]
     if kind == "missing":
         why = "is required"
-    elif kind == "extra_forbidden":
-        why = "is not a mergekit-moe field; check its spelling"
     else:
         why = error["msg"].removeprefix("Value error, ")
     return f"{where}: {_location(error['loc']) or 'config'} {why}"
@@ -119,7 +120,18 @@ def read_moe_config(source: Union[str, Path, dict, MoEConfig]) -> tuple[MoEConfi
         config = MoEConfig.model_validate(raw)
     except ValidationError as err:
         raise InputError([_schema_problem(where, e) for e in err.errors()]) from None
+    for key in unknown_keys(config):
+        warnings.warn(f"{where}: {key} is not a mergekit-moe field and is ignored (as mergekit ignores it); "
+                      "check its spelling", stacklevel=2)
     return config, where, text
+
+
+def unknown_keys(config: MoEConfig) -> list[str]:
+    found = [str(k) for k in config.model_extra or {}]
+    for field in ("experts", "shared_experts"):
+        for i, e in enumerate(getattr(config, field) or []):
+            found += [f"{field}[{i}].{k}" for k in e.model_extra or {}]
+    return found
 
 
 def shared_tensors_recipe(config: MoEConfig) -> Optional[dict[str, Any]]:
