@@ -30,7 +30,7 @@ def test_mergekit_yaml_parses_unchanged(tmp_path):
     text = """
 base_model: some/base
 gate_mode: hidden_avg
-dtype: bfloat16
+dtype: torch.bfloat16
 experts_per_token: 2
 architecture: mixtral
 experts:
@@ -46,7 +46,7 @@ shared_experts:
     positive_prompts: ["anything"]
 """
     config, where, _ = read_moe_config(_write(tmp_path, text))
-    assert config.experts[1].source_model == "some/expert-b"
+    assert config.experts[1].source_model == "some/expert-b" and config.dtype == "bfloat16"
     assert config.experts[0].residual_scale == 0.5 and config.shared_experts[0].positive_prompts == ["anything"]
 
 

@@ -35,7 +35,7 @@ PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")  # mergeki
 RANDOM_MODES = ("random", "uniform_random")
 ROUTER_INPUT_MODES = ("arrow", "ridge")  # mergesmith's, for the router's real input (routers.py)
 GATE_MODES = PROMPT_MODES + RANDOM_MODES + ROUTER_INPUT_MODES
-DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16")
 
 
 def _path_of(value: Any) -> Any:
@@ -76,6 +76,9 @@ class MoEConfig(BaseModel):
     shared_tensors: Optional[dict[str, Any]] = None
 
     _ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: _path_of(v)))
+    # mergekit also reads "torch.bfloat16"
+    _dtype = field_validator("dtype", mode="before")(
+        classmethod(lambda cls, v: v.removeprefix("torch.") if isinstance(v, str) else v))
 
     @property
     def routed_and_shared(self) -> list[Expert]:
@@ -168,7 +171,7 @@ def recipe_problems(config: MoEConfig, where: str) -> list[str]:
     if config.gate_mode not in GATE_MODES:
         problems.append(f"{where}: gate_mode = {config.gate_mode!r} is not known; use one of {', '.join(GATE_MODES)}")
     if config.dtype is not None and config.dtype not in DTYPES:
-        problems.append(f"{where}: dtype = {config.dtype!r} is not known; use float32, bfloat16 or float16")
+        problems.append(f"{where}: dtype = {config.dtype!r} is not known; use bfloat16, float16 or float32")
     if not config.experts:
         problems.append(f"{where}: experts is empty; name at least two expert models")
     if config.experts_per_token < 1:
