@@ -151,3 +151,12 @@ def test_hidden_in_bfloat16_like_mergekit(experts, tmp_path):
         a = load_state(ours.out_dir)[ours.plan.arch.router_name(i)]
         b = load_state(theirs)[f"model.layers.{i}.mlp.gate.weight"]
         assert (a - b).abs().max() <= 2 ** -8
+
+
+def test_prompts_run_in_batches_give_the_same_rows(experts):
+    base, _ = experts("llama", 2)
+    prompts = [" ".join(f"t{5 + (i * j) % 50}" for j in range(1 + i % 4)) for i in range(11)]
+    for mode in ("hidden", "hidden_avg"):
+        batched = prompt_summarizer(mode, base, 2, "cpu", batch_size=4)(prompts)
+        whole = prompt_summarizer(mode, base, 2, "cpu", batch_size=100)(prompts)
+        torch.testing.assert_close(batched, whole, rtol=0, atol=1e-5)

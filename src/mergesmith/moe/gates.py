@@ -58,16 +58,14 @@ def cheap_embed_summary(embed: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
     return unit_rows(rows.sum(dim=(0, 1)).unsqueeze(0)).repeat(layers, 1)
 
 
-def last_token_summary(hidden_states: torch.Tensor) -> torch.Tensor:
-    """(layers, batch, seq, hidden) left-padded -> mean over the batch of each prompt's last token."""
-    return hidden_states[:, :, -1, :].mean(dim=1)
-
-
-def token_mean_summary(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(layers, batch, seq, hidden) -> mean over the batch of each prompt's mean over its own tokens."""
-    m = mask.to(hidden_states.dtype)[None, :, :, None]
-    per_prompt = (hidden_states * m).sum(dim=2) / m.sum(dim=2).clamp(min=1)
-    return per_prompt.mean(dim=1)
+def prompt_states(hidden_states, mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """One state per layer and prompt, (layers, batch, hidden) in float32, from each layer's
+    (batch, seq, hidden) states of a left-padded batch: the last token's, or (``average``) the mean
+    over the prompt's own tokens."""
+    m = mask.float()[:, :, None]
+    picked = [((h.float().cpu() * m).sum(1) / m.sum(1).clamp(min=1)) if average else h[:, -1].float().cpu()
+              for h in hidden_states]
+    return torch.stack(picked)
 
 
 def tokenize_like_mergekit(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -75,9 +73,11 @@ def tokenize_like_mergekit(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 def prompt_summarizer(mode: str, base_path, layers: int, device: str,
-                      embed: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> Summary:
+                      embed: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+                      batch_size: int = 8) -> Summary:
     """The function v(P) for ``mode``; ``hidden*`` modes load the base model once (in ``dtype``; the
-    states are averaged in float32) through ``mergesmith.evaluate``'s loader."""
+    states are averaged in float32) through ``mergesmith.evaluate``'s loader, and run ``batch_size``
+    prompts at a time, keeping only one state per layer and prompt."""
     from mergesmith.evaluate.model import load_model
     from mergesmith.evaluate.scoring import left_padded
 
@@ -89,14 +89,18 @@ def prompt_summarizer(mode: str, base_path, layers: int, device: str,
     def summarize(prompts: list[str]) -> torch.Tensor:
         tok = lm.tokenizer if lm is not None else tokenizer
         ids_list = tokenize_like_mergekit(tok, prompts)
-        ids, mask, positions = left_padded(lm or SimpleNamespace(pad_id=0), ids_list)
         if lm is None:  # the padding is masked out of the sum
+            ids, mask, _ = left_padded(SimpleNamespace(pad_id=0), ids_list)
             return cheap_embed_summary(embed, ids, mask, layers)
-        with torch.no_grad():
-            out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                           position_ids=positions.to(lm.device), output_hidden_states=True, use_cache=False)
-        states = torch.stack(out.hidden_states[:-1]).float().cpu()
-        return token_mean_summary(states, mask) if mode == "hidden_avg" else last_token_summary(states)
+        total = None
+        for start in range(0, len(ids_list), batch_size):  # the mean of per-prompt states: exact in batches
+            ids, mask, positions = left_padded(lm, ids_list[start:start + batch_size])
+            with torch.no_grad():
+                out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                               position_ids=positions.to(lm.device), output_hidden_states=True, use_cache=False)
+            part = prompt_states(out.hidden_states[:-1], mask, average=mode == "hidden_avg").sum(dim=1)
+            total = part if total is None else total + part
+        return total / len(ids_list)
 
     return summarize
 
