@@ -114,7 +114,8 @@ def mlp_inputs(lm, prompts: list[str], tokenize) -> list[torch.Tensor]:
 
 
 def ridge_gates(read: Read, base_path, expert_refs: list[str], prompts: list[list[str]], layers: int,
-                device: str, tokenize, progress: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                device: str, tokenize, progress: bool = False, dtype: torch.dtype = torch.float32,
+                batch_size: int = 8) -> torch.Tensor:
     """(layers, experts, hidden): the base loaded once (in ``dtype``), each expert's MLPs swapped in turn;
     the Grams in float64."""
     from tqdm.auto import tqdm
@@ -123,6 +124,7 @@ def ridge_gates(read: Read, base_path, expert_refs: list[str], prompts: list[lis
 
     lm = load_model(str(base_path), device=device, dtype=dtype)
     params = dict(lm.model.named_parameters())
+    hidden = lm.model.config.hidden_size
     stats = []
     for ref, expert_prompts in tqdm(list(zip(expert_refs, prompts)), desc="ridge prompts", disable=not progress):
         with torch.no_grad():
@@ -130,8 +132,13 @@ def ridge_gates(read: Read, base_path, expert_refs: list[str], prompts: list[lis
                 for p in ("gate", "up", "down"):
                     name = MLP_INPUT.format(layer=layer, proj=p)
                     params[name].copy_(read(ref, name))
-        xs = mlp_inputs(lm, expert_prompts, tokenize)
-        stats.append([(x.T.double() @ x.double(), x.double().sum(0), x.shape[0]) for x in xs])
+        per_layer = [(torch.zeros(hidden, hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64), 0)
+                     for _ in range(layers)]
+        for start in range(0, len(expert_prompts), batch_size):  # Grams add up over batches
+            xs = mlp_inputs(lm, expert_prompts[start:start + batch_size], tokenize)
+            per_layer = [(gram + x.T.double() @ x.double(), total + x.double().sum(0), count + x.shape[0])
+                         for (gram, total, count), x in zip(per_layer, xs)]
+        stats.append(per_layer)
     del lm, params
     rows = []
     for layer in range(layers):
