@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import moe_config
+from moe_helpers import moe_config
 from mergesmith.moe import build_moe
 from mergesmith.moe.routers import RIDGE_LAMBDA, RIDGE_MARGIN, arrow_row, gated_mlp, ridge_router
 from tiny_models import load_state

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import moe_config, write_yaml
+from moe_helpers import moe_config, write_yaml
 from mergesmith.cli import main
 
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from conftest import moe_config
+from moe_helpers import moe_config
 from mergesmith.checkpoint.reader import Checkpoint
 from mergesmith.errors import InputError
 from mergesmith.moe import build_moe, read_moe_config

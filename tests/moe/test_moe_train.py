@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import moe_config
+from moe_helpers import moe_config
 from mergesmith.cli import main
 from mergesmith.errors import InputError
 from mergesmith.moe import build_moe

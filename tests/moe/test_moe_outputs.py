@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import moe_config
+from moe_helpers import moe_config
 from mergesmith.moe import build_moe
 from mergesmith.moe.build import TOKENIZER_FILES
 from tiny_models import load_state

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from conftest import moe_config
+from moe_helpers import moe_config
 from mergesmith.moe import build_moe
 from mergesmith.moe.gates import prompt_summarizer
 from tiny_models import load_state
