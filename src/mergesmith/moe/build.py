@@ -21,11 +21,11 @@ from mergesmith.moe.config import ROUTER_INPUT_MODES, MoEConfig, read_moe_config
 from mergesmith.moe.gates import compute_gates, degenerate_layers, tokenize_like_mergekit
 from mergesmith.moe.plan import MoEPlan, MoETensor, plan_moe
 from mergesmith.moe.routers import arrow_gates, ridge_gates
+from mergesmith.engine.side_files import TOKENIZER_FILES
 from mergesmith.paths import OutputLock
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+# The base's tokenizer files as merge copies them, and its generation settings (an MoE keeps the base's).
+COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 RECIPE_NAME = "mergesmith_moe.yml"
 PROMPT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -178,7 +178,7 @@ def write_moe(plan: MoEPlan, gates: torch.Tensor, out_dir: Path, options: MoEOpt
                                           disable=not options.progress)):
             writer.write(t.name, produce(plan, t, gates, options.random_seed, position))
         writer.write_file("config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
+        for name in COPIED_FILES:
             if (plan.base.path / name).is_file():
                 writer.copy_file(plan.base.path / name)
         writer.write_file(RECIPE_NAME, plan.yaml_text)
@@ -187,7 +187,7 @@ def write_moe(plan: MoEPlan, gates: torch.Tensor, out_dir: Path, options: MoEOpt
 
 
 def model_card(plan: MoEPlan) -> str:
-    from mergesmith import __version__
+    from mergesmith._version import __version__
 
     c = plan.config
     experts = "\n".join(f"{i}. `{e.source_model}`" for i, e in enumerate(c.experts))

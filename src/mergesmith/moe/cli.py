@@ -62,10 +62,10 @@ def register(subparsers) -> None:
 
 
 def run_moe(args: argparse.Namespace) -> int:
-    from mergesmith.merge_cli import _show_warnings
+    from mergesmith.merge_cli import show_warnings
     from mergesmith.moe import MoEOptions, build_moe
 
-    _show_warnings()
+    show_warnings()
     options = MoEOptions(device=args.device, out_shard_size=args.out_shard_size, overwrite=args.overwrite,
                          progress=not args.no_progress, random_seed=args.random_seed,
                          prompt_dtype=args.prompt_dtype)
