@@ -52,11 +52,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mergesmith.evaluate.runner import evaluate, evaluate_output_problems, metric_problems, settings_problems
     from mergesmith.evaluate.tasks import load_tasks
     from mergesmith.paths import OutputLock
+    from mergesmith.route.folder import is_routed_folder
 
     # every argument, the model folder, the output folder and the task files are checked before the model is loaded
     problems = settings_problems(batch_size=args.batch_size, bootstrap=args.bootstrap, max_length=args.max_length,
                                  device=args.device, dtype=args.dtype)
-    problems += model_path_problems(args.model)
+    if not is_routed_folder(args.model):  # a routed folder's experts are checked when evaluate reads it
+        problems += model_path_problems(args.model)
     problems += evaluate_output_problems(args.out, args.model, args.tokenizer, args.tasks)
     tasks = []
     try:
@@ -72,7 +74,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         try:
             result = evaluate(args.model, tasks, tokenizer=args.tokenizer, batch_size=args.batch_size,
                               device=args.device, dtype=args.dtype, max_length=args.max_length,
-                              bootstrap=args.bootstrap, progress=not args.no_progress)
+                              bootstrap=args.bootstrap, progress=not args.no_progress, resident=args.resident)
         except BaseException:
             if created:  # stopped (Ctrl-C, a bad model) before any output: leave no empty folder behind
                 remove_if_empty(args.out)
@@ -149,9 +151,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="score a model on tasks",
                               description="Score a model on multiple-choice and generation tasks; write "
                                           "DIR/results.json and DIR/predictions.jsonl.")
-    p.add_argument("model", metavar="MODEL_DIR", help="a model folder (with its tokenizer), or a hub id")
+    p.add_argument("model", metavar="MODEL_DIR", help="a model folder (with its tokenizer), model+adapter, a routed model folder "
+                                                    "(mergesmith route), or a hub id")
     _common(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, if not beside the model")
+    p.add_argument("--resident", type=int, default=1, metavar="N",
+                   help="a routed model folder (mergesmith route): keep at most N of its models loaded at once "
+                        "(default 1)")
     p.add_argument("--max-length", type=int, default=None,
                    help="context window in tokens (default: the model's); longer prompts lose their start")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each file (smoke tests)")

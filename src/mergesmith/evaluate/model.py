@@ -110,11 +110,26 @@ def _load_tokenizer(source: str, where: str) -> Any:
                          "(tokenizer.json, tokenizer_config.json) or pass --tokenizer PATH") from None
 
 
+def split_adapter_ref(path: str) -> tuple[str, Optional[str]]:
+    """``"model+adapter"`` (a merge recipe's LoRA reference) -> its two folders; else ``(path, None)``."""
+    from mergesmith.checkpoint.lora import split_lora_ref
+
+    if "+" not in path or Path(path).expanduser().exists():
+        return path, None
+    try:
+        return split_lora_ref(path)
+    except ValueError:
+        return path, None
+
+
 def model_path_problems(path: str) -> list[str]:
     """Why ``path`` is not a model folder transformers can load without running its code; [] for a
-    hub id (the hub is asked when it loads)."""
+    hub id (the hub is asked when it loads). ``model+adapter`` checks both folders."""
     from mergesmith.checkpoint.config import runnable_problems
 
+    path, adapter = split_adapter_ref(path)
+    if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        return [f"{adapter}: not a LoRA adapter folder (no adapter_config.json)"] + model_path_problems(path)
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         return [f"{path}: not a model folder (no config.json); give the folder a merge or save_pretrained wrote"]
@@ -160,6 +175,22 @@ def _load_from_path(path: str, dtype: Any, trust_remote_code: bool) -> Any:
                          "folder.") from None
 
 
+def fold_adapter(hf_model: Any, base: str, adapter: str) -> None:
+    """Fold a PEFT LoRA adapter into a loaded model in place: each adapted weight becomes
+    ``W + scale * B @ A``, read through ``checkpoint.lora`` exactly as a merge reads it."""
+    from mergesmith.checkpoint.lora import LoraCheckpoint
+    from mergesmith.checkpoint.reader import Checkpoint
+
+    lora = LoraCheckpoint.open(Checkpoint.open(Path(base).expanduser()), Path(adapter).expanduser())
+    try:
+        state = hf_model.state_dict()
+        with torch.no_grad():
+            for name in sorted(set(lora.deltas) | set(lora.replaced)):
+                state[name].copy_(lora.read(name).to(state[name].dtype))
+    finally:
+        lora.close()
+
+
 def context_length(model: Any, tokenizer: Any) -> int:
     """The model's context window: its config first, then the tokenizer, else 2048 (lm-eval's order)."""
     config = getattr(model, "config", None)
@@ -197,10 +228,16 @@ def load_model(model: Any, tokenizer: Any = None, *, device: Optional[str] = Non
         dev = torch.device(device or "cpu")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {device!r}: no CUDA device is available here; use --device cpu")
-        _check_model_path(name)
+        path, adapter = split_adapter_ref(name)
+        if adapter is not None and model_path_problems(name):
+            raise InputError(model_path_problems(name))
+        _check_model_path(path)
         tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
-            _load_tokenizer(str(tokenizer or model), str(tokenizer or model))
-        hf_model = _load_from_path(name, _resolve_dtype(dtype, dev), trust_remote_code).to(dev)
+            _load_tokenizer(str(tokenizer or path), str(tokenizer or path))
+        hf_model = _load_from_path(path, _resolve_dtype(dtype, dev), trust_remote_code)
+        if adapter is not None:
+            fold_adapter(hf_model, path, adapter)
+        hf_model = hf_model.to(dev)
     else:
         hf_model = model
         name = getattr(model, "name_or_path", "") or type(model).__name__

@@ -37,6 +37,7 @@ class Prediction:
     truncated_tokens: int = 0
     source: str = ""
     position: int = 0
+    expert: Optional[str] = None  # the expert that answered, when a routed model did
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task, "id": self.id, "type": self.type, "prediction": self.prediction,
@@ -47,6 +48,8 @@ class Prediction:
         else:
             out.update(references=self.references)
         out.update(scores=self.scores, truncated_tokens=self.truncated_tokens)
+        if self.expert is not None:
+            out["expert"] = self.expert
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -17,8 +18,10 @@ from mergesmith.evaluate.metrics import (bootstrap_ci, generation_scores, macro_
                                          rouge_available)
 from mergesmith.evaluate.model import DTYPES, LoadedModel, load_model, model_path_problems
 from mergesmith.evaluate.prompts import render_context
+from mergesmith.evaluate.routed import Resident, oracle_problems, route_items
 from mergesmith.evaluate.results import NOT_RUN, SCORED, UNLABELLED, EvalResult, Prediction, TaskResult
 from mergesmith.evaluate.scoring import STRATEGIES, encode_mc, score_mc
+from mergesmith.route.folder import is_routed_folder, read_routed
 from mergesmith.evaluate.tasks import GEN_METRICS, MC_METRICS, MULTIPLE_CHOICE, Task, load_tasks
 
 
@@ -177,18 +180,28 @@ def evaluate(model: Any, tasks: Union[Iterable[Task], Iterable[Union[str, Path]]
              tokenizer: Any = None, batch_size: int = 8, device: Optional[str] = None, dtype: Any = "auto",
              max_length: Optional[int] = None, strategy: str = "shared_prefix", bootstrap: int = 1000,
              seed: int = 0, progress: bool = True, deadline: Optional[float] = None,
-             pacer: Optional[Pacer] = None) -> EvalResult:
-    """Evaluate a model (folder path, hub id, or live ``transformers`` model) on tasks.
+             pacer: Optional[Pacer] = None, resident: int = 1) -> EvalResult:
+    """Evaluate a model (folder path, hub id, ``model+adapter``, routed model folder, or live
+    ``transformers`` model) on tasks.
 
     ``tasks`` are ``Task`` objects or task file paths. ``deadline`` is a
     ``time.monotonic()`` instant: batches that would end after it are not run and
     their items are reported as ``not_run``. ``bootstrap`` is the number of
-    resamples for the confidence intervals (0: none).
+    resamples for the confidence intervals (0: none). A routed model folder
+    (``mergesmith route``) answers each item with the expert its router picks,
+    keeping at most ``resident`` models loaded at once.
     """
     started = time.monotonic()
     problems = settings_problems(batch_size=batch_size, bootstrap=bootstrap, max_length=max_length, device=device,
                                  dtype=dtype, strategy=strategy)
-    if isinstance(model, (str, Path)):
+    problems += at_least("--resident", resident, 1, "models kept loaded at once")
+    routed = None
+    if isinstance(model, (str, Path)) and is_routed_folder(model):
+        try:
+            routed = read_routed(model)
+        except InputError as err:
+            problems += err.problems
+    elif isinstance(model, (str, Path)):
         problems += model_path_problems(str(model))
     if isinstance(tasks, (str, Path)):
         tasks = [tasks]
@@ -201,38 +214,94 @@ def evaluate(model: Any, tasks: Union[Iterable[Task], Iterable[Union[str, Path]]
             tasks = []
     elif not tasks:
         problems.append("no tasks to evaluate; give at least one task or task file")
+    if routed is not None and routed.kind == "oracle":
+        problems += oracle_problems(routed, tasks)
     problems += metric_problems(tasks)
     if problems:
         raise InputError(problems)
     generation = [t for t in tasks if t.type != MULTIPLE_CHOICE]
     rouge = bool(generation) and rouge_available()
-    lm = load_model(model, tokenizer, device=resolve_device(device), dtype=dtype, max_length=max_length)
     if pacer is None and deadline is not None:
         pacer = Pacer(deadline)
-    results, predictions, per_task_values = [], [], []
+    run = _TaskRun(pacer, batch_size, strategy, rouge)
     bar = tqdm(total=sum(len(t.items) for t in tasks), desc="evaluate", unit="item", disable=not progress)
+    extra: dict[str, Any] = {}
     try:
-        for task in tasks:
-            bar.set_description(task.name)
-            start = time.monotonic()
-            if task.type == MULTIPLE_CHOICE:
-                preds, truncated, merges = _mc_predictions(task, lm, pacer, bar, batch_size, strategy)
-            else:
-                preds, truncated, merges = _gen_predictions(task, lm, pacer, bar, batch_size, rouge)
-            result, values = _task_result(task, preds, truncated, merges, time.monotonic() - start,
-                                          bootstrap, seed)
-            results.append(result)
-            predictions.extend(preds)
-            if result.score is not None:
-                per_task_values.append(values)
+        if routed is not None:
+            lm, answered, extra = _answer_routed(routed, tasks, run, bar, device, dtype, max_length, resident,
+                                                 tokenizer)
+            name = str(routed.folder)
+        else:
+            lm = load_model(model, tokenizer, device=resolve_device(device), dtype=dtype, max_length=max_length)
+            try:
+                answered = [run(task, lm, bar) for task in tasks]
+            finally:
+                lm.restore()
+            name = lm.name
     finally:
         bar.close()
-        lm.restore()
+    results, predictions, per_task_values = [], [], []
+    for task, (preds, truncated, merges, seconds) in zip(tasks, answered):
+        result, values = _task_result(task, preds, truncated, merges, seconds, bootstrap, seed)
+        results.append(result)
+        predictions.extend(preds)
+        if result.score is not None:
+            per_task_values.append(values)
     scores = [r.score for r in results if r.score is not None]
     settings = {"batch_size": batch_size, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
                 "max_length": lm.max_length, "strategy": strategy, "bootstrap_resamples": bootstrap, "seed": seed,
-                "rouge_available": rouge if generation else None}
-    return EvalResult(model=lm.name, tasks=results, predictions=predictions,
+                "rouge_available": rouge if generation else None, **extra}
+    return EvalResult(model=name, tasks=results, predictions=predictions,
                       macro=float(np.mean(scores)) if scores else None,
                       macro_ci95=macro_bootstrap_ci(per_task_values, resamples=bootstrap, seed=seed),
                       settings=settings, seconds=time.monotonic() - started)
+
+
+class _TaskRun:
+    """One task's items answered by one loaded model: (predictions, truncated, merges, seconds)."""
+
+    def __init__(self, pacer, batch_size: int, strategy: str, rouge: bool):
+        self.pacer, self.batch_size, self.strategy, self.rouge = pacer, batch_size, strategy, rouge
+
+    def __call__(self, task: Task, lm: LoadedModel, bar) -> tuple[list[Prediction], int, int, float]:
+        bar.set_description(task.name)
+        start = time.monotonic()
+        if task.type == MULTIPLE_CHOICE:
+            preds, truncated, merges = _mc_predictions(task, lm, self.pacer, bar, self.batch_size, self.strategy)
+        else:
+            preds, truncated, merges = _gen_predictions(task, lm, self.pacer, bar, self.batch_size, self.rouge)
+        return preds, truncated, merges, time.monotonic() - start
+
+
+def _answer_routed(routed, tasks: list[Task], run: _TaskRun, bar, device, dtype, max_length, keep: int,
+                   tokenizer) -> tuple[LoadedModel, list, dict[str, Any]]:
+    """Route every item, then answer the items model by model (each loaded once); every prediction
+    names the expert that answered it. Returns the last model loaded (for the settings), each task's
+    answers in item order, and the routing report for ``results.json``."""
+    if tokenizer is not None:
+        raise InputError("a routed model folder uses each expert's own tokenizer; leave out --tokenizer")
+    resident = Resident(lambda ref: load_model(ref, device=resolve_device(device), dtype=dtype,
+                                               max_length=max_length), keep)
+    try:
+        routing = route_items(routed, tasks, resident, run.batch_size)
+        parts: list[dict[int, Prediction]] = [{} for _ in tasks]
+        counts = [[0, 0, 0.0] for _ in tasks]
+        lm = None
+        for m, picked in routing.groups():
+            lm = resident.get(routed.resolve(routing.models[m]))
+            for t, indices in picked.items():
+                sub = dataclasses.replace(tasks[t], items=[tasks[t].items[i] for i in indices])
+                preds, truncated, merges, seconds = run(sub, lm, bar)
+                for i, p in zip(indices, preds):
+                    p.expert = routing.models[m].name
+                    parts[t][i] = p
+                counts[t] = [counts[t][0] + truncated, counts[t][1] + merges, counts[t][2] + seconds]
+        if lm is None:
+            lm = resident.get(routed.resolve(routing.models[0]))
+    finally:
+        resident.close()
+    answered = [([parts[t][i] for i in range(len(task.items))], *counts[t]) for t, task in enumerate(tasks)]
+    report = {"kind": routed.kind, "threshold": routed.threshold, "resident": keep,
+              "model_loads": len(resident.loads), "load_seconds": resident.load_seconds,
+              "loaded": resident.loads, **routing.summary(tasks), "notes": routing.notes}
+    return lm, answered, {"routed": report}
