@@ -35,6 +35,10 @@ def write_task(path: Path, skill: str, n: int = 6, seed: int = 0, generation: bo
             row.pop("references", None)
         rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if generation:  # the tiny models' window is 64 tokens: leave room for the prompt
+        config = path.with_suffix(".yaml")
+        config.write_text(yaml.safe_dump({"task": skill, "data": path.name, "generation": {"max_new_tokens": 4}}))
+        return config
     return path
 
 

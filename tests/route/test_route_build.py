@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from route_data import make_experts, write_recipe, write_task
+from route_data import write_recipe, write_task
 
 from mergesmith.cli import main
 from mergesmith.errors import InputError
@@ -17,26 +17,12 @@ from mergesmith.route.folder import read_routed
 from mergesmith.route.recipe import looks_like_test
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_experts(tmp_path_factory.mktemp("route-models"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("route-data")
-    train = {s: [write_task(root / "train" / "mc" / f"{s}.jsonl", s, n=8, seed=1)] for s in ("a", "b")}
-    val = {s: write_task(root / "validation" / "mc" / f"{s}.jsonl", s, n=6, seed=2) for s in ("a", "b")}
-    return train, val
-
-
 @pytest.mark.parametrize("kind", ["centroid", "classifier", "perplexity", "oracle"])
-def test_each_kind_builds_a_folder_that_routes_every_skill_to_its_expert(kind, models, data, tmp_path):
-    train, val = data
-    routed = build_routed(write_recipe(tmp_path / "route.yml", models, train, kind), tmp_path / "routed")
+def test_each_kind_builds_a_folder_that_routes_every_skill_to_its_expert(kind, models, files, tmp_path):
+    routed = build_routed(write_recipe(tmp_path / "route.yml", models, files, kind), tmp_path / "routed")
     assert (tmp_path / "routed" / "routed.json").is_file()
     assert [e.tasks for e in read_routed(routed.folder).experts] == [["a"], ["b"]]
-    result = evaluate(tmp_path / "routed", [val["a"], val["b"]], bootstrap=0, progress=False)
+    result = evaluate(tmp_path / "routed", [files["val_a"], files["val_b"]], bootstrap=0, progress=False)
     share = result.settings["routed"]["share_by_task"]
     if kind != "perplexity":  # the experts are noise around the base: their losses need not tell the skills apart
         assert share == {"a": {"a": 1.0}, "b": {"b": 1.0}}
@@ -45,12 +31,11 @@ def test_each_kind_builds_a_folder_that_routes_every_skill_to_its_expert(kind, m
     assert all(p.expert in ("a", "b") for p in result.predictions)
 
 
-def test_routed_answers_are_the_experts_own_answers(models, data, tmp_path):
-    train, val = data
-    build_routed(write_recipe(tmp_path / "route.yml", models, train, "centroid"), tmp_path / "routed")
-    routed = evaluate(tmp_path / "routed", [val["a"], val["b"]], bootstrap=0, progress=False)
+def test_routed_answers_are_the_experts_own_answers(models, files, tmp_path):
+    build_routed(write_recipe(tmp_path / "route.yml", models, files, "centroid"), tmp_path / "routed")
+    routed = evaluate(tmp_path / "routed", [files["val_a"], files["val_b"]], bootstrap=0, progress=False)
     for skill in ("a", "b"):
-        alone = evaluate(models[skill], [val[skill]], bootstrap=0, progress=False)
+        alone = evaluate(models[skill], [files[f"val_{skill}"]], bootstrap=0, progress=False)
         mine = [p for p in routed.predictions if p.task == skill]
         assert [p.id for p in mine] == [p.id for p in alone.predictions]
         assert [p.loglikelihoods for p in mine] == [p.loglikelihoods for p in alone.predictions]
@@ -66,11 +51,10 @@ def test_test_like_files_are_refused_and_the_rule_is_said():
     assert "train or validation files only" in looks_like_test("test/a.jsonl")
 
 
-def test_every_problem_is_reported_at_once_before_any_work(models, data, tmp_path, capsys):
-    train, _ = data
+def test_every_problem_is_reported_at_once_before_any_work(models, files, tmp_path, capsys):
     test_file = write_task(tmp_path / "test" / "mc" / "a.jsonl", "a")
     recipe = write_recipe(tmp_path / "route.yml", {**models, "b": tmp_path / "missing"},
-                          {"a": [test_file], "b": train["b"]}, "classifier",
+                          {"a": [test_file], "b": files["b"]}, "classifier",
                           fallback={"model": str(models["merged"]), "threshold": "auto"})
     (tmp_path / "out").mkdir()
     with pytest.raises(InputError) as err:
@@ -84,31 +68,32 @@ def test_every_problem_is_reported_at_once_before_any_work(models, data, tmp_pat
     assert "looks like a test file" in capsys.readouterr().err
 
 
-def test_unknown_kind_and_one_expert_are_refused(models, data, tmp_path):
-    train, _ = data
-    recipe = write_recipe(tmp_path / "route.yml", models, train, "vote")
+def test_unknown_kind_and_unknown_fields_are_refused(models, files, tmp_path):
+    recipe = write_recipe(tmp_path / "route.yml", models, files, "vote")
     with pytest.raises(InputError, match="router.kind 'vote' is not known"):
+        build_routed(recipe, tmp_path / "out")
+    recipe = write_recipe(tmp_path / "one.yml", models, files, "centroid")
+    recipe.write_text(recipe.read_text().replace("- data:", "- unknown: 1\n  data:", 1))
+    with pytest.raises(InputError, match="experts.0.unknown|experts\\[0\\].unknown"):
         build_routed(recipe, tmp_path / "out")
 
 
-def test_a_changed_expert_is_refused_when_loaded(models, data, tmp_path):
-    train, val = data
+def test_a_changed_expert_is_refused_when_loaded(models, files, tmp_path):
     copies = {k: Path(shutil.copytree(v, tmp_path / k)) for k, v in models.items()}
-    build_routed(write_recipe(tmp_path / "route.yml", copies, train, "oracle"), tmp_path / "routed")
+    build_routed(write_recipe(tmp_path / "route.yml", copies, files, "oracle"), tmp_path / "routed")
     (copies["b"] / "config.json").write_text((copies["b"] / "config.json").read_text() + "\n")
     with pytest.raises(InputError) as err:
-        evaluate(tmp_path / "routed", [val["a"]], bootstrap=0, progress=False)
+        evaluate(tmp_path / "routed", [files["val_a"]], bootstrap=0, progress=False)
     assert "expert 'b'" in str(err.value) and "config.json changed since the router was built" in str(err.value)
     assert "rebuild the routed model with mergesmith route" in str(err.value)
 
 
-def test_copy_makes_the_folder_self_contained(models, data, tmp_path):
-    train, val = data
+def test_copy_makes_the_folder_self_contained(models, files, tmp_path):
     copies = {k: Path(shutil.copytree(v, tmp_path / "in" / k)) for k, v in models.items()}
-    recipe = write_recipe(tmp_path / "route.yml", copies, train, "centroid")
+    recipe = write_recipe(tmp_path / "route.yml", copies, files, "centroid")
     build_routed(recipe, tmp_path / "routed", options=RouteOptions(copy=True))
     shutil.rmtree(tmp_path / "in")
     moved = Path(shutil.move(tmp_path / "routed", tmp_path / "elsewhere"))
-    result = evaluate(moved, [val["a"], val["b"]], bootstrap=0, progress=False)
+    result = evaluate(moved, [files["val_a"], files["val_b"]], bootstrap=0, progress=False)
     assert result.settings["routed"]["share_by_task"] == {"a": {"a": 1.0}, "b": {"b": 1.0}}
     assert all(not Path(e.ref).is_absolute() for e in read_routed(moved).experts)

@@ -69,14 +69,16 @@ def choose(scores: torch.Tensor, threshold: float | None) -> tuple[list[int], li
 
 
 def best_threshold(confidence: list[float], expert_scores: list[float], fallback_scores: list[float]) -> float:
-    """The cut that maximises the routed system's mean score on validation items: an item below
-    it gets the fallback's score, one at or above it the chosen expert's. Ties go to the lowest cut
-    (fewer items sent to the fallback); returns -inf when falling back never helps."""
-    order = sorted(range(len(confidence)), key=lambda i: confidence[i])
-    total = sum(expert_scores)
-    best, cut = total, float("-inf")
-    for i in order:  # raise the cut just past item i: it now goes to the fallback
-        total += fallback_scores[i] - expert_scores[i]
+    """The cut that maximises the routed system's mean score on validation items: an item whose
+    confidence is below it gets the fallback's score, one at or above it the chosen expert's.
+    Candidate cuts sit just above each distinct confidence; ties go to the lowest cut (fewer items
+    sent to the fallback); returns -inf when falling back never helps."""
+    gain: dict[float, float] = {}
+    for c, e, f in zip(confidence, expert_scores, fallback_scores):
+        gain[c] = gain.get(c, 0.0) + f - e
+    best, cut, total = 0.0, float("-inf"), 0.0
+    for c in sorted(gain):  # a cut just above c sends every item with confidence <= c to the fallback
+        total += gain[c]
         if total > best + 1e-12:
-            best, cut = total, confidence[i] + 1e-9
+            best, cut = total, c + 1e-9 * max(1.0, abs(c))
     return cut
