@@ -20,8 +20,7 @@ def prompts(skill: str, n: int, seed: int) -> list[str]:
     return [" ".join(f"t{rng.choice(words)}" for _ in range(10)) for _ in range(n)]
 
 
-def write_task(path: Path, skill: str, n: int = 6, seed: int = 0, generation: bool = False,
-               labelled: bool = True) -> Path:
+def write_task(path: Path, skill: str, n: int = 6, seed: int = 0, generation: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for k, text in enumerate(prompts(skill, n, seed)):
@@ -30,15 +29,21 @@ def write_task(path: Path, skill: str, n: int = 6, seed: int = 0, generation: bo
         else:
             row = {"id": f"{skill}{k}", "type": "multiple_choice", "prompt": text, "choices": [" t5", " t6", " t7"],
                    "answer": k % 3}
-        if not labelled:
-            row.pop("answer", None)
-            row.pop("references", None)
         rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     if generation:  # the tiny models' window is 64 tokens: leave room for the prompt
         config = path.with_suffix(".yaml")
         config.write_text(yaml.safe_dump({"task": skill, "data": path.name, "generation": {"max_new_tokens": 4}}))
         return config
+    return path
+
+
+def write_hidden_csv(path: Path, skill: str, n: int = 4, seed: int = 5) -> Path:
+    """A competition-style test file: multiple-choice prompts and choices, no answers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["id,input,eval_type,answer_choices"]
+    rows += [f'{k},"{text}",multiple_choice,"[\' t5\', \' t6\', \' t7\']"' for k, text in enumerate(prompts(skill, n, seed))]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 

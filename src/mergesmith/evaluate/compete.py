@@ -39,6 +39,8 @@ from mergesmith.errors import InputError
 from mergesmith.evaluate.competition import (DEFAULT_SUBMISSION_FORMAT, submission_header, submission_row,
                                              write_csv_atomic)
 from mergesmith.paths import OutputLock
+from mergesmith.route.build import check_route_as_merge, route_as_merge
+from mergesmith.route.recipe import is_route_recipe
 from mergesmith.units import parse_budget
 
 DONE, STOPPED, SKIPPED, FAILED = "done", "stopped_at_budget", "skipped", "failed"
@@ -61,6 +63,7 @@ class CompeteResult:
     not_scored: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what compete decided for the user (calibration data, ...)
     search: Optional[dict[str, Any]] = None  # the search's summary, when RECIPE was a search space
+    routed: Optional[dict[str, Any]] = None  # routing and expert loads, when RECIPE was a routing recipe
 
     @property
     def used_s(self) -> float:
@@ -75,7 +78,8 @@ class CompeteResult:
                 "phases": [asdict(p) for p in self.phases], "not_scored": self.not_scored, "notes": self.notes,
                 "submissions": [str(p) for p in self.submissions],
                 "macro_average": self.evaluation.macro if self.evaluation else None,
-                **({"search": self.search} if self.search is not None else {})}
+                **({"search": self.search} if self.search is not None else {}),
+                **({"routed": self.routed} if self.routed is not None else {})}
 
     def summary(self) -> str:
         lines = [f"note: {n}" for n in self.notes] + [f"budget {self.budget_s:.0f}s, used {self.used_s:.1f}s"]
@@ -85,6 +89,11 @@ class CompeteResult:
             total = sum(self.not_scored.values())
             lines.append(f"NOT SCORED within the budget: {total} item(s): "
                          + ", ".join(f"{k} ({v})" for k, v in self.not_scored.items()))
+        if self.routed is not None:
+            r = self.routed
+            lines.append(f"routed ({r['kind']}), inside the evaluate phase: routing {r['routing_seconds']:.1f}s "
+                         f"({r['routing_forwards_per_item']} forward(s) per item), {r['model_loads']} model "
+                         f"load(s) {r['load_seconds']:.1f}s")
         return "\n".join(lines)
 
 
@@ -379,9 +388,15 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     model_dir = out / "model"
     problems += output_problems_for(out, recipe, [*task_paths, *validation])
     data = D.DataPlan(D.PLAIN, recipe)
-    searching = _is_space(recipe)
+    routing = is_route_recipe(recipe)  # a routed model is built in the merge's place (docs/route.md)
+    if routing:
+        merge_fn, check_fn = merge_fn or route_as_merge, check_fn or check_route_as_merge
+    searching = not routing and _is_space(recipe)
     search_share = DEFAULT_SEARCH_SHARE if search_share is None and searching else search_share
-    if not searching:
+    if routing and (adamerge is not None or search_options is not None or search_share is not None):
+        problems.append(f"{recipe}: a routing recipe builds a routed model; --adamerge and the search options "
+                        "do not apply to it; leave them out")
+    if not searching and not routing:
         if search_options is not None or search_share is not None:
             problems.append(f"{recipe}: search options were given (--search-share, --workers, ...), but this is "
                             "a plain recipe, not a search space (no range:, choice: or genome:); leave them out "
@@ -430,6 +445,7 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     with OutputLock(out):
         created = prepare_output_dir(out)
         runner = run_merge_isolated if isolate_merge else run_merge_inline
+        build = "route" if routing else "merge"
         try:
             if searching:
                 to_merge, status, detail = _search_first(recipe, out, phase, result, search_options,
@@ -442,12 +458,12 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
             if status == FAILED:  # its process died: a fault, as for the merge
                 raise RuntimeError(detail)
             if status == DONE and clock() < deadline:
-                (status, detail), merged = phase("merge", lambda: runner(merge_fn or default_merge, to_merge,
-                                                                         model_dir, merge_kwargs, deadline - clock()))
+                (status, detail), merged = phase(build, lambda: runner(merge_fn or default_merge, to_merge,
+                                                                       model_dir, merge_kwargs, deadline - clock()))
             else:
-                status, detail = SKIPPED, ("no time left for the merge" if status == DONE else
+                status, detail = SKIPPED, (f"no time left for the {build}" if status == DONE else
                                            f"not run: the {result.phases[-1].name} phase did not finish")
-                merged = Phase("merge", 0.0, status, detail)
+                merged = Phase(build, 0.0, status, detail)
                 result.phases.append(merged)
         except BaseException:
             if created:  # the merge failed or was interrupted: no empty output folder stays behind
@@ -461,17 +477,24 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
             raise RuntimeError(detail)
         evaluation = None
         if status == DONE and clock() < deadline - reserve:
-            lm, _ = phase("load_model", lambda: load_model(str(model_dir), device=device, dtype=dtype))
-            evaluation, evaluated = phase("evaluate", lambda: evaluate(
-                lm.model, tasks, tokenizer=lm.tokenizer, batch_size=batch_size, max_length=lm.max_length,
-                bootstrap=bootstrap, progress=progress, pacer=Pacer(deadline - reserve, clock=clock)))
-            evaluation.model = str(model_dir)
+            pacer = Pacer(deadline - reserve, clock=clock)
+            if routing:  # a routed folder: its model loads and the routing happen inside evaluate, on the clock
+                evaluation, evaluated = phase("evaluate", lambda: evaluate(
+                    str(model_dir), tasks, batch_size=batch_size, device=device, dtype=dtype, bootstrap=bootstrap,
+                    progress=progress, pacer=pacer))
+                result.routed = evaluation.settings["routed"]
+            else:
+                lm, _ = phase("load_model", lambda: load_model(str(model_dir), device=device, dtype=dtype))
+                evaluation, evaluated = phase("evaluate", lambda: evaluate(
+                    lm.model, tasks, tokenizer=lm.tokenizer, batch_size=batch_size, max_length=lm.max_length,
+                    bootstrap=bootstrap, progress=progress, pacer=pacer))
+                evaluation.model = str(model_dir)
             if not evaluation.complete:
                 evaluated.status = STOPPED
                 evaluated.detail = "stopped before a batch that would overrun the budget"
         else:
-            reason = ("no time left after the merge" if status == DONE else "the merge did not run" if
-                      status == SKIPPED else "the merge did not finish")
+            reason = (f"no time left after the {build}" if status == DONE else f"the {build} did not run" if
+                      status == SKIPPED else f"the {build} did not finish")
             result.phases.append(Phase("evaluate", 0.0, SKIPPED, reason))
             evaluation = unrun_result(tasks, str(model_dir), reason)
         result.evaluation = evaluation

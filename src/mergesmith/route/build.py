@@ -133,16 +133,36 @@ def _absolute(ref: str) -> str:
     return "+".join(str(p.resolve()) for p in _model_paths(ref))
 
 
-def build_routed(recipe_path: Union[str, Path], out_dir: Union[str, Path], *,
-                 options: Optional[RouteOptions] = None) -> RoutedModel:
-    """Build the routed model folder ``out_dir`` from the routing recipe (see docs/route.md)."""
-    options = options or RouteOptions()
-    where, out = str(recipe_path), Path(out_dir)
+def check_route(recipe_path: Union[str, Path], out: Path, options: RouteOptions) -> tuple[RouteRecipe, list]:
+    """The recipe and the experts' data tasks; every problem with the recipe, the models, the data and
+    the output raised together, before any model is loaded."""
+    where = str(recipe_path)
     recipe = read_route_recipe(recipe_path, check=False)
     problems, expert_tasks = route_problems(recipe, where, out, options)
     problems = recipe_problems(recipe, where) + problems
     if problems:
         raise InputError(problems)
+    return recipe, expert_tasks
+
+
+def route_as_merge(recipe: Union[str, Path], out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
+    """``build_routed`` with a merge function's signature, for ``compete``'s build phase."""
+    build_routed(recipe, out_dir, options=RouteOptions(overwrite=overwrite, device=device))
+
+
+def check_route_as_merge(recipe: Union[str, Path], out_dir: Path, *, device: str = "cpu",
+                         overwrite: bool = False) -> None:
+    """``check_route`` with a merge check's signature, for ``compete``'s checks (compete says itself
+    whether its ``OUT/model`` may be replaced)."""
+    check_route(recipe, Path(out_dir), RouteOptions(overwrite=True, device=device))
+
+
+def build_routed(recipe_path: Union[str, Path], out_dir: Union[str, Path], *,
+                 options: Optional[RouteOptions] = None) -> RoutedModel:
+    """Build the routed model folder ``out_dir`` from the routing recipe (see docs/route.md)."""
+    options = options or RouteOptions()
+    where, out = str(recipe_path), Path(out_dir)
+    recipe, expert_tasks = check_route(recipe_path, out, options)
     names = expert_names(recipe)
     experts = [ModelRef(name, _absolute(e.model), sorted({t.name for t in tasks} | set(e.tasks)))
                for name, e, tasks in zip(names, recipe.experts, expert_tasks)]

@@ -85,6 +85,18 @@ def unlabelled_problem(path: str, tasks) -> Optional[str]:
     return None
 
 
+def is_route_recipe(source: object) -> bool:
+    """Whether ``source`` is a YAML file holding a routing recipe (a mapping with router and experts)."""
+    if not isinstance(source, (str, Path)) or Path(source).suffix.lower() not in (".yml", ".yaml") \
+            or not Path(source).is_file():
+        return False
+    try:
+        raw = yaml.safe_load(read_text(source))
+    except (InputError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "router" in raw and "experts" in raw
+
+
 def _where(loc: tuple) -> str:
     out = ""
     for part in loc:
