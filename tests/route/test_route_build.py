@@ -97,3 +97,18 @@ def test_copy_makes_the_folder_self_contained(models, files, tmp_path):
     result = evaluate(moved, [files["val_a"], files["val_b"]], bootstrap=0, progress=False)
     assert result.settings["routed"]["share_by_task"] == {"a": {"a": 1.0}, "b": {"b": 1.0}}
     assert all(not Path(e.ref).is_absolute() for e in read_routed(moved).experts)
+
+
+def test_the_oracle_sends_unnamed_tasks_to_its_fallback_and_refuses_without_one(models, files, tmp_path):
+    extra = write_task(tmp_path / "validation" / "mc" / "c.jsonl", "a", n=3, seed=9)  # a task no expert names
+    recipe = write_recipe(tmp_path / "route.yml", models, files, "oracle", fallback={"model": str(models["merged"])})
+    build_routed(recipe, tmp_path / "routed")
+    result = evaluate(tmp_path / "routed", [files["val_a"], extra], bootstrap=0, progress=False)
+    assert result.settings["routed"]["share_by_task"] == {"a": {"a": 1.0}, "c": {"fallback": 1.0}}
+    build_routed(write_recipe(tmp_path / "bare.yml", models, files, "oracle"), tmp_path / "bare")
+    with pytest.raises(InputError, match="names no expert for task\\(s\\) c"):
+        evaluate(tmp_path / "bare", [extra], bootstrap=0, progress=False)
+    cut = write_recipe(tmp_path / "cut.yml", models, files, "oracle",
+                       fallback={"model": str(models["merged"]), "threshold": 0.5})
+    with pytest.raises(InputError, match="leave out threshold and validation"):
+        build_routed(cut, tmp_path / "cut")

@@ -93,7 +93,7 @@ def choose_threshold(recipe: RouteRecipe, routed: RoutedModel, options: RouteOpt
     headline score over the validation items: every expert and the fallback answer every item once,
     and ``routers.best_threshold`` picks the cut."""
     fb = recipe.fallback
-    if fb is None:
+    if fb is None or recipe.router.kind == "oracle":
         return None
     if fb.threshold != "auto":
         return float(fb.threshold)

@@ -149,11 +149,11 @@ def recipe_problems(recipe: RouteRecipe, where: str) -> list[str]:
             if not e.data:
                 problems.append(f"{where}: experts[{k}].data: the {kind} router is fitted on each expert's example "
                                 "prompts; give at least one train or validation task file")
-    if kind == "oracle" and recipe.fallback is not None:
-        problems.append(f"{where}: fallback: the oracle has no confidence to fall back on; remove the fallback "
-                        "or choose another router kind")
     fb = recipe.fallback
-    if fb is not None:
+    if kind == "oracle" and fb is not None and (fb.threshold != "auto" or fb.validation):
+        problems.append(f"{where}: fallback: the oracle sends a task no expert names to the fallback and has no "
+                        "confidence to cut; leave out threshold and validation")
+    elif fb is not None and kind != "oracle":
         if isinstance(fb.threshold, str) and fb.threshold != "auto":
             problems.append(f"{where}: fallback.threshold {fb.threshold!r}: give a number or auto")
         if fb.threshold == "auto" and not fb.validation:
