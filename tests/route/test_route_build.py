@@ -112,3 +112,16 @@ def test_the_oracle_sends_unnamed_tasks_to_its_fallback_and_refuses_without_one(
                        fallback={"model": str(models["merged"]), "threshold": 0.5})
     with pytest.raises(InputError, match="leave out threshold and validation"):
         build_routed(cut, tmp_path / "cut")
+
+
+def test_an_interrupted_build_leaves_nothing_behind(models, files, tmp_path, monkeypatch):
+    import mergesmith.route.build as build
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "ref_digests", interrupted)
+    recipe = write_recipe(tmp_path / "route.yml", models, files, "centroid")
+    with pytest.raises(KeyboardInterrupt):
+        build_routed(recipe, tmp_path / "out" / "routed")
+    assert list((tmp_path / "out").iterdir()) == []

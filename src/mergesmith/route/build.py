@@ -3,12 +3,13 @@
 Steps, each a function: ``route_problems`` (the recipe, every model reference, every data file,
 the output path: all problems at once), ``fit_router`` (features of each expert's example prompts
 from the base model, then the kind's fit), ``choose_threshold`` (the fallback's cut on validation),
-``write_folder`` (written beside OUT, then renamed into place; ``copy`` puts the models inside).
+and the folder written beside OUT, then renamed into place (``copy`` puts the models inside).
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -81,7 +82,7 @@ def fit_router(recipe: RouteRecipe, expert_tasks: list[list[Task]], options: Rou
         return {}
     texts = [[item.prompt for t in tasks for item in t.items] for tasks in expert_tasks]
     lm = load_model(recipe.base_model, device=options.device)
-    feats = mean_last_hidden(lm, [x for group in texts for x in group], recipe.batch_size)
+    feats = mean_last_hidden(lm, [x for group in texts for x in group], recipe.batch_size, options.progress)
     labels = torch.tensor([k for k, group in enumerate(texts) for _ in group])
     if recipe.router.kind == "centroid":
         return {"centroids": routers.fit_centroids(feats, labels, len(texts))}
@@ -161,7 +162,7 @@ def build_routed(recipe_path: Union[str, Path], out_dir: Union[str, Path], *,
                  options: Optional[RouteOptions] = None) -> RoutedModel:
     """Build the routed model folder ``out_dir`` from the routing recipe (see docs/route.md)."""
     options = options or RouteOptions()
-    where, out = str(recipe_path), Path(out_dir)
+    out = Path(out_dir)
     recipe, expert_tasks = check_route(recipe_path, out, options)
     names = expert_names(recipe)
     experts = [ModelRef(name, _absolute(e.model), sorted({t.name for t in tasks} | set(e.tasks)))
@@ -171,19 +172,25 @@ def build_routed(recipe_path: Union[str, Path], out_dir: Union[str, Path], *,
     settings = {"router": recipe.router.model_dump(), "batch_size": recipe.batch_size,
                 "fitted_on": {n: [str(Path(f).resolve()) for f in e.data] for n, e in zip(names, recipe.experts)},
                 "validation": [str(Path(f).resolve()) for f in recipe.fallback.validation] if recipe.fallback else []}
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    routed = RoutedModel(partial, recipe.router.kind, experts, base, fallback, None, settings,
-                         fit_router(recipe, expert_tasks, options))
-    threshold = choose_threshold(recipe, routed, options)
-    routed.threshold = threshold if threshold is None or threshold > float("-inf") else None
-    if options.copy:
-        for model, under in [(base, "base"), (fallback, "fallback"), *((e, f"experts/{e.name}") for e in experts)]:
-            if model is not None:
-                model.ref = _copy_model(model.ref, partial, under)
-    for model in [m for m in (base, fallback, *experts) if m is not None]:
-        model.files = ref_digests(routed.resolve(model))
-    write_routed(routed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    partial.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
+    try:  # written beside OUT, renamed into place: an interrupted build leaves no half folder
+        routed = RoutedModel(partial, recipe.router.kind, experts, base, fallback, None, settings,
+                             fit_router(recipe, expert_tasks, options))
+        threshold = choose_threshold(recipe, routed, options)
+        routed.threshold = threshold if threshold is None or threshold > float("-inf") else None
+        if options.copy:
+            for model, under in [(base, "base"), (fallback, "fallback"),
+                                 *((e, f"experts/{e.name}") for e in experts)]:
+                if model is not None:
+                    model.ref = _copy_model(model.ref, partial, under)
+        for model in [m for m in (base, fallback, *experts) if m is not None]:
+            model.files = ref_digests(routed.resolve(model))
+        write_routed(routed)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
