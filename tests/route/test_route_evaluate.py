@@ -104,3 +104,18 @@ def test_cli_route_then_evaluate_writes_the_expert_of_each_item(models, files, t
     assert results["settings"]["routed"]["kind"] == "centroid"
     assert main(["evaluate", str(tmp_path / "routed"), "--tasks", str(files["val_a"]), "--out",
                  str(tmp_path / "eval2"), "--resident", "0"]) == 2
+
+
+def test_a_task_split_between_experts_keeps_each_items_few_shot_context(models, files, tmp_path):
+    rows = [json.loads(x) for f in (files["val_a"], files["val_b"]) for x in f.read_text().splitlines()]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "mixed.yaml"
+    config.write_text("task: mixed\ndata: mixed.jsonl\nfewshot: {num: 2, seed: 3}\n")
+    build_routed(write_recipe(tmp_path / "route.yml", models, files, "classifier"), tmp_path / "routed")
+    routed = evaluate(tmp_path / "routed", [config], bootstrap=0, progress=False)
+    assert routed.settings["routed"]["share_by_task"]["mixed"] == {"a": 0.5, "b": 0.5}
+    for skill in ("a", "b"):
+        alone = {p.id: p.loglikelihoods for p in evaluate(models[skill], [config], bootstrap=0,
+                                                            progress=False).predictions}
+        mine = [p for p in routed.predictions if p.expert == skill]
+        assert mine and all(p.loglikelihoods == alone[p.id] for p in mine)

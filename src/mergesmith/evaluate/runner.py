@@ -214,6 +214,9 @@ def evaluate(model: Any, tasks: Union[Iterable[Task], Iterable[Union[str, Path]]
             tasks = []
     elif not tasks:
         problems.append("no tasks to evaluate; give at least one task or task file")
+    if routed is not None and tokenizer is not None:
+        problems.append(f"{model}: a routed model folder runs each model with its own tokenizer; leave out "
+                        "the tokenizer (--tokenizer)")
     if routed is not None and routed.kind == "oracle":
         problems += oracle_problems(routed, tasks)
     problems += metric_problems(tasks)
@@ -273,13 +276,22 @@ class _TaskRun:
         return preds, truncated, merges, time.monotonic() - start
 
 
+def items_of(task: Task, indices: list[int]) -> Task:
+    """The task with only the items at ``indices``; few-shot examples still drawn from all its items,
+    so that each item's context is the one a whole-task evaluation gives it."""
+    fewshot = task.settings.fewshot
+    if fewshot.num and not fewshot.pool:
+        pool = tuple(task.items)
+        task = dataclasses.replace(task, settings=dataclasses.replace(
+            task.settings, fewshot=dataclasses.replace(fewshot, pool=pool)))
+    return dataclasses.replace(task, items=[task.items[i] for i in indices])
+
+
 def _answer_routed(routed, tasks: list[Task], run: _TaskRun, bar, device, dtype, max_length, keep: int,
                    tokenizer) -> tuple[LoadedModel, list, dict[str, Any]]:
     """Route every item, then answer the items model by model (each loaded once); every prediction
     names the expert that answered it. Returns the last model loaded (for the settings), each task's
     answers in item order, and the routing report for ``results.json``."""
-    if tokenizer is not None:
-        raise InputError("a routed model folder uses each expert's own tokenizer; leave out --tokenizer")
     resident = Resident(lambda ref: load_model(ref, device=resolve_device(device), dtype=dtype,
                                                max_length=max_length), keep)
     try:
@@ -290,7 +302,7 @@ def _answer_routed(routed, tasks: list[Task], run: _TaskRun, bar, device, dtype,
         for m, picked in routing.groups():
             lm = resident.get(routed.resolve(routing.models[m]))
             for t, indices in picked.items():
-                sub = dataclasses.replace(tasks[t], items=[tasks[t].items[i] for i in indices])
+                sub = items_of(tasks[t], indices)
                 preds, truncated, merges, seconds = run(sub, lm, bar)
                 for i, p in zip(indices, preds):
                     p.expert = routing.models[m].name
