@@ -299,7 +299,9 @@ def _answer_routed(routed, tasks: list[Task], run: _TaskRun, bar, device, dtype,
         parts: list[dict[int, Prediction]] = [{} for _ in tasks]
         counts = [[0, 0, 0.0] for _ in tasks]
         lm = None
-        for m, picked in routing.groups():
+        # the models still loaded from routing (perplexity's experts) answer first: no second load
+        groups = sorted(routing.groups(), key=lambda g: routed.resolve(routing.models[g[0]]) not in resident.models)
+        for m, picked in groups:
             lm = resident.get(routed.resolve(routing.models[m]))
             for t, indices in picked.items():
                 sub = items_of(tasks[t], indices)
