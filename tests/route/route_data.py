@@ -42,7 +42,8 @@ def write_hidden_csv(path: Path, skill: str, n: int = 4, seed: int = 5) -> Path:
     """A competition-style test file: multiple-choice prompts and choices, no answers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = ["id,input,eval_type,answer_choices"]
-    rows += [f'{k},"{text}",multiple_choice,"[\' t5\', \' t6\', \' t7\']"' for k, text in enumerate(prompts(skill, n, seed))]
+    choices = "\"[' t5', ' t6', ' t7']\""
+    rows += [f'{k},"{text}",multiple_choice,{choices}' for k, text in enumerate(prompts(skill, n, seed))]
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
 
