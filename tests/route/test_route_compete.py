@@ -40,11 +40,12 @@ def test_compete_checks_the_routing_recipe_with_everything_else(models, files, h
     recipe = write_recipe(tmp_path / "route.yml", {**models, "a": tmp_path / "gone"}, files, "classifier")
     with pytest.raises(InputError) as err:
         compete(recipe, [tmp_path / "missing.jsonl"], tmp_path / "run", budget="10m", progress=False,
-                adamerge=object())
+                adamerge=object(), validation=[files["val_a"]])
     text = str(err.value)
     assert "gone: a routed model names local folders" in text
     assert "--adamerge and the search options do not apply" in text
     assert "missing.jsonl" in text
+    assert "--validation does not apply to a routing recipe" in text
     assert not (tmp_path / "run" / "model").exists()
 
 

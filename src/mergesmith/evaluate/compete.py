@@ -396,6 +396,9 @@ def compete(recipe: Any, task_paths: Sequence[Union[str, Path]], out_dir: Union[
     if routing and (adamerge is not None or search_options is not None or search_share is not None):
         problems.append(f"{recipe}: a routing recipe builds a routed model; --adamerge and the search options "
                         "do not apply to it; leave them out")
+    if routing and validation:
+        problems.append(f"{recipe}: --validation does not apply to a routing recipe; name validation files in "
+                        "its fallback.validation (the fallback's threshold is chosen on them)")
     if not searching and not routing:
         if search_options is not None or search_share is not None:
             problems.append(f"{recipe}: search options were given (--search-share, --workers, ...), but this is "
