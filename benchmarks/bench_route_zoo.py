@@ -29,13 +29,8 @@ import yaml
 from mergesmith.evaluate import evaluate
 from mergesmith.route.build import RouteOptions, build_routed
 from mergesmith.zoo.bench import load_task_set
+from mergesmith.zoo.bench_route import route_recipe
 from mergesmith.zoo.build import build_zoo
-
-
-def route_recipe(zoo, kind: str) -> dict:
-    return {"base_model": str(zoo.base), "router": {"kind": kind},
-            "experts": [{"name": s, "model": str(zoo.experts[s]), "data": [str(zoo.tasks["train"]["gen"][s])]}
-                        for s in zoo.trained]}
 
 
 def averages(scores: dict[str, float], zoo, prefix: str = "avg") -> dict[str, float]:

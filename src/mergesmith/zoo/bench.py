@@ -228,6 +228,7 @@ class BenchConfig:
     # data-aware rows (regmean, regmean_plusplus, fisher, dam) calibrate on train prompts followed by
     # their answers, not prompts alone (calibration.include_answers); adamerging stays prompt-only
     calibration_answers: bool = False
+    routers: tuple[str, ...] = ()  # route:<kind> rows (zoo/bench_route.py)
 
 
 def method_problems(methods: tuple[str, ...]) -> list[str]:
@@ -349,6 +350,15 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
         avg = mean(result.scores[f"merge:{method}"]["mc"][s] for s in zoo.trained)
         log(f"seed {seed}: {method:16s} chose {best or '-'}; test avg over trained skills "
             f"{avg:.3f} ({time.time() - t0:.0f}s)")
+    for kind in cfg.routers:  # routed rows: a router over the full experts (docs/route.md)
+        from mergesmith.zoo.bench_route import build_route_row, route_recipe
+
+        key = f"{zoo.root}|route|{json.dumps(route_recipe(zoo, kind), sort_keys=True)}"
+        folder = work / "routed" / f"seed{seed}" / kind
+        if not scored(key):
+            build_route_row(zoo, kind, folder, cfg.device)
+        evaluate_row(f"route:{kind}", folder, key)
+        shutil.rmtree(folder, ignore_errors=True)
     result.seconds["evaluate"] = round(eval_seconds, 1)
     result.seconds["merge"] = round(merge_seconds, 1)
     result.seconds["select"] = round(select_seconds, 1)
@@ -389,7 +399,7 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
 def row_order(names: list[str]) -> list[str]:
     def rank(name: str) -> tuple:
         kind = name.split(":")[0]
-        return ({"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5}[kind],)
+        return ({"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5, "route": 6}[kind],)
     return sorted(names, key=rank)  # stable: experts and merges keep their order
 
 

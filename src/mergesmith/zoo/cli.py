@@ -142,6 +142,9 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
     p.add_argument("--val-limit", type=int, default=None,
                    help="validation items per task for choosing hyperparameters (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--routers", default="", metavar="KINDS",
+                   help="comma-separated router kinds (centroid, classifier, perplexity): add a route:<kind> row "
+                        "per kind, a router over the full experts fitted on their train splits (docs/route.md)")
     p.add_argument("--no-generation", action="store_true",
                    help="skip the generation table (multiple choice only)")
     p.add_argument("--calibration-answers", action="store_true",
@@ -194,6 +197,7 @@ def run_study_cli(args: argparse.Namespace) -> int:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     from mergesmith.zoo.bench import BenchConfig, parse_methods, run_bench
+    from mergesmith.zoo.bench_route import parse_routers
     from mergesmith.zoo.model import SIZES
 
     if args.study:
@@ -202,7 +206,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                       methods=parse_methods(args.methods or "all"), cache=args.cache,
                       device=args.device or SIZES[args.size].device, limit=args.limit, val_limit=args.val_limit,
                       batch_size=args.batch_size, generation=not args.no_generation,
-                      calibration_answers=args.calibration_answers, command="mergesmith " + " ".join(sys.argv[1:]))
+                      calibration_answers=args.calibration_answers, routers=parse_routers(args.routers),
+                      command="mergesmith " + " ".join(sys.argv[1:]))
     text = run_bench(cfg)
     print(text)
     print(f"wrote {cfg.out}/table.md, table.csv, table_generation.csv, accuracy.png, results.json")
