@@ -20,7 +20,8 @@ import threading
 from mergesmith.errors import InputError, ResourceError
 
 AREAS = ("mergesmith.merge_cli", "mergesmith.calibrate.cli", "mergesmith.evaluate.cli", "mergesmith.zoo.cli",
-         "mergesmith.learn.cli", "mergesmith.learn.dam_cli", "mergesmith.search.cli")
+         "mergesmith.learn.cli", "mergesmith.learn.dam_cli", "mergesmith.search.cli",
+         "mergesmith.lora.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,109 @@
+"""Low-rank algebra on LoRA factors: pure functions on tensors, no I/O.
+
+A LoRA module holds factors A (r x n) and B (m x r) and a scale s; its delta is
+``dW = s * B @ A`` (for an embedding, PEFT stores the transpose: ``W + (s * B @ A)^T``;
+everything here works in the adapter's own orientation, m x n = B @ A).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """PEFT's scale: s = alpha / r, or s = alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def concat_factors(factors: list[tuple[torch.Tensor, torch.Tensor]],
+                   coefficients: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact concatenation: A = [c_1 A_1; ...; c_n A_n], B = [B_1 ... B_n], so that
+
+        B @ A = sum_i c_i B_i A_i      (rank sum_i r_i; with c_i = w_i s_i, the merged delta)
+
+    Each c_i is split as sqrt|c_i| on both factors (its sign on A), keeping A and B balanced.
+    ``factors`` holds (A_i, B_i) pairs.
+    """
+    a_parts, b_parts = [], []
+    for (a, b), c in zip(factors, coefficients):
+        root = math.sqrt(abs(c))
+        a_parts.append(a * math.copysign(root, c))
+        b_parts.append(b * root)
+    return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+
+
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD U S Vh of an m x n matrix, computed from its smaller side: a QR of the tall
+    orientation (m x k, k = min(m, n)), then the SVD of the k x k triangle R."""
+    if matrix.shape[0] < matrix.shape[1]:
+        u, s, vh = thin_svd(matrix.T)
+        return vh.T, s, u.T
+    q, r = torch.linalg.qr(matrix)
+    u, s, vh = torch.linalg.svd(r)
+    return q @ u, s, vh
+
+
+def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of B @ A (m x r times r x n) without forming the m x n product:
+
+        B = Q_B R_B,  A^T = Q_A R_A,  R_B R_A^T = u S vh   =>   B A = (Q_B u) S (vh Q_A^T)
+
+    Costs O((m + n) r^2 + r^3) instead of O(m n min(m, n)). Returns U (m x k), S (k), Vh (k x n)
+    with k = min(r, m, n).
+    """
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ u, s, vh @ q_a.T
+
+
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """The smallest k with sum_{i<=k} S_i^2 >= energy * sum_i S_i^2 (at least 1)."""
+    squares = singular_values.double().square()
+    total = squares.sum()
+    if total == 0:
+        return 1
+    kept = torch.cumsum(squares, 0) / total
+    # A tolerance of a few ulps, so that energy = 1 keeps exactly the nonzero spectrum's length
+    # and not one more or less through rounding of the cumulative sum.
+    reached = (kept >= energy - 1e-12).nonzero()
+    return int(reached[0]) + 1 if len(reached) else len(singular_values)
+
+
+def choose_rank(singular_values: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+                threshold: float | None = None) -> int:
+    """The rank kept: the smallest that every given limit allows, at least 1.
+
+    ``rank``: at most this many; ``energy``: the fewest that keep this share of sum S_i^2;
+    ``threshold``: only singular values above it (mergekit's ``--sv-epsilon``).
+    """
+    k = len(singular_values)
+    if rank is not None:
+        k = min(k, rank)
+    if energy is not None:
+        k = min(k, rank_for_energy(singular_values, energy))
+    if threshold is not None and threshold > 0:
+        k = min(k, int((singular_values > threshold).sum()))
+    return max(k, 1)
+
+
+def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error of the best rank-k approximation (Eckart-Young):
+
+        ||dW - dW_k||_F / ||dW||_F = sqrt(sum_{i>k} S_i^2 / sum_i S_i^2)      (0 for dW = 0)
+    """
+    squares = singular_values.double().square()
+    total = float(squares.sum())
+    return math.sqrt(float(squares[rank:].sum()) / total) if total > 0 else 0.0
+
+
+def split_singular_values(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                          rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors of the rank-k truncation, sqrt(S) on each side:
+
+        A = sqrt(S_k) Vh_k,   B = U_k sqrt(S_k),   B @ A = U_k S_k Vh_k
+    """
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]

@@ -1,0 +1,127 @@
+"""merge-lora: adapters in, adapter out; the folded result against PEFT and hand formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergesmith.errors import InputError
+from mergesmith.lora.merge import merge_lora, plan_lora_merge
+from tests.lora.lora_fixtures import (
+    adapter_config,
+    base_state,
+    load_folded,
+    make_adapter,
+    peft_deltas,
+    write_recipe,
+)
+from tests.tiny_models import make_model
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """A base and three adapters: different ranks, alpha, rsLoRA, rank/alpha patterns, partly
+    different target modules, one adapting the token embeddings."""
+    root = tmp_path_factory.mktemp("lora-pool")
+    base = make_model(root / "base", "llama", seed=0)
+    adapters = [
+        make_adapter(base, root / "a", seed=1),
+        make_adapter(base, root / "b", seed=2, r=2, lora_alpha=16, use_rslora=True,
+                     target_modules=["q_proj", "k_proj", "embed_tokens"]),
+        make_adapter(base, root / "c", seed=3, r=6, lora_alpha=3, target_modules=["q_proj", "down_proj"],
+                     rank_pattern={"down_proj": 3}, alpha_pattern={"q_proj": 12}),
+    ]
+    deltas = [peft_deltas(base, a) for a in adapters]
+    return base, adapters, deltas
+
+
+def weighted_sum(deltas: list[dict], weights: list[float]) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for delta, w in zip(deltas, weights):
+        for name, d in delta.items():
+            total[name] = total.get(name, 0) + w * d
+    return total
+
+
+def folded_delta(base, adapter) -> dict[str, torch.Tensor]:
+    before = base_state(base)
+    after = load_folded(base, adapter)
+    return {k: after[k] - before[k] for k in before}
+
+
+def test_concat_is_exact_and_loads_in_peft(pool, tmp_path):
+    base, adapters, deltas = pool
+    weights = [1.0, -0.5, 0.7]
+    recipe = write_recipe(tmp_path / "r.yml", "concat", adapters, [{"weight": w} for w in weights])
+    result = merge_lora(recipe, tmp_path / "out", progress=False)
+    expected = weighted_sum(deltas, weights)
+    got = folded_delta(base, result.out_dir)
+    for name, d in got.items():
+        torch.testing.assert_close(d, expected.get(name, torch.zeros_like(d)), atol=1e-5, rtol=1e-5)
+    config = adapter_config(result.out_dir)
+    assert config["use_rslora"] is False and config["r"] == config["lora_alpha"]
+    # rank sum r_i per module, and every rank that is not r is in both patterns
+    assert result.report["model.layers.0.self_attn.q_proj"]["rank"] == 4 + 2 + 6
+    assert result.report["model.layers.0.mlp.down_proj"]["rank"] == 4 + 3
+    assert result.report["model.embed_tokens"]["rank"] == 2
+    for module, r in ((m, rep["rank"]) for m, rep in result.report.items()):
+        assert config["rank_pattern"].get(module, config["r"]) == r
+        assert config["alpha_pattern"].get(module, config["lora_alpha"]) == r
+    assert all(rep["relative_error"] == 0 for rep in result.report.values())
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_one_adapter_in_is_the_same_adapter_out(pool, tmp_path):
+    """Each scale applied exactly once: an rsLoRA adapter with weight 1 folds as itself."""
+    base, adapters, deltas = pool
+    recipe = write_recipe(tmp_path / "r.yml", "concat", [adapters[1]])
+    out = merge_lora(recipe, tmp_path / "out", progress=False).out_dir
+    got = folded_delta(base, out)
+    for name, d in got.items():
+        torch.testing.assert_close(d, deltas[1].get(name, torch.zeros_like(d)), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_full_delta_at_full_rank_equals_the_weighted_sum(pool, tmp_path, method):
+    base, adapters, deltas = pool
+    weights = [0.6, 0.3, 0.1]
+    recipe = write_recipe(tmp_path / "r.yml", method, adapters, [{"weight": w} for w in weights],
+                          parameters={"rank": 16, **({"normalize": False} if method == "linear" else {})})
+    result = merge_lora(recipe, tmp_path / "out", progress=False)
+    expected = weighted_sum(deltas, weights)
+    for name, d in folded_delta(base, result.out_dir).items():
+        torch.testing.assert_close(d, expected.get(name, torch.zeros_like(d)), atol=2e-5, rtol=1e-4)
+    assert max(r["relative_error"] for r in result.report.values()) < 1e-5
+
+
+def best_rank_k(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+@pytest.mark.parametrize("method", ["concat", "task_arithmetic"])
+def test_truncation_is_the_best_rank_k_and_its_error_is_reported(pool, tmp_path, method):
+    base, adapters, deltas = pool
+    recipe = write_recipe(tmp_path / "r.yml", method, adapters, [{"weight": 1.0}] * 3, parameters={"rank": 3})
+    result = merge_lora(recipe, tmp_path / "out", progress=False)
+    expected = weighted_sum(deltas, [1.0] * 3)
+    got = folded_delta(base, result.out_dir)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    reference = best_rank_k(expected[name], 3)
+    torch.testing.assert_close(got[name].double(), reference, atol=2e-5, rtol=1e-4)
+    error = float((expected[name].double() - reference).norm() / expected[name].double().norm())
+    assert result.report[name.removesuffix(".weight")]["relative_error"] == pytest.approx(error, rel=1e-4)
+    assert result.report[name.removesuffix(".weight")]["rank"] == 3
+
+
+def test_rank_by_energy_keeps_the_fewest_singular_values(pool, tmp_path):
+    base, adapters, deltas = pool
+    recipe = write_recipe(tmp_path / "r.yml", "concat", adapters, parameters={"energy": 0.9})
+    result = merge_lora(recipe, tmp_path / "out", progress=False)
+    expected = weighted_sum(deltas, [1.0] * 3)
+    for module, rep in result.report.items():
+        s = torch.linalg.svdvals(expected[f"{module}.weight"].double())
+        share = (s.square().cumsum(0) / s.square().sum()).tolist()
+        k = rep["rank"]
+        assert share[k - 1] >= 0.9 - 1e-9 and (k == 1 or share[k - 2] < 0.9)
+        assert rep["relative_error"] == pytest.approx((1 - share[k - 1]) ** 0.5, abs=1e-6)
