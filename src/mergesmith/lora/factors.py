@@ -41,7 +41,7 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         u, s, vh = thin_svd(matrix.T)
         return vh.T, s, u.T
     q, r = torch.linalg.qr(matrix)
-    u, s, vh = torch.linalg.svd(r)
+    u, s, vh = torch.linalg.svd(r, full_matrices=False)
     return q @ u, s, vh
 
 
@@ -55,7 +55,7 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
     """
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
     return q_b @ u, s, vh @ q_a.T
 
 
@@ -107,3 +107,45 @@ def split_singular_values(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
     """
     root = s[:rank].sqrt()
     return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+
+
+def knots_coordinates(factors: list[tuple[torch.Tensor, torch.Tensor] | None],
+                      tolerance: float = 1e-6) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """KnOTS (Stoica et al. 2025, "Model merging with SVD to tie the KnOTS", arXiv:2410.19735):
+    the adapters' deltas side by side share one left basis,
+
+        [dW_1 ... dW_n] = U S [V_1^T ... V_n^T],   C_i = S V_i^T  (k x n),   dW_i = U C_i,
+
+    so the coordinates C_i are aligned and can be merged entry-wise. ``factors[i]`` is (A_i, B_i)
+    with the scale in B_i (dW_i = B_i A_i), or None where the adapter lacks the module (C_i = 0).
+    The SVD comes from the factors, [B_1 ... B_n] times the block diagonal of the A_i, never from
+    the m x n*in matrix; directions with S_j <= tolerance * S_1 are dropped (the authors keep
+    S_j > 1e-5 absolute). Returns U (m x k) and every C_i.
+    """
+    present = [f for f in factors if f is not None]
+    width = present[0][0].shape[1]
+    u, s, vh = svd_of_product(torch.cat([b for _, b in present], dim=1),
+                              torch.block_diag(*[a for a, _ in present]))
+    keep = s > tolerance * s[0] if len(s) else s.bool()
+    u, s, vh = u[:, keep], s[keep], vh[keep]
+    blocks = iter((s[:, None] * vh).split(width, dim=1))
+    return u, [next(blocks) if f is not None else torch.zeros(len(s), width) for f in factors]
+
+
+def core_space(factors: list[tuple[torch.Tensor, torch.Tensor] | None]
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Core space (Panariello et al. 2025, "Accurate and Efficient Low-Rank Model Merging in Core
+    Space", NeurIPS, arXiv:2509.17786): reference bases from the stacked factors,
+
+        [B_1 ... B_n] = U_B S_B ...,   [A_1; ...; A_n] = ... S_A Vh_A,
+        M_i = U_B^T B_i A_i Vh_A^T        (at most sum r_i square; dW_i = U_B M_i Vh_A exactly),
+
+    so the small cores M_i can be merged entry-wise and mapped back, with no full-size SVD.
+    ``factors`` as for ``knots_coordinates`` (None: M_i = 0). Returns U_B, every M_i, Vh_A.
+    """
+    present = [f for f in factors if f is not None]
+    u_ref = thin_svd(torch.cat([b for _, b in present], dim=1))[0]
+    vh_ref = thin_svd(torch.cat([a for a, _ in present], dim=0))[2]
+    cores = [(u_ref.T @ f[1]) @ (f[0] @ vh_ref.T) if f is not None
+             else torch.zeros(u_ref.shape[1], vh_ref.shape[0]) for f in factors]
+    return u_ref, cores, vh_ref

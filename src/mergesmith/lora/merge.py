@@ -47,6 +47,8 @@ from mergesmith.lora.adapter import Adapter, AdapterOutput, open_adapter, write_
 from mergesmith.lora.factors import (
     choose_rank,
     concat_factors,
+    core_space,
+    knots_coordinates,
     split_singular_values,
     svd_of_product,
     thin_svd,
@@ -60,6 +62,9 @@ CONCAT = "concat"
 RANK = Param("rank", int, None, low=1, doc="output rank of every module (default: the largest input rank)")
 ENERGY = Param("energy", float, None, low=0.0, high=1.0, low_open=True,
                doc="keep the fewest singular values holding this share of sum S_i^2")
+SPACE = Param("space", str, "full", choices=("full", "knots", "core"),
+              doc="where the method merges: the full deltas, KnOTS coordinates or the core space")
+ADAPTER_PARAMS = (RANK, ENERGY, SPACE)
 CONCAT_SPEC = MethodSpec(CONCAT, fn=lambda group: group.tensors[0],
                          params=(Param("weight", float, 1.0, per_model=True, doc="the adapter's weight"),),
                          summary="exact concatenation of the LoRA factors (rank sum r_i), optionally truncated")
@@ -97,6 +102,7 @@ class ModulePlan:
     model_params: list[dict[str, Any]]  # per adapter, all of them
     rank: Optional[int]
     energy: Optional[float]
+    space: str = "full"
 
 
 @dataclass
@@ -249,7 +255,7 @@ def _resolve_modules(where: str, method: MethodSpec, spec: LoraRecipeSpec, layou
     collecting each distinct problem once."""
     global_scope = dict(spec.parameters or {})
     model_scopes = [dict(entry.parameters or {}) for entry in spec.models]
-    known = {p.name for p in method.params} | {RANK.name, ENERGY.name}
+    known = {p.name for p in method.params} | {p.name for p in ADAPTER_PARAMS}
     for key in global_scope:
         if key not in known:
             problems.append(f"{where}: parameters.{key} is not a parameter of {method.name} or of adapter "
@@ -263,6 +269,12 @@ def _resolve_modules(where: str, method: MethodSpec, spec: LoraRecipeSpec, layou
     layers = 1 + max((split_layer_name(f"{m}.weight").index for m in layout
                       if split_layer_name(f"{m}.weight") is not None), default=0)
     seen: set[str] = set()
+
+    def add(problem: str) -> None:
+        if problem not in seen:
+            seen.add(problem)
+            problems.append(problem)
+
     modules = []
     for name, (shape, embedding, sources) in layout.items():
         layer = split_layer_name(f"{name}.weight")
@@ -281,9 +293,7 @@ def _resolve_modules(where: str, method: MethodSpec, spec: LoraRecipeSpec, layou
                 if bad is None:
                     return resolved
                 problem = f"{where}: {field_name} = {resolved!r} {bad}"
-            if problem not in seen:
-                seen.add(problem)
-                problems.append(problem)
+            add(problem)
             return param.default if not param.required else None
 
         params = {p.name: value(p, [global_scope], f"parameters.{p.name}") for p in method.params if not p.per_model}
@@ -291,12 +301,13 @@ def _resolve_modules(where: str, method: MethodSpec, spec: LoraRecipeSpec, layou
                          for p in method.params if p.per_model} for i in range(n)]
         rank = value(RANK, [global_scope], "parameters.rank")
         energy = value(ENERGY, [global_scope], "parameters.energy")
+        space = value(SPACE, [global_scope], "parameters.space")
+        if method.name == CONCAT and space != "full":
+            add(f"{where}: parameters.space = {space!r}: concat merges factors, in no space; leave space out")
         if method.check_params is not None and not problems:
             for problem in method.check_params(params, model_params):
-                if problem not in seen:
-                    seen.add(problem)
-                    problems.append(f"{where}: {problem}")
-        modules.append(ModulePlan(name, shape, embedding, sources, params, model_params, rank, energy))
+                add(f"{where}: {problem}")
+        modules.append(ModulePlan(name, shape, embedding, sources, params, model_params, rank, energy, space))
     return modules
 
 
@@ -315,29 +326,55 @@ def merge_module(plan: LoraMergePlan, module: ModulePlan, index: int = 0) -> tup
         u, s, vh = svd_of_product(b, a)
         limit = module.rank
     else:
-        delta = merged_delta(plan, module, factors, scales, plan.seed + index)
-        u, s, vh = thin_svd(delta)
-        limit = module.rank if module.rank is not None else (None if module.energy is not None else max(ranks))
+        seed = plan.seed + index
+        scaled: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(plan.adapters)
+        for i, (a, b), s in zip(module.sources, factors, scales):
+            scaled[i] = (a, b.mul_(s))
+        u, s, vh = merged_svd(plan, module, scaled, seed)
+        # A full-delta merge is full rank: by default, back to the largest input rank. KnOTS and
+        # core-space merges have rank <= sum r_i already, kept whole unless asked otherwise.
+        limit = module.rank
+        if module.space == "full" and module.rank is None and module.energy is None:
+            limit = max(ranks)
     rank = choose_rank(s, rank=limit, energy=module.energy)
     a, b = split_singular_values(u, s, vh, rank)
     return a, b, {"rank": rank, "relative_error": truncation_error(s, rank)}
 
 
-def merged_delta(plan: LoraMergePlan, module: ModulePlan, factors: list[tuple[torch.Tensor, torch.Tensor]],
-                 scales: list[float], seed: int = 0) -> torch.Tensor:
-    """M(0; dW_1, ..., dW_n) with dW_i = s_i B_i A_i (zero for an adapter without the module)."""
-    deltas = [torch.zeros(module.shape) for _ in plan.adapters]
-    for i, (a, b), s in zip(module.sources, factors, scales):
-        deltas[i] = (b @ a).mul_(s)
+def merged_svd(plan: LoraMergePlan, module: ModulePlan, factors: list[Optional[tuple[torch.Tensor, torch.Tensor]]],
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of the merged delta, merging in the module's space (``factors[i]`` = (A_i, s_i B_i),
+    None where adapter i lacks the module):
+
+        full:   dW = M(0; dW_1, ..., dW_n)                   thin SVD of the m x n result
+        knots:  dW = U M(0; C_1, ..., C_n)                   SVD of the k x n merged coordinates
+        core:   dW = U_B M(0; M_1, ..., M_n) Vh_A            SVD of the small merged core
+
+    U, U_B and Vh_A have orthonormal columns or rows, so the small SVD maps straight back.
+    """
+    if module.space == "knots":
+        basis, coordinates = knots_coordinates(factors)
+        u, s, vh = thin_svd(run_method(plan, module, coordinates, seed))
+        return basis @ u, s, vh
+    if module.space == "core":
+        left, cores, right = core_space(factors)
+        u, s, vh = thin_svd(run_method(plan, module, cores, seed))
+        return left @ u, s, vh @ right
+    deltas = [torch.zeros(module.shape) if f is None else f[1] @ f[0] for f in factors]
+    return thin_svd(run_method(plan, module, deltas, seed))
+
+
+def run_method(plan: LoraMergePlan, module: ModulePlan, tensors: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """M(0; T_1, ..., T_n): the recipe's method with a zero base, so that its task vectors are the T_i."""
     method = plan.method
     generator = torch.Generator().manual_seed(seed)
     vocab = module.embedding or is_vocab_tensor(f"{module.name}.weight")
     if method.base == BasePolicy.IGNORED:
-        group = TensorGroup(module.name, deltas, module.params, module.model_params, None, generator,
+        group = TensorGroup(module.name, tensors, module.params, module.model_params, None, generator,
                             disposable=True, vocab=vocab)
     else:
         base_params = {p.name: p.default for p in method.params if p.per_model and p.on_base and not p.required}
-        group = TensorGroup(module.name, [torch.zeros(module.shape), *deltas], module.params,
+        group = TensorGroup(module.name, [torch.zeros_like(tensors[0]), *tensors], module.params,
                             [base_params, *module.model_params], 0, generator, disposable=True, vocab=vocab)
     return method.fn(group).float()
 
