@@ -52,6 +52,22 @@ def test_folded_adapter_reproduces_the_finetune_within_the_reported_error(family
     assert config["r"] == 3 and config["lora_alpha"] == 3 and "lm_head" in config["modules_to_save"]
 
 
+def test_randomized_svd_reports_the_error_of_what_it_writes(family, tmp_path):
+    """--svd randomized (auto picks it only for modules four times wider than max-rank + 16;
+    these are exact): the reported error is measured on the written factors."""
+    base, ft = family
+    auto = extract_lora(ft, base, tmp_path / "auto", options(max_rank=2))
+    assert {r["svd"] for r in auto.report.values()} == {"exact"}
+    result = extract_lora(ft, base, tmp_path / "out", options(max_rank=2, svd="randomized"))
+    assert {r["svd"] for r in result.report.values()} == {"randomized"}
+    folded, want, before = load_folded(base, result.out_dir), load_state(ft), load_state(base)
+    for module, rep in result.report.items():
+        name = f"{module}.weight"
+        error = relative(folded[name], want[name], want[name] - before[name])
+        assert error == pytest.approx(rep["relative_error"], rel=1e-3, abs=1e-6)
+        assert rep["relative_error"] >= auto.report[module]["relative_error"] - 1e-6  # never beats the optimum
+
+
 def test_full_rank_and_embed_lora_reproduce_the_finetune(family, tmp_path):
     base, ft = family
     result = extract_lora(ft, base, tmp_path / "out", options(max_rank=64, embed_lora=True))

@@ -41,6 +41,11 @@ def register(subparsers) -> None:
     e.add_argument("--skip-bias", action="store_true",
                    help="leave out changed biases of extracted modules (default: carry them as lora_B.bias where "
                         "PEFT can fold them, else stop and say so)")
+    e.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto",
+                   help="exact: a full thin SVD per module; randomized: subspace iteration for the leading "
+                        "max-rank + 16 singular triplets (the error reported is measured on what is "
+                        "written); auto (default): randomized where max-rank + 16 is at most a quarter of "
+                        "the module's smaller side")
     e.add_argument("--out-dtype", default=None, help="float32, bfloat16 or float16 (default: the fine-tune's)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,7 +87,7 @@ def run_extract_lora(args: argparse.Namespace) -> int:
     options = ExtractOptions(max_rank=args.max_rank, energy=args.energy, sv_epsilon=args.sv_epsilon,
                              include=tuple(args.include_regex), exclude=tuple(args.exclude_regex),
                              embed_lora=args.embed_lora, save_modules=tuple(args.save_module),
-                             skip_undecomposable=args.skip_undecomposable, skip_bias=args.skip_bias,
+                             skip_undecomposable=args.skip_undecomposable, skip_bias=args.skip_bias, svd=args.svd,
                              out_dtype=out_dtype,
                              overwrite=args.overwrite, progress=not args.no_progress)
     result = extract_lora(args.model, args.base_model, args.out_dir, options)

@@ -37,10 +37,19 @@ from mergesmith.checkpoint.layout import is_pre_layer, is_vocab_tensor
 from mergesmith.checkpoint.reader import Checkpoint
 from mergesmith.errors import InputError
 from mergesmith.lora.adapter import AdapterOutput, write_adapter
-from mergesmith.lora.factors import choose_rank, split_singular_values, thin_svd, truncation_error
+from mergesmith.lora.factors import (
+    choose_rank,
+    randomized_svd,
+    residual_error,
+    split_singular_values,
+    thin_svd,
+    truncation_error,
+)
 from mergesmith.paths import OutputLock, output_problems
 
 LORA, SAVE, SKIP = "lora", "save", "skip"
+SVD_CHOICES = ("auto", "exact", "randomized")
+OVERSAMPLE = 16
 
 
 @dataclass
@@ -54,6 +63,7 @@ class ExtractOptions:
     save_modules: tuple[str, ...] = ()  # module names (or their last part) saved whole
     skip_undecomposable: bool = False  # drop changed non-matrix tensors instead of saving them whole
     skip_bias: bool = False  # leave out bias deltas instead of carrying them as lora_B.bias
+    svd: str = "auto"  # exact, randomized, or auto: randomized where max_rank is small next to the matrix
     out_dtype: Optional[torch.dtype] = None  # default: the fine-tune's dtype
     overwrite: bool = False
     progress: bool = True
@@ -95,6 +105,8 @@ def option_problems(options: ExtractOptions) -> list[str]:
         problems.append(f"--max-rank {options.max_rank!r}: must be a whole number of at least 1")
     if options.energy is not None and not 0 < options.energy <= 1:
         problems.append(f"--energy {options.energy!r}: must be in (0, 1], the share of sum S_i^2 kept")
+    if options.svd not in SVD_CHOICES:
+        problems.append(f"--svd {options.svd!r}: choose one of {', '.join(SVD_CHOICES)}")
     if options.sv_epsilon < 0:
         problems.append(f"--sv-epsilon {options.sv_epsilon!r}: must be at least 0")
     for flag, patterns in (("--include-regex", options.include), ("--exclude-regex", options.exclude)):
@@ -200,17 +212,31 @@ def _fate(name: str, shape: tuple[int, ...], options: ExtractOptions) -> str:
     return SKIP if options.skip_undecomposable else SAVE
 
 
+def uses_randomized_svd(shape: tuple[int, int], options: ExtractOptions) -> bool:
+    """``auto``: randomized when rank + oversampling is at most a quarter of the smaller side,
+    where it costs a small fraction of a full SVD and its leading triplets are accurate."""
+    if options.svd != "auto":
+        return options.svd == "randomized"
+    return 4 * (options.max_rank + OVERSAMPLE) <= min(shape)
+
+
 def extract_module(base_weight: torch.Tensor, finetune_weight: torch.Tensor, embedding: bool,
                    options: ExtractOptions) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(A, B, report) for one weight: the truncated SVD of dW, in the adapter's orientation."""
     delta = finetune_weight.float() - base_weight.float()
     if embedding:  # PEFT stores an embedding's delta as (B A)^T
         delta = delta.T
-    u, s, vh = thin_svd(delta)
-    rank = choose_rank(s, rank=options.max_rank, energy=options.energy, threshold=options.sv_epsilon)
+    total = float(delta.double().square().sum())
+    randomized = uses_randomized_svd(tuple(delta.shape), options)
+    if randomized:
+        u, s, vh = randomized_svd(delta, options.max_rank, oversample=OVERSAMPLE)
+    else:
+        u, s, vh = thin_svd(delta)
+    rank = choose_rank(s, rank=options.max_rank, energy=options.energy, threshold=options.sv_epsilon, total=total)
     a, b = split_singular_values(u, s, vh, rank)
-    return a, b, {"rank": rank, "relative_error": truncation_error(s, rank),
-                  "singular_values": [float(x) for x in s[:rank]]}
+    error = residual_error(delta, a, b) if randomized else truncation_error(s, rank)
+    return a, b, {"rank": rank, "relative_error": error,
+                  "singular_values": [float(x) for x in s[:rank]], "svd": "randomized" if randomized else "exact"}
 
 
 def extract_lora(finetune_dir: str | Path, base_dir: str | Path, out_dir: str | Path,

@@ -59,10 +59,33 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
     return q_b @ u, s, vh @ q_a.T
 
 
-def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
-    """The smallest k with sum_{i<=k} S_i^2 >= energy * sum_i S_i^2 (at least 1)."""
+def randomized_svd(matrix: torch.Tensor, rank: int, *, oversample: int = 16, iterations: int = 4,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank + oversample`` singular triplets of an m x n matrix by subspace iteration
+    (Halko, Martinsson & Tropp 2011, "Finding structure with randomness", Algorithm 4.4):
+
+        Q = orth(M Omega),  then ``iterations`` times Q = orth(M orth(M^T Q));
+        Q^T M = u S Vh,  U = Q u
+
+    O(m n (rank + oversample) (2 iterations + 2)) instead of O(m n min(m, n)). Since S Vh = U^T M
+    exactly, ||M - U_k S_k Vh_k||_F^2 = ||M||_F^2 - sum_{i<=k} S_i^2 holds for what is returned, so
+    the truncation error is that of the best approximation within the subspace Q found.
+    """
+    width = min(rank + oversample, *matrix.shape)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    omega = torch.randn(matrix.shape[1], width, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    q = torch.linalg.qr(matrix @ omega)[0]
+    for _ in range(iterations):
+        q = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ q)[0])[0]
+    u, s, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+    return q @ u, s, vh
+
+
+def rank_for_energy(singular_values: torch.Tensor, energy: float, total: float | None = None) -> int:
+    """The smallest k with sum_{i<=k} S_i^2 >= energy * total (at least 1), where total is
+    sum_i S_i^2 over the whole spectrum (give ||dW||_F^2 when only the leading S_i are known)."""
     squares = singular_values.double().square()
-    total = squares.sum()
+    total = float(squares.sum()) if total is None else total
     if total == 0:
         return 1
     kept = torch.cumsum(squares, 0) / total
@@ -73,30 +96,38 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
 
 
 def choose_rank(singular_values: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-                threshold: float | None = None) -> int:
+                threshold: float | None = None, total: float | None = None) -> int:
     """The rank kept: the smallest that every given limit allows, at least 1.
 
-    ``rank``: at most this many; ``energy``: the fewest that keep this share of sum S_i^2;
-    ``threshold``: only singular values above it (mergekit's ``--sv-epsilon``).
+    ``rank``: at most this many; ``energy``: the fewest that keep this share of ``total``
+    (default sum S_i^2); ``threshold``: only singular values above it (mergekit's ``--sv-epsilon``).
     """
     k = len(singular_values)
     if rank is not None:
         k = min(k, rank)
     if energy is not None:
-        k = min(k, rank_for_energy(singular_values, energy))
+        k = min(k, rank_for_energy(singular_values, energy, total))
     if threshold is not None and threshold > 0:
         k = min(k, int((singular_values > threshold).sum()))
     return max(k, 1)
 
 
 def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
-    """Relative Frobenius error of the best rank-k approximation (Eckart-Young):
+    """Relative Frobenius error of the best rank-k approximation, from the whole spectrum
+    (Eckart-Young):
 
         ||dW - dW_k||_F / ||dW||_F = sqrt(sum_{i>k} S_i^2 / sum_i S_i^2)      (0 for dW = 0)
     """
     squares = singular_values.double().square()
     total = float(squares.sum())
     return math.sqrt(float(squares[rank:].sum()) / total) if total > 0 else 0.0
+
+
+def residual_error(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """||M - B A||_F / ||M||_F, computed (where only the leading singular values are known;
+    ||M||^2 - sum S_i^2 would lose every digit below about 1e-3 to cancellation)."""
+    norm = float(matrix.norm())
+    return float(torch.addmm(matrix, b, a, alpha=-1).norm()) / norm if norm > 0 else 0.0
 
 
 def split_singular_values(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
