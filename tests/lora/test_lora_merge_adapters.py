@@ -125,3 +125,48 @@ def test_rank_by_energy_keeps_the_fewest_singular_values(pool, tmp_path):
         k = rep["rank"]
         assert share[k - 1] >= 0.9 - 1e-9 and (k == 1 or share[k - 2] < 0.9)
         assert rep["relative_error"] == pytest.approx((1 - share[k - 1]) ** 0.5, abs=1e-6)
+
+
+def synthetic_adapter(path, seed: int, shape=(96, 128), rank: int = 4):
+    """A PEFT adapter folder written by hand: one wide module, alpha = 2 r."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    module = "base_model.model.model.layers.0.mlp.up_proj"
+    path.mkdir()
+    save_file({f"{module}.lora_A.weight": torch.randn(rank, shape[1], generator=g),
+               f"{module}.lora_B.weight": torch.randn(shape[0], rank, generator=g)},
+              str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                                          "target_modules": ["up_proj"]}))
+    return path
+
+
+def test_full_delta_on_a_wide_module_uses_a_randomized_svd_and_measures_its_error(tmp_path):
+    from safetensors.torch import load_file
+
+    from mergesmith.methods import TensorGroup, get_method
+
+    adapters = [synthetic_adapter(tmp_path / f"a{i}", seed=i) for i in range(3)]
+    recipe = write_recipe(tmp_path / "r.yml", "ties", adapters, [{"weight": 1.0, "density": 0.5}] * 3)
+    result = merge_lora(recipe, tmp_path / "out", progress=False)
+    report = result.report["model.layers.0.mlp.up_proj"]
+    assert report["svd"] == "randomized" and report["rank"] == 4
+    # The TIES delta by hand from the registry, and the best rank-4 approximation's error.
+    deltas = []
+    for adapter in adapters:
+        t = load_file(adapter / "adapter_model.safetensors")
+        deltas.append(2.0 * t[next(k for k in t if "lora_B" in k)] @ t[next(k for k in t if "lora_A" in k)])
+    ties = get_method("ties")
+    group = TensorGroup("x", [torch.zeros(96, 128), *deltas], {"lambda": 1.0, "normalize": True, "rescale": False,
+                        "int8_mask": False}, [{}] + [{"weight": 1.0, "density": 0.5}] * 3, 0)
+    merged = ties.fn(group).double()
+    s = torch.linalg.svdvals(merged)
+    optimum = float(s[4:].square().sum().sqrt() / s.square().sum().sqrt())
+    out = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    written = out[next(k for k in out if "lora_B" in k)].double() @ out[next(k for k in out if "lora_A" in k)].double()
+    measured = float((merged - written).norm() / merged.norm())
+    assert report["relative_error"] == pytest.approx(measured, rel=1e-4)
+    assert optimum - 1e-6 <= measured <= 1.02 * optimum

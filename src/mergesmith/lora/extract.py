@@ -38,6 +38,7 @@ from mergesmith.checkpoint.reader import Checkpoint
 from mergesmith.errors import InputError
 from mergesmith.lora.adapter import AdapterOutput, write_adapter
 from mergesmith.lora.factors import (
+    OVERSAMPLE,
     choose_rank,
     randomized_svd,
     residual_error,
@@ -49,7 +50,6 @@ from mergesmith.paths import OutputLock, output_problems
 
 LORA, SAVE, SKIP = "lora", "save", "skip"
 SVD_CHOICES = ("auto", "exact", "randomized")
-OVERSAMPLE = 16
 
 
 @dataclass

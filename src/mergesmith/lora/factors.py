@@ -59,7 +59,10 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
     return q_b @ u, s, vh @ q_a.T
 
 
-def randomized_svd(matrix: torch.Tensor, rank: int, *, oversample: int = 16, iterations: int = 4,
+OVERSAMPLE = 16  # extra directions a randomized SVD tracks beyond the rank it keeps
+
+
+def randomized_svd(matrix: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE, iterations: int = 4,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The leading ``rank + oversample`` singular triplets of an m x n matrix by subspace iteration
     (Halko, Martinsson & Tropp 2011, "Finding structure with randomness", Algorithm 4.4):

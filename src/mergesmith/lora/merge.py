@@ -45,10 +45,13 @@ from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name
 from mergesmith.errors import InputError
 from mergesmith.lora.adapter import Adapter, AdapterOutput, open_adapter, write_adapter
 from mergesmith.lora.factors import (
+    OVERSAMPLE,
     choose_rank,
     concat_factors,
     core_space,
     knots_coordinates,
+    randomized_svd,
+    residual_error,
     split_singular_values,
     svd_of_product,
     thin_svd,
@@ -330,12 +333,19 @@ def merge_module(plan: LoraMergePlan, module: ModulePlan, index: int = 0) -> tup
         scaled: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(plan.adapters)
         for i, (a, b), s in zip(module.sources, factors, scales):
             scaled[i] = (a, b.mul_(s))
-        u, s, vh = merged_svd(plan, module, scaled, seed)
         # A full-delta merge is full rank: by default, back to the largest input rank. KnOTS and
         # core-space merges have rank <= sum r_i already, kept whole unless asked otherwise.
         limit = module.rank
         if module.space == "full" and module.rank is None and module.energy is None:
             limit = max(ranks)
+        if module.space == "full" and module.energy is None and 4 * (limit + OVERSAMPLE) <= min(module.shape):
+            # Only the leading triplets are needed: subspace iteration, the error measured.
+            delta = run_method(plan, module, [None if f is None else f[1] @ f[0] for f in scaled], seed)
+            u, s, vh = randomized_svd(delta, limit, oversample=OVERSAMPLE)
+            rank = choose_rank(s, rank=limit)
+            a, b = split_singular_values(u, s, vh, rank)
+            return a, b, {"rank": rank, "relative_error": residual_error(delta, a, b), "svd": "randomized"}
+        u, s, vh = merged_svd(plan, module, scaled, seed)
     rank = choose_rank(s, rank=limit, energy=module.energy)
     a, b = split_singular_values(u, s, vh, rank)
     return a, b, {"rank": rank, "relative_error": truncation_error(s, rank)}
@@ -360,13 +370,16 @@ def merged_svd(plan: LoraMergePlan, module: ModulePlan, factors: list[Optional[t
         left, cores, right = core_space(factors)
         u, s, vh = thin_svd(run_method(plan, module, cores, seed))
         return left @ u, s, vh @ right
-    deltas = [torch.zeros(module.shape) if f is None else f[1] @ f[0] for f in factors]
-    return thin_svd(run_method(plan, module, deltas, seed))
+    return thin_svd(run_method(plan, module, [None if f is None else f[1] @ f[0] for f in factors], seed))
 
 
-def run_method(plan: LoraMergePlan, module: ModulePlan, tensors: list[torch.Tensor], seed: int) -> torch.Tensor:
-    """M(0; T_1, ..., T_n): the recipe's method with a zero base, so that its task vectors are the T_i."""
+def run_method(plan: LoraMergePlan, module: ModulePlan, tensors: list[Optional[torch.Tensor]],
+               seed: int) -> torch.Tensor:
+    """M(0; T_1, ..., T_n): the recipe's method with a zero base, so that its task vectors are the
+    T_i (None: a zero T_i, for an adapter without the module)."""
     method = plan.method
+    zero = torch.zeros_like(next(t for t in tensors if t is not None))
+    tensors = [zero.clone() if t is None else t for t in tensors]
     generator = torch.Generator().manual_seed(seed)
     vocab = module.embedding or is_vocab_tensor(f"{module.name}.weight")
     if method.base == BasePolicy.IGNORED:
@@ -374,8 +387,8 @@ def run_method(plan: LoraMergePlan, module: ModulePlan, tensors: list[torch.Tens
                             disposable=True, vocab=vocab)
     else:
         base_params = {p.name: p.default for p in method.params if p.per_model and p.on_base and not p.required}
-        group = TensorGroup(module.name, [torch.zeros_like(tensors[0]), *tensors], module.params,
-                            [base_params, *module.model_params], 0, generator, disposable=True, vocab=vocab)
+        group = TensorGroup(module.name, [zero, *tensors], module.params, [base_params, *module.model_params], 0,
+                            generator, disposable=True, vocab=vocab)
     return method.fn(group).float()
 
 
