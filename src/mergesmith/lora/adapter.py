@@ -270,6 +270,13 @@ def write_adapter(out_dir: Path, output: AdapterOutput, dtype: torch.dtype, over
     return out_dir
 
 
+def existing_output_problems(out_dir: Path, overwrite: bool) -> list[str]:
+    """An existing output is replaced only with --overwrite; said with every other problem."""
+    if Path(out_dir).exists() and not overwrite:
+        return [f"{out_dir} exists; pass --overwrite to replace it"]
+    return []
+
+
 def _replace(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     old = None
     if out_dir.exists():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +37,7 @@ import torch
 from mergesmith.checkpoint.layout import is_pre_layer, is_vocab_tensor
 from mergesmith.checkpoint.reader import Checkpoint
 from mergesmith.errors import InputError
-from mergesmith.lora.adapter import AdapterOutput, write_adapter
+from mergesmith.lora.adapter import AdapterOutput, existing_output_problems, write_adapter
 from mergesmith.lora.factors import (
     OVERSAMPLE,
     choose_rank,
@@ -136,6 +137,7 @@ def plan_extraction(finetune_dir: Path, base_dir: Path, out_dir: Optional[Path],
     base = _open(Path(base_dir), "--base-model", problems)
     if out_dir is not None:
         problems += output_problems(out_dir, {"--model": finetune_dir, "--base-model": base_dir})
+        problems += existing_output_problems(out_dir, options.overwrite)
     if finetune is None or base is None or problems:  # the tensors are judged with valid options
         raise InputError(problems)
     lora, biases, saved, dropped = [], [], [], []
@@ -246,12 +248,10 @@ def extract_lora(finetune_dir: str | Path, base_dir: str | Path, out_dir: str | 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     plan = plan_extraction(Path(finetune_dir), Path(base_dir), out_dir, options)
-    if out_dir.exists() and not options.overwrite:
-        raise InputError(f"{out_dir} exists; pass --overwrite to replace it")
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
     report: dict[str, dict[str, Any]] = {}
     unchanged: list[str] = []
-    with OutputLock(out_dir):
+    with OutputLock(out_dir), _closing(plan):
         for name in _progress(plan.lora, options.progress):
             base_weight, finetune_weight = plan.base.read(name), plan.finetune.read(name)
             if torch.equal(base_weight, finetune_weight):
@@ -275,9 +275,16 @@ def extract_lora(finetune_dir: str | Path, base_dir: str | Path, out_dir: str | 
             raise InputError(f"--model {finetune_dir}: no weight differs from the base's (within the included "
                              "modules); there is nothing to extract")
         write_adapter(out_dir, output, plan.out_dtype, overwrite=options.overwrite)
-    plan.base.close()
-    plan.finetune.close()
     return ExtractResult(out_dir, report, sorted(saved), plan.dropped, time.perf_counter() - start)
+
+
+@contextmanager
+def _closing(plan: ExtractPlan):
+    try:
+        yield
+    finally:
+        plan.base.close()
+        plan.finetune.close()
 
 
 def _progress(items: list, enabled: bool):

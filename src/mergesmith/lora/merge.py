@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -43,7 +44,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mergesmith.checkpoint.layout import is_vocab_tensor, split_layer_name
 from mergesmith.checkpoint.reader import Checkpoint, dtype_from_name
 from mergesmith.errors import InputError
-from mergesmith.lora.adapter import Adapter, AdapterOutput, open_adapter, write_adapter
+from mergesmith.lora.adapter import (
+    Adapter,
+    AdapterOutput,
+    existing_output_problems,
+    open_adapter,
+    write_adapter,
+)
 from mergesmith.lora.factors import (
     OVERSAMPLE,
     choose_rank,
@@ -151,7 +158,8 @@ def adapter_methods() -> dict[str, MethodSpec]:
     return {CONCAT: CONCAT_SPEC, **usable}
 
 
-def plan_lora_merge(recipe: str | Path | dict, out_dir: Optional[str | Path] = None) -> LoraMergePlan:
+def plan_lora_merge(recipe: str | Path | dict, out_dir: Optional[str | Path] = None, *,
+                    overwrite: bool = False) -> LoraMergePlan:
     """Validate everything a merge needs, reading configs and headers only; raises InputError
     with every problem found."""
     raw, where = read_recipe_raw(recipe)
@@ -191,7 +199,7 @@ def plan_lora_merge(recipe: str | Path | dict, out_dir: Optional[str | Path] = N
         inputs = {label: a.path for label, a in zip(labels, adapters)}
         if spec.base_model is not None:
             inputs[f"{where}: base_model"] = Path(spec.base_model)
-        problems += output_problems(out_dir, inputs)
+        problems += output_problems(out_dir, inputs) + existing_output_problems(out_dir, overwrite)
     if problems:
         raise InputError(problems)
     base = spec.base_model or adapters[0].config.get("base_model_name_or_path") or ""
@@ -397,12 +405,10 @@ def merge_lora(recipe: str | Path | dict, out_dir: str | Path, *, overwrite: boo
     """Plan (every check first), merge module by module, and write the adapter folder atomically."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    plan = plan_lora_merge(recipe, out_dir)
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir} exists; pass --overwrite to replace it")
+    plan = plan_lora_merge(recipe, out_dir, overwrite=overwrite)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
     report: dict[str, dict[str, Any]] = {}
-    with OutputLock(out_dir):
+    with OutputLock(out_dir), _closing(plan.adapters):
         for index, module in enumerate(_progress(plan.modules, progress, f"merging adapters ({plan.method.name})")):
             a, b, module_report = merge_module(plan, module, index)
             factors[module.name] = (a, b, module.embedding)
@@ -411,9 +417,16 @@ def merge_lora(recipe: str | Path | dict, out_dir: str | Path, *, overwrite: boo
             "method": plan.method.name, "exact": plan.exact, "adapters": [str(a.path) for a in plan.adapters],
             "modules": report})
         write_adapter(out_dir, output, plan.out_dtype, overwrite=overwrite)
-    for adapter in plan.adapters:
-        adapter.close()
     return LoraMergeResult(out_dir, len(factors), report, time.perf_counter() - start)
+
+
+@contextmanager
+def _closing(adapters: list[Adapter]):
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.close()
 
 
 def _progress(items: list, enabled: bool, what: str):
