@@ -35,6 +35,9 @@ def test_every_problem_at_once_and_nothing_written(adapters, tmp_path):
     assert "DoRA" in text and "use_dora" in text
     assert "lora_magnitude_vector" in text  # the DoRA tensors are named too
     assert "missing is not a folder" in text
+    # and, in the same round, what is wrong with the parameters
+    assert "models[0].parameters.density = 1.5 must be in (0, 1]" in text
+    assert "parameters.rank = 0 must be in [1, inf)" in text and "parameters.colour" in text
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*partial*"))
 
 

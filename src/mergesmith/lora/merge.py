@@ -185,22 +185,25 @@ def plan_lora_merge(recipe: str | Path | dict, out_dir: Optional[str | Path] = N
             adapters.append(adapter)
             labels.append(label)
     out_dtype = _out_dtype(spec, where, adapters, problems)
-    if problems or method is None:
-        raise InputError(problems)
+    # Everything below is checked even when some adapters could not be read, so that one run
+    # reports every problem; the adapters that could be read stand in for all of them.
     layout = _layout(adapters, labels, problems)
     if spec.base_model is not None:
         problems += _base_problems(where, spec.base_model, layout)
-    if method.min_models > len(adapters) or (method.max_models is not None and len(adapters) > method.max_models):
-        most = "" if method.max_models is None else f" and at most {method.max_models}"
-        problems.append(f"{where}: {method.name} merges at least {method.min_models}{most} adapters; "
-                        f"the recipe lists {len(adapters)}")
-    modules = _resolve_modules(where, method, spec, layout, len(adapters), problems)
+    modules: list[ModulePlan] = []
+    if method is not None:
+        count = len(spec.models)
+        if method.min_models > count or (method.max_models is not None and count > method.max_models):
+            most = "" if method.max_models is None else f" and at most {method.max_models}"
+            problems.append(f"{where}: {method.name} merges at least {method.min_models}{most} adapters; "
+                            f"the recipe lists {count}")
+        modules = _resolve_modules(where, method, spec, layout, count, problems)
     if out_dir is not None:
         inputs = {label: a.path for label, a in zip(labels, adapters)}
         if spec.base_model is not None:
             inputs[f"{where}: base_model"] = Path(spec.base_model)
         problems += output_problems(out_dir, inputs) + existing_output_problems(out_dir, overwrite)
-    if problems:
+    if problems or method is None:
         raise InputError(problems)
     base = spec.base_model or adapters[0].config.get("base_model_name_or_path") or ""
     return LoraMergePlan(where, method, adapters, labels, modules, base, out_dtype, spec.random_seed,
