@@ -266,8 +266,13 @@ def extract_lora(finetune_dir: str | Path, base_dir: str | Path, out_dir: str | 
         for name in plan.biases:
             if module_of(name) in factors:
                 biases[module_of(name)] = plan.finetune.read(name).float() - plan.base.read(name).float()
-        saved = {name: plan.finetune.read(name).clone() for name in plan.saved
-                 if not torch.equal(plan.finetune.read(name), plan.base.read(name))}
+        saved = {}
+        for name in plan.saved:
+            # Views of the mapped file, not copies: written straight from the page cache.
+            if not torch.equal(plan.finetune.read(name), plan.base.read(name)):
+                saved[name] = plan.finetune.read(name)
+            plan.base.release(name)
+            plan.finetune.release(name)
         output = AdapterOutput(factors, plan.base_name, "CAUSAL_LM", saved=saved, lora_biases=biases, report={
             "model": str(finetune_dir), "base_model": str(base_dir), "modules": report,
             "saved_whole": sorted(saved), "dropped": plan.dropped, "unchanged": sorted(unchanged)})
