@@ -166,3 +166,16 @@ def test_cli_reports_every_bad_option_at_once(family, tmp_path, capsys):
     assert main(["extract-lora", str(tmp_path / "out"), "--model", str(ft), "--base-model", str(base),
                  "--max-rank", "2", "--no-progress"]) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_tied_embedding_is_extracted_as_lora_so_the_head_follows(tmp_path):
+    """Saved whole (modules_to_save), PEFT would replace the embedding alone and leave the tied
+    head at the base's weights: a tied embedding is extracted as LoRA, and saving it whole refused."""
+    base = make_model(tmp_path / "base", "llama", seed=0, tied=True)
+    ft = make_model(tmp_path / "ft", "llama", seed=1, base=base, tied=True)
+    result = extract_lora(ft, base, tmp_path / "out", options(max_rank=64))
+    assert "model.embed_tokens" in result.report
+    folded, want = load_folded(base, result.out_dir), load_state(ft)
+    torch.testing.assert_close(folded["lm_head.weight"], want["model.embed_tokens.weight"], atol=2e-6, rtol=1e-5)
+    with pytest.raises(InputError, match="tied to model.embed_tokens.weight.*drop that --save-module"):
+        extract_lora(ft, base, tmp_path / "saved", options(save_modules=("embed_tokens",)))

@@ -25,6 +25,7 @@ held in memory until it is written (its size, not the model's).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from contextlib import contextmanager
@@ -140,6 +141,7 @@ def plan_extraction(finetune_dir: Path, base_dir: Path, out_dir: Optional[Path],
         problems += existing_output_problems(out_dir, options.overwrite)
     if finetune is None or base is None or problems:  # the tensors are judged with valid options
         raise InputError(problems)
+    tied = _tied_head(Path(finetune_dir), finetune)
     lora, biases, saved, dropped = [], [], [], []
     grown = []
     for name, info in finetune.infos.items():
@@ -155,7 +157,7 @@ def plan_extraction(finetune_dir: Path, base_dir: Path, out_dir: Optional[Path],
                 problems.append(f"--model {finetune_dir}: {name} is {list(info.shape)} but "
                                 f"{list(base_info.shape)} in the base; is --base-model its base?")
             continue
-        fate = _fate(name, info.shape, options)
+        fate = _fate(name, info.shape, options, tied)
         if fate == LORA and name.endswith(".bias"):
             biases.append(name)
         elif fate == LORA:
@@ -164,6 +166,11 @@ def plan_extraction(finetune_dir: Path, base_dir: Path, out_dir: Optional[Path],
             saved.append(name)
         else:
             dropped.append(name)
+    tied_saved = [n for n in saved if tied and is_embedding(n)]
+    if tied_saved:
+        problems.append(f"--model {finetune_dir}: its LM head is tied to {tied_saved[0]}, which --save-module "
+                        "saves whole; PEFT would load that copy into the embedding alone and leave the head at "
+                        "the base's weights. Leave it to be extracted as LoRA (drop that --save-module)")
     if grown:
         problems.append(f"--model {finetune_dir}: the vocabulary grew ({', '.join(grown)}); an adapter over "
                         f"{base_dir} cannot add tokens. Resize the base's embeddings to the fine-tune's "
@@ -196,14 +203,28 @@ def plan_extraction(finetune_dir: Path, base_dir: Path, out_dir: Optional[Path],
                        out_dtype)
 
 
-def _fate(name: str, shape: tuple[int, ...], options: ExtractOptions) -> str:
-    """lora, save (whole, in modules_to_save) or skip, as mergekit-extract-lora decides."""
+def _tied_head(folder: Path, checkpoint: Checkpoint) -> bool:
+    """Whether the model's LM head is its token embedding (config.json's tie_word_embeddings and
+    no lm_head tensor of its own)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    tied = isinstance(config, dict) and config.get("tie_word_embeddings", False) is True
+    return tied and not any(is_vocab_tensor(n) and not is_pre_layer(n) for n in checkpoint.infos)
+
+
+def _fate(name: str, shape: tuple[int, ...], options: ExtractOptions, tied: bool = False) -> str:
+    """lora, save (whole, in modules_to_save) or skip, as mergekit-extract-lora decides; but the
+    embedding of a model with a tied LM head is never saved whole by default: PEFT would load the
+    saved copy into the embedding alone and leave the head at the base's weights."""
     module = module_of(name)
     last = module.rsplit(".", 1)[-1]
     if module in options.save_modules or last in options.save_modules:
         return SAVE
     vocab = is_vocab_tensor(name)
-    if vocab and not options.embed_lora and not any(re.search(p, module) for p in options.exclude):
+    embed_lora = options.embed_lora or tied
+    if vocab and not embed_lora and not any(re.search(p, module) for p in options.exclude):
         return SAVE
     if options.include and not any(re.search(p, module) for p in options.include):
         return SKIP
