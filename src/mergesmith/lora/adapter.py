@@ -21,7 +21,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -198,6 +198,9 @@ class AdapterOutput:
     saved: dict[str, torch.Tensor] | None = None  # modules_to_save: full tensor name -> tensor
     lora_biases: dict[str, torch.Tensor] | None = None  # module -> bias delta, as lora_B.bias
     report: dict | None = None  # written as mergesmith_report.json
+    # Called with a name of ``saved`` once that tensor is written: saved tensors may be views of a
+    # mapped input file, whose pages are then let go.
+    release_saved: Optional[Callable[[str], None]] = None
 
 
 def adapter_config(output: AdapterOutput) -> dict:
@@ -254,7 +257,7 @@ def write_adapter(out_dir: Path, output: AdapterOutput, dtype: torch.dtype, over
         remove_stale_partials(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_safetensors(tmp / WEIGHTS, specs, lambda name: tensors[name].to(dtype).contiguous())
+        write_safetensors(tmp / WEIGHTS, specs, _producer(output, tensors, dtype))
         (tmp / CONFIG).write_text(json.dumps(adapter_config(output), indent=2) + "\n")
         if output.report is not None:
             (tmp / "mergesmith_report.json").write_text(json.dumps(output.report, indent=2) + "\n")
@@ -268,6 +271,23 @@ def write_adapter(out_dir: Path, output: AdapterOutput, dtype: torch.dtype, over
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _producer(output: AdapterOutput, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+              ) -> Callable[[str], torch.Tensor]:
+    """Each tensor in ``dtype`` when asked for; asking for the next one means the last is written,
+    so a saved tensor's pages are released then (and the last one's after the loop)."""
+    written: list[str] = []
+
+    def produce(name: str) -> torch.Tensor:
+        if written and output.release_saved is not None and written[-1].startswith(PREFIX):
+            saved_name = written[-1].removeprefix(PREFIX)
+            if saved_name in (output.saved or {}):
+                output.release_saved(saved_name)
+        written.append(name)
+        return tensors[name].to(dtype).contiguous()
+
+    return produce
 
 
 def existing_output_problems(out_dir: Path, overwrite: bool) -> list[str]:

@@ -235,6 +235,27 @@ def _fate(name: str, shape: tuple[int, ...], options: ExtractOptions, tied: bool
     return SKIP if options.skip_undecomposable else SAVE
 
 
+def differs(plan: ExtractPlan, name: str, block_bytes: int = 16 << 20) -> bool:
+    """Whether the fine-tune's tensor differs from the base's, compared a block of rows at a time
+    so that a large embedding is never resident whole."""
+    info = plan.finetune.infos[name]
+    rows = info.shape[0] if info.shape else 1
+    if len(info.shape) < 2:
+        return not torch.equal(plan.finetune.read(name), plan.base.read(name))
+    step = max(1, block_bytes // max(1, info.nbytes // rows))
+    try:
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            if not torch.equal(plan.finetune.read_rows(name, lo, hi), plan.base.read_rows(name, lo, hi)):
+                return True
+            plan.finetune.release(name)
+            plan.base.release(name)
+        return False
+    finally:
+        plan.finetune.release(name)
+        plan.base.release(name)
+
+
 def uses_randomized_svd(shape: tuple[int, int], options: ExtractOptions) -> bool:
     """``auto``: randomized when rank + oversampling is at most a quarter of the smaller side,
     where it costs a small fraction of a full SVD and its leading triplets are accurate."""
@@ -246,10 +267,11 @@ def uses_randomized_svd(shape: tuple[int, int], options: ExtractOptions) -> bool
 def extract_module(base_weight: torch.Tensor, finetune_weight: torch.Tensor, embedding: bool,
                    options: ExtractOptions) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(A, B, report) for one weight: the truncated SVD of dW, in the adapter's orientation."""
-    delta = finetune_weight.float() - base_weight.float()
+    # One float32 matrix: the bf16 (or any) base is promoted element by element, never copied whole.
+    delta = finetune_weight.to(torch.float32, copy=True).sub_(base_weight)
     if embedding:  # PEFT stores an embedding's delta as (B A)^T
         delta = delta.T
-    total = float(delta.double().square().sum())
+    total = float(delta.norm()) ** 2
     randomized = uses_randomized_svd(tuple(delta.shape), options)
     if randomized:
         u, s, vh = randomized_svd(delta, options.max_rank, oversample=OVERSAMPLE)
@@ -287,14 +309,11 @@ def extract_lora(finetune_dir: str | Path, base_dir: str | Path, out_dir: str | 
         for name in plan.biases:
             if module_of(name) in factors:
                 biases[module_of(name)] = plan.finetune.read(name).float() - plan.base.read(name).float()
-        saved = {}
-        for name in plan.saved:
-            # Views of the mapped file, not copies: written straight from the page cache.
-            if not torch.equal(plan.finetune.read(name), plan.base.read(name)):
-                saved[name] = plan.finetune.read(name)
-            plan.base.release(name)
-            plan.finetune.release(name)
-        output = AdapterOutput(factors, plan.base_name, "CAUSAL_LM", saved=saved, lora_biases=biases, report={
+        # Views of the mapped file, not copies: written straight from the page cache, whose pages
+        # are let go once each is written.
+        saved = {name: plan.finetune.read(name) for name in plan.saved if differs(plan, name)}
+        output = AdapterOutput(factors, plan.base_name, "CAUSAL_LM", saved=saved, lora_biases=biases,
+                               release_saved=plan.finetune.release, report={
             "model": str(finetune_dir), "base_model": str(base_dir), "modules": report,
             "saved_whole": sorted(saved), "dropped": plan.dropped, "unchanged": sorted(unchanged)})
         if not factors and not saved:
