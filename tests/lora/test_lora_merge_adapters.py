@@ -170,3 +170,16 @@ def test_full_delta_on_a_wide_module_uses_a_randomized_svd_and_measures_its_erro
     measured = float((merged - written).norm() / merged.norm())
     assert report["relative_error"] == pytest.approx(measured, rel=1e-4)
     assert optimum - 1e-6 <= measured <= 1.02 * optimum
+
+
+def test_parameters_take_gradients_across_layers_and_filters(pool, tmp_path):
+    """weight [1, 0] over three layers is 1, 0.5, 0; a filter on q_proj overrides it."""
+    base, adapters, deltas = pool
+    weight = [{"filter": "q_proj", "value": 2.0}, {"value": [1.0, 0.0]}]
+    recipe = write_recipe(tmp_path / "r.yml", "concat", [adapters[0]], [{"weight": weight}])
+    got = folded_delta(base, merge_lora(recipe, tmp_path / "out", progress=False).out_dir)
+    for layer, w in enumerate((1.0, 0.5, 0.0)):
+        name = f"model.layers.{layer}.self_attn.v_proj.weight"
+        torch.testing.assert_close(got[name], w * deltas[0][name], atol=1e-6, rtol=1e-5)
+        name = f"model.layers.{layer}.self_attn.q_proj.weight"
+        torch.testing.assert_close(got[name], 2.0 * deltas[0][name], atol=1e-6, rtol=1e-5)
