@@ -77,3 +77,14 @@ def test_cli_merges_refuses_an_existing_output_and_dry_runs(adapters, tmp_path, 
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main(["merge-lora", str(recipe), str(plain), "--no-progress", "--overwrite"]) == 2
     assert "would destroy it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, named", [({"lora_bias": True}, "lora_bias"),
+                                            ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                                            ({"use_rslora": True, "use_dora": True}, "DoRA")])
+def test_each_variant_is_refused_by_name(adapters, tmp_path, options, named):
+    base = adapters[0]
+    variant = make_adapter(base, tmp_path / "variant", seed=5, **options)
+    recipe = write_recipe(tmp_path / "r.yml", "concat", [variant])
+    with pytest.raises(InputError, match=f"{named}.*cannot be merged into a LoRA adapter"):
+        merge_lora(recipe, tmp_path / "out", progress=False)
