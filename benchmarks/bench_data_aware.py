@@ -128,7 +128,7 @@ def main() -> None:
         path.write_text(yaml.safe_dump(recipe(method, experts, data, cache, args)))
         for i in range(len(experts)):
             script = textwrap.dedent(f"""
-                from mergesmith.engine import plan_merge
+                from mergesmith.api import plan_merge
                 plan = plan_merge({str(path)!r})
                 entry = plan.stats.models[{i}]
                 for m in plan.models:

@@ -146,8 +146,8 @@ def compare(a: Path, b: Path, base: Path, fts: list[Path], density: float) -> tu
     return worst, differ / max(total, 1), untied
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """--workdir and the model shape (TinyLlama-1.1B by default), shared with bench_moe.py."""
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mergesmith-bench-1b")
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--hidden", type=int, default=2048)
@@ -155,6 +155,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(ap)
     ap.add_argument("--dtype", default="float32", help="the recipe's dtype (math dtype for both tools); 'none' omits it")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--device", default="cpu")

@@ -1,6 +1,6 @@
 """What the NaN/Inf check on every input and output tensor costs (issue #12, principle 3).
 
-The engine checks each tensor with ``mergesmith.engine.nonfinite_counts``: one float32
+The engine checks each tensor with ``mergesmith.engine.tensor.nonfinite_counts``: one float32
 sum, counted only when the sum is not finite. This script times, on the tensor shapes of
 one TinyLlama-1.1B layer plus its embedding (bf16 on disk, float32 in memory):
 
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import mergesmith
-import mergesmith.engine as engine
-from mergesmith.engine import nonfinite_counts
+import mergesmith.engine.tensor as engine_tensor
+from mergesmith.engine.tensor import nonfinite_counts
 
 SHAPES = {  # TinyLlama-1.1B: hidden 2048, intermediate 5632, 4 KV heads of 64, vocab 32000
     "embed_tokens": (32000, 2048),
@@ -92,15 +92,15 @@ def time_merges(args: argparse.Namespace) -> None:
     recipe = {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
               "models": [{"model": str(v), "parameters": {"weight": 1.0, "density": 0.5}} for v in variants]}
     out = args.workdir / "out"
-    real = engine.nonfinite_counts
+    real = engine_tensor.nonfinite_counts
     times: dict[str, list[float]] = {"with check": [], "without": []}
     for _ in range(args.repeats):
         for label in times:
-            engine.nonfinite_counts = real if label == "with check" else (lambda x: None)
+            engine_tensor.nonfinite_counts = real if label == "with check" else (lambda x: None)
             start = time.perf_counter()
             mergesmith.merge(recipe, out, overwrite=True, progress=False)
             times[label].append(time.perf_counter() - start)
-    engine.nonfinite_counts = real
+    engine_tensor.nonfinite_counts = real
     shutil.rmtree(out, ignore_errors=True)
     best = {k: min(v) for k, v in times.items()}
     print(f"\nTIES merge, 3 models, {args.merge} layers: best of {args.repeats}: "

@@ -49,7 +49,7 @@ METHOD = "ties"  # the family searched and compared: bench's TIES grid (density 
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    from mergesmith.evaluate.compete import parse_budget
+    from mergesmith.units import parse_budget
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

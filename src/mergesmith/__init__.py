@@ -1,10 +1,11 @@
 """mergesmith: merge language models without training."""
 
-__version__ = "0.1.0"
+from mergesmith._version import __version__
 
 
 def merge(recipe, out_dir, **options):
-    """Merge the models a recipe names into ``out_dir``; see ``mergesmith.engine.merge``."""
-    from mergesmith.engine import merge as _merge
+    """Merge the models a recipe names into ``out_dir``; see ``mergesmith.engine.run.merge`` (calibration
+    statistics come from ``mergesmith.calibrate``, wired in by ``mergesmith.api``)."""
+    from mergesmith.api import merge as _merge
 
     return _merge(recipe, out_dir, **options)

@@ -36,26 +36,37 @@ def at_least(flag: str, value: Any, minimum: int, meaning: str = "", *, optional
     return []
 
 
-def device_problems(device: Any, flag: str = "--device") -> list[str]:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; a GPU must exist here. None is fine."""
+def device_problems(device: Any, flag: str = "--device", kinds: tuple[str, ...] = ("cpu", "cuda", "mps")
+                    ) -> list[str]:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (of them, those in ``kinds``); a GPU must exist
+    here. None is fine.
+
+    The one check of a device name, for the commands' flags and the merge engine's option alike.
+    ``flag`` names the value: a flag (``--device 'gpu': not a device``) or, for the engine's
+    ``MergeOptions.device``, a field (``device = 'gpu' is not a device``).
+    """
     if device is None:
         return []
     import torch
 
     if isinstance(device, torch.device):
         device = str(device)
-    if not isinstance(device, str) or not DEVICE_RE.match(device):
-        return [f"{flag} {device!r}: not a device; use cpu, cuda, cuda:N (N counts from 0) or auto"]
+    is_flag = flag.startswith("-")
+    if not isinstance(device, str) or not DEVICE_RE.match(device) or device.split(":")[0] not in (*kinds, "auto"):
+        named = f"{flag} {device!r}:" if is_flag else f"{flag} = {device!r} is"
+        return [f"{named} not a device; use cpu, cuda, cuda:N (N counts from 0) or auto"]
+    named = f"{flag} {device}:" if is_flag else f"{flag} = {device}:"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            return [f"{flag} {device}: {why}; use --device cpu (or auto, which picks a GPU when there is one)"]
+            return [f"{named} CUDA is not available on this machine ({why}); use --device cpu (or auto, which "
+                    "picks a GPU when there is one)"]
         count = torch.cuda.device_count()
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= count:
-            return [f"{flag} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"]
+            return [f"{named} this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"]
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        return [f"{flag} mps: no Apple GPU is available here; use --device cpu"]
+        return [f"{named} no Apple GPU is available here; use --device cpu"]
     return []
 
 
@@ -66,6 +77,17 @@ def resolve_device(device: Optional[str]) -> Optional[str]:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device(name: str, flag: str = "device") -> "torch.device":
+    """The torch device ``name`` means here (``auto``: a GPU when there is one), for the merge math:
+    cpu or cuda; an InputError (``device_problems``) when it means none."""
+    import torch
+
+    problems = device_problems(str(name), flag, kinds=("cpu", "cuda"))
+    if problems:
+        raise InputError(problems)
+    return torch.device(resolve_device(name))
 
 
 def choice_problems(flag: str, value: Any, choices: Iterable[str]) -> list[str]:

@@ -20,7 +20,7 @@ import threading
 from mergesmith.errors import InputError, ResourceError
 
 AREAS = ("mergesmith.merge_cli", "mergesmith.calibrate.cli", "mergesmith.evaluate.cli", "mergesmith.zoo.cli",
-         "mergesmith.learn.cli", "mergesmith.learn.dam_cli", "mergesmith.search.cli",
+         "mergesmith.learn.cli", "mergesmith.learn.dam_cli", "mergesmith.search.cli", "mergesmith.moe.cli",
          "mergesmith.lora.cli")
 
 

@@ -1,6 +1,6 @@
 """glibc allocator settings for the two kinds of long runs (no-ops elsewhere).
 
-A merge wants freed memory kept for the next tensor of the same size (``engine._heap_reuse``);
+A merge wants freed memory kept for the next tensor of the same size (``engine.stream._heap_reuse``);
 collecting statistics wants freed memory returned, so that a long run's peak is what it
 holds, not what its heap has fragmented into (``mapped_allocations``).
 """
@@ -37,7 +37,7 @@ def mapped_allocations(threshold: int = 1024 ** 2) -> Iterator[None]:
     gradients of a few MiB each fragment it, and resident memory creeps up (measured: Fisher
     statistics of a 0.91 GiB model peaked at 1.82-1.86 GiB by default, 1.77 GiB with this).
     Afterwards the threshold is glibc's initial 128 KiB again, fixed: setting it turns glibc's
-    dynamic adjustment off for the rest of the process (a merge's ``engine._heap_reuse`` turns
+    dynamic adjustment off for the rest of the process (a merge's ``engine.stream._heap_reuse`` turns
     mapping off altogether while it runs, so it is unaffected).
     """
     lib = libc()

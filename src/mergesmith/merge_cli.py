@@ -40,16 +40,17 @@ def register(subparsers) -> None:
     m.set_defaults(func=run_methods)
 
 
-def _show_warnings() -> None:
+def show_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
     warnings.showwarning = show
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from mergesmith.engine import MergeOptions, merge
+    from mergesmith.engine.options import MergeOptions
+    from mergesmith.api import merge
 
-    _show_warnings()
+    show_warnings()
     options = MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
                            overwrite=args.overwrite, vocab_mismatch=args.vocab_mismatch,
                            prefetch_bytes=args.prefetch, chunk_bytes=args.chunk, progress=not args.no_progress,

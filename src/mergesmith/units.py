@@ -1,11 +1,15 @@
-"""Sizes as people write them (``5GB``, ``2GiB``) and read them (``1.5 KiB``)."""
+"""Sizes as people write them (``5GB``, ``2GiB``) and read them (``1.5 KiB``); durations as they write them (``1h30m``)."""
 
 from __future__ import annotations
 
 import argparse
 import re
+from typing import Union
+
+from mergesmith.errors import InputError
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_BUDGET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 
 def parse_size(text: str) -> int:
@@ -25,3 +29,18 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def parse_budget(text: Union[str, float, int]) -> float:
+    """'1h', '45m', '90s', '1h30m', '3600' (seconds) -> seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        m = _BUDGET_RE.match(text.strip().lower().replace(" ", ""))
+        if not text.strip() or not m or not any(m.groups()):
+            raise InputError(f"--budget {text!r} is not a duration; write e.g. 1h, 45m, 90s or 1h30m")
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s
+    if seconds <= 0:
+        raise InputError(f"--budget {text!r} must be more than zero")
+    return seconds

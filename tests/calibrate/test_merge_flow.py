@@ -10,9 +10,9 @@ import yaml
 
 import mergesmith
 import mergesmith.calibrate as calibrate
+from mergesmith.api import plan_merge
 from mergesmith.calibrate import StatsStore
 from mergesmith.cli import main
-from mergesmith.engine import plan_merge
 from mergesmith.errors import InputError
 from mergesmith.methods import TensorGroup, get_method
 from mergesmith.recipe import load_recipe

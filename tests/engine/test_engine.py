@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mergesmith
-from mergesmith import engine
+from mergesmith.engine import stream, targets
 from mergesmith.cli import main
 from mergesmith.errors import InputError
 from tiny_models import load_state, make_model
@@ -45,7 +45,7 @@ def test_merged_model_loads_and_runs(tmp_path, model_family):
 def test_failure_midway_leaves_no_output(tmp_path, model_family, monkeypatch, when):
     _, (a, b, _) = model_family()
     calls = {"n": 0}
-    real = engine._run_method
+    real = stream.run_method
 
     def flaky(*args, **kw):
         calls["n"] += 1
@@ -53,7 +53,7 @@ def test_failure_midway_leaves_no_output(tmp_path, model_family, monkeypatch, wh
             raise KeyboardInterrupt if when == "interrupt" else RuntimeError("boom")
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine, "_run_method", flaky)
+    monkeypatch.setattr(stream, "run_method", flaky)
     with pytest.raises(KeyboardInterrupt if when == "interrupt" else RuntimeError):
         mergesmith.merge(linear(a, b), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -64,7 +64,7 @@ def test_failed_overwrite_keeps_the_old_model(tmp_path, model_family, monkeypatc
     _, (a, b, c) = model_family()
     mergesmith.merge(linear(a, b), tmp_path / "out", progress=False)
     before = load_state(tmp_path / "out")
-    monkeypatch.setattr(engine, "_write_side_files", lambda *a: (_ for _ in ()).throw(RuntimeError("disk")))
+    monkeypatch.setattr(targets, "write_side_files", lambda *a: (_ for _ in ()).throw(RuntimeError("disk")))
     with pytest.raises(RuntimeError):
         mergesmith.merge(linear(a, c), tmp_path / "out", progress=False, overwrite=True)
     after = load_state(tmp_path / "out")
@@ -78,10 +78,10 @@ def test_killed_process_leaves_nothing_that_looks_finished(tmp_path, model_famil
     import yaml
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump(linear(a, b)))
-    script = (f"import time, mergesmith.engine as e\n"
-              f"real = e._run_method\n"
+    script = (f"import time, mergesmith.engine.stream as e\n"
+              f"real = e.run_method\n"
               f"def slow(*a, **k):\n    time.sleep(0.2)\n    return real(*a, **k)\n"
-              f"e._run_method = slow\n"
+              f"e.run_method = slow\n"
               f"from mergesmith.cli import main\nmain(['merge', {str(recipe)!r}, {str(tmp_path / 'out')!r}, '--no-progress'])\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     for _ in range(200):

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import mergesmith
+from mergesmith.api import plan_merge
 from mergesmith.calibrate import StatRef, StatsStore
-from mergesmith.engine import MergeOptions, plan_merge, row_spans
+from mergesmith.engine import MergeOptions, row_spans
 from mergesmith.methods import TensorGroup, get_method
 from tests.calibrate.calibration_data import write_calibration
 from tests.engine.test_row_blocks import EMBED, TINY_CHUNK, assert_blocks_equal_whole, blocked_tensors

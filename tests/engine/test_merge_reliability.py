@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import mergesmith
 from mergesmith.checkpoint import writer as writer_module
 from mergesmith.cli import main
-from mergesmith.engine import nonfinite_counts
+from mergesmith.engine.tensor import nonfinite_counts
 from mergesmith.errors import InputError, ResourceError
 from mergesmith.paths import OutputLock, output_problems
 from tiny_models import make_model
@@ -347,7 +347,7 @@ def test_p4_full_disk_on_a_real_small_tmpfs(tmp_path, family, small_tmpfs, monke
     recipe = write_recipe(tmp_path, linear(a, b))
     assert main(["merge", str(recipe), str(disk / "out"), "--no-progress"]) == 1
     assert "needs" in capsys.readouterr().err
-    monkeypatch.setattr("mergesmith.engine.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+    monkeypatch.setattr("mergesmith.engine.targets.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
     assert main(["merge", str(recipe), str(disk / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "the disk is full" in err and "Traceback" not in err
@@ -430,13 +430,13 @@ def test_p7_ctrl_c_mid_merge_leaves_nothing(tmp_path, family, monkeypatch, capsy
 
 _SLOW_MERGE = textwrap.dedent("""
     import sys, time
-    import mergesmith.engine as engine
-    real = engine._run_method
+    import mergesmith.engine.stream as stream
+    real = stream.run_method
     def slow(*args, **kwargs):
         print("merging", flush=True)
         time.sleep(0.2)
         return real(*args, **kwargs)
-    engine._run_method = slow
+    stream.run_method = slow
     from mergesmith.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -472,7 +472,7 @@ def test_p8_second_run_on_a_locked_output_fails_at_once(tmp_path, family, monkey
     _, a, b = family
     out = tmp_path / "out"
     read = []
-    monkeypatch.setattr("mergesmith.engine.load_inputs", lambda *args: read.append(1) or [])
+    monkeypatch.setattr("mergesmith.engine.stream.load_inputs", lambda *args: read.append(1) or [])
     with OutputLock(out):
         start = time.monotonic()
         with pytest.raises(InputError, match=f"another mergesmith run is writing this output \\(process {os.getpid()}"):

@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergesmith.checkpoint.reader import Checkpoint
-from mergesmith.engine import MergeOptions, plan_merge
+from mergesmith.api import plan_merge
+from mergesmith.engine import MergeOptions
 from mergesmith.errors import InputError
 from mergesmith.methods import BasePolicy, Param, all_methods
 

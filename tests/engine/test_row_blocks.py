@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergesmith
+from mergesmith.api import plan_merge
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
-from mergesmith.engine import MergeOptions, plan_merge, row_spans
+from mergesmith.engine import MergeOptions, row_spans
 from mergesmith.errors import InputError
 from tiny_models import make_model
 

@@ -12,7 +12,8 @@ from merge_helpers import copy_merge, slow_merge
 from mergesmith.cli import main
 from mergesmith.errors import InputError
 from mergesmith.evaluate import Pacer, evaluate, load_tasks
-from mergesmith.evaluate.compete import compete, parse_budget, write_submissions
+from mergesmith.evaluate.compete import compete, write_submissions
+from mergesmith.units import parse_budget
 from test_tasks import COMPETITION_CSV, VALIDATION_CSV
 
 

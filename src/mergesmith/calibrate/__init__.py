@@ -7,7 +7,9 @@ at a time (``collect``), and writes them to the cache (``store``); ``StatsPlan.a
 records in each planned tensor which statistics each of its inputs has, so that the
 engine can read them beside the weights. ``mergesmith calibrate`` and
 ``mergesmith merge`` both go through here; neither this package nor the engine
-knows which method will read the statistics.
+knows which method will read the statistics. The engine asks for them through its
+``StatisticsSource`` interface, which ``CALIBRATION`` implements (with the per-input
+statistics files of ``stats_file``); ``mergesmith.api`` hands it to the engine.
 
 One kind is not per model: ``gram_plusplus`` (RegMean++, ``sequential``) takes each
 model's Grams on activations that passed the blocks merged so far, so all input
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from mergesmith.calibrate.collect import collect_fisher, collect_grams
 from mergesmith.calibrate import sequential
 from mergesmith.calibrate.data import CalibrationSettings, data_fingerprint, encode_items, select_items, token_count
+from mergesmith.calibrate.stats_file import attach_stats_files, setting_files
 from mergesmith.calibrate.store import EntryWriter, StatRef, StatsStore, cache_key, default_cache_dir
 from mergesmith.checkpoint.config import model_type_problem
 from mergesmith.checkpoint.lora import LoraCheckpoint
@@ -39,8 +42,8 @@ from mergesmith.errors import InputError
 
 KINDS = ("gram", "fisher", sequential.KIND)
 
-__all__ = ["KINDS", "CalibrationSettings", "ModelStats", "StatRef", "StatsPlan", "StatsStore", "calibrate_model",
-           "plan_statistics"]
+__all__ = ["CALIBRATION", "KINDS", "CalibrationSettings", "CalibrationSource", "ModelStats", "StatRef", "StatsPlan",
+           "StatsStore", "calibrate_model", "plan_statistics"]
 
 
 @dataclass
@@ -127,6 +130,30 @@ class StatsPlan:
         lines.append(f"calibration peak memory: about {human_bytes(self.memory_bound())} ({what}; plus the runtime)"
                      + ("" if todo else "; nothing to compute"))
         return lines
+
+
+class CalibrationSource:
+    """The engine's ``StatisticsSource``: each input model's statistics, cached per kind
+    (``plan_statistics``) for a method that needs them, and the per-input statistics in the files
+    a ``stats_file`` parameter names (``stats_file.attach_stats_files``)."""
+
+    def input_files(self, recipe: Any) -> dict[str, Path]:
+        return {f"parameters.{p.name} file {f}": Path(f).expanduser()
+                for p in recipe.method.params if p.stats_file for f in setting_files(recipe.parameters.get(p.name))}
+
+    def plan(self, plan: Any) -> Optional[StatsPlan]:
+        method = plan.recipe.method
+        stats = None
+        if method.needs_stats:
+            stats = plan_statistics(plan.recipe, plan.models, method.needs_stats)
+            stats.attach(plan)
+        file_params = [p.name for p in method.params if p.stats_file]
+        if file_params:
+            attach_stats_files(plan, file_params)
+        return stats
+
+
+CALIBRATION = CalibrationSource()
 
 
 def settings_for(recipe: Any, ref: str) -> CalibrationSettings:

@@ -23,11 +23,12 @@ def register(subparsers) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from mergesmith.calibrate import plan_statistics
-    from mergesmith.engine import _pick_device, plan_merge
+    from mergesmith.calibrate import CALIBRATION, plan_statistics
+    from mergesmith.checks import pick_device
+    from mergesmith.engine.plan import plan_merge
 
-    device = str(_pick_device(args.device))
-    plan = plan_merge(args.recipe)
+    device = str(pick_device(args.device))
+    plan = plan_merge(args.recipe, statistics=CALIBRATION)
     try:
         kinds = tuple(args.kinds) if args.kinds else plan.recipe.method.needs_stats
         if not kinds:

@@ -18,7 +18,7 @@ tensors without a Gram are averaged. FusionBench's CLIP driver merges the encode
 blocks only; for a causal LM we treat the final norm and the LM head as one more
 block, so the head's Gram is expert t's final norm applied to the merged stream.
 
-The blocks are merged by ``engine.merge_tensor``: the recipe's own method, on the
+The blocks are merged by ``engine.tensor.merge_tensor``: the recipe's own method, on the
 same inputs, parameters and dtypes as the streamed merge. The Grams go to the cache
 as ordinary per-model statistics (kind ``gram_plusplus``), block by block, so that
 ``mergesmith merge`` afterwards streams the very same merged weights; the merged
@@ -230,7 +230,7 @@ def collect_plusplus(plan: Any, entries: dict[int, Any], device: str = "cpu",
     ``plan`` is the ``engine.MergePlan`` whose merge the statistics serve; ``entries``
     maps a plan model index to its ``ModelStats``. Returns model index -> folder.
     """
-    from mergesmith.engine import merge_tensor
+    from mergesmith.engine.tensor import merge_tensor
     from mergesmith.evaluate.model import load_model
 
     dev = torch.device(device)

@@ -70,6 +70,10 @@ class StatRef:
             n *= d
         return n
 
+    def read(self, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The statistic as stored (``StatsStore.read``); how the engine reads it, beside the weights."""
+        return StatsStore.read(self, rows)
+
 
 class StatsStore:
     """A finished cache entry, read lazily: ``refs(tensor_name)`` then ``read(ref)``."""

@@ -1,7 +1,7 @@
 """Write merged tensors into a resident model instead of a checkpoint.
 
 The in-memory counterpart of ``CheckpointWriter`` (``writer.py``): the same
-``write(name, tensor)`` call, but the tensor is copied into the parameter (or
+``write(name, tensor)`` call (and ``row=`` for a block of rows), but the tensor is copied into the parameter (or
 persistent buffer) of that name in a live ``torch.nn.Module``, typically a
 ``transformers`` model built once and reused for every candidate of a search.
 A candidate then costs the merge math and the evaluation, not a write to disk
@@ -18,7 +18,7 @@ change the score.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -33,21 +33,32 @@ class ModelWriter:
         # keep_vars: the Parameter objects themselves, so that copy_ writes into the live model.
         self.targets: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
         self._written: set[int] = set()  # storages written since begin(), so tied names count once
+        self._rows: dict[str, int] = {}  # rows written so far of tensors written in row blocks
 
     def begin(self) -> None:
         self._written.clear()
+        self._rows.clear()
 
     @torch.no_grad()
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row: Optional[int] = None) -> None:
+        """Copy ``tensor`` into the model's tensor ``name`` whole, or (``row`` given) into its rows from
+        ``row`` on: a block of a tensor merged in row blocks, which counts as written once all its
+        rows are."""
         target = self.targets.get(name)
         if target is None:
             raise InputError(f"the merged tensor {name} has no place in the resident model "
                              f"({type(self.model).__name__}); the recipe's reference model and the "
                              "resident model's architecture differ")
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise InputError(f"the merged tensor {name} has shape {list(tensor.shape)}, the resident model's "
+        place = target.data if row is None else target.data[row:row + tensor.shape[0]]
+        if tuple(place.shape) != tuple(tensor.shape):
+            at = "" if row is None else f" at row {row}"
+            raise InputError(f"the merged tensor {name} has shape {list(tensor.shape)}{at}, the resident model's "
                              f"{list(target.shape)}; the recipe's output config differs from the resident model's")
-        target.data.copy_(tensor)
+        place.copy_(tensor)
+        if row is not None:
+            self._rows[name] = self._rows.get(name, 0) + tensor.shape[0]
+            if self._rows[name] < target.shape[0]:
+                return
         self._written.add(target.data.untyped_storage().data_ptr())
 
     def missing(self) -> list[str]:

@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import os
 import queue as queue_module
-import re
 import shutil
 import time
 import traceback
@@ -40,25 +39,9 @@ from mergesmith.errors import InputError
 from mergesmith.evaluate.competition import (DEFAULT_SUBMISSION_FORMAT, submission_header, submission_row,
                                              write_csv_atomic)
 from mergesmith.paths import OutputLock
-
-_BUDGET_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+from mergesmith.units import parse_budget
 
 DONE, STOPPED, SKIPPED, FAILED = "done", "stopped_at_budget", "skipped", "failed"
-
-
-def parse_budget(text: Union[str, float, int]) -> float:
-    """'1h', '45m', '90s', '1h30m', '3600' (seconds) -> seconds."""
-    if isinstance(text, (int, float)):
-        seconds = float(text)
-    else:
-        m = _BUDGET_RE.match(text.strip().lower().replace(" ", ""))
-        if not text.strip() or not m or not any(m.groups()):
-            raise InputError(f"--budget {text!r} is not a duration; write e.g. 1h, 45m, 90s or 1h30m")
-        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-        seconds = h * 3600 + mi * 60 + s
-    if seconds <= 0:
-        raise InputError(f"--budget {text!r} must be more than zero")
-    return seconds
 
 
 @dataclass
@@ -109,14 +92,14 @@ class CompeteResult:
 
 
 def default_merge(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
-    from mergesmith.engine import merge
+    from mergesmith.api import merge
 
     merge(recipe, out_dir, device=device, overwrite=overwrite, progress=False)
 
 
 def check_recipe(recipe: Any, out_dir: Path, *, device: str = "cpu", overwrite: bool = False) -> None:
+    from mergesmith.api import merge
     from mergesmith.checkpoint.config import model_type_problem
-    from mergesmith.engine import merge
 
     plan = merge(recipe, out_dir, dry_run=True, device=device, overwrite=overwrite, progress=False).plan
     # compete runs what it merges: a model transformers cannot build is refused before the merge, not after

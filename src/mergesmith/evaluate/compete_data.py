@@ -123,7 +123,7 @@ def _cache_dir(raw: dict) -> Path:
 
 def missing_statistics(recipe: Any) -> list[str]:
     """'model: kind' for every statistic the recipe's merge would compute (headers and task files only)."""
-    from mergesmith.engine import plan_merge
+    from mergesmith.api import plan_merge
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -140,7 +140,7 @@ def missing_statistics(recipe: Any) -> list[str]:
 
 def calibrate_recipe(recipe: Any, device: str = "cpu") -> list[str]:
     """Compute and cache every statistic the recipe's merge needs; returns what was computed."""
-    from mergesmith.engine import plan_merge
+    from mergesmith.api import plan_merge
 
     plan = plan_merge(recipe)
     try:

@@ -246,7 +246,7 @@ def load_task_vectors(plan: Any, lm: Any, settings: AdaMergingSettings) -> TaskV
     """Read every tensor of ``plan`` (the input recipe's merge plan) as the engine reads it, form the
     task vectors (TIES-trimmed with ``prune``), and make the loaded base model's parameters θ_0."""
     from mergesmith.checkpoint.layout import split_layer_name
-    from mergesmith.engine import load_inputs
+    from mergesmith.engine.tensor import load_inputs
     from mergesmith.methods.sparsify import trim_by_magnitude
 
     recipe: Recipe = plan.recipe
@@ -387,7 +387,7 @@ def learned_recipe(raw: dict[str, Any], vectors: TaskVectors, lambdas: torch.Ten
 def check_recipe_reproduces(recipe: dict[str, Any], vectors: TaskVectors, lambdas: torch.Tensor) -> None:
     """Plan the written recipe (headers only) and check that every tensor resolves, for every model,
     to exactly its learned coefficient; a mismatch is a bug, never written out."""
-    from mergesmith.engine import plan_merge
+    from mergesmith.api import plan_merge
 
     plan = plan_merge(recipe)
     try:
@@ -528,7 +528,7 @@ def learn_adamerging(recipe: PathLike, task_files: list[str], settings: AdaMergi
     ``objectives`` the objective over all prompts is not evaluated before and after (NaN), which
     saves two passes over the data where time is counted (``mergesmith compete``).
     """
-    from mergesmith.engine import plan_merge
+    from mergesmith.api import plan_merge
     from mergesmith.evaluate.model import load_model
 
     raw, where = read_recipe_raw(recipe)

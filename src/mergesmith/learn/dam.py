@@ -369,7 +369,7 @@ def plan_dam(recipe: Any, data: dict[str, list[str]], out_dir: Any, settings: Da
     files, the settings and the output folder; one InputError lists every problem."""
     from pydantic import ValidationError
 
-    from mergesmith.engine import resolve_model_path
+    from mergesmith.engine.models import resolve_model_path
     from mergesmith.paths import output_problems
     from mergesmith.recipe import RecipeSpec, read_recipe_raw
 

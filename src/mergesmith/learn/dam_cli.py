@@ -66,14 +66,14 @@ def parse_data(values: list[str]) -> dict[str, list[str]]:
 
 
 def run_dam_command(args: argparse.Namespace) -> int:
-    from mergesmith.engine import _pick_device
+    from mergesmith.checks import pick_device
     from mergesmith.learn.dam import DamSettings, run_dam
 
     settings = DamSettings(lr=args.lr, epochs=args.epochs, temperature=args.temperature, similarity=args.similarity,
                            mofo_alpha=args.mofo_alpha, weight_decay=args.weight_decay, batch_size=args.batch_size,
                            samples=args.samples, max_length=args.max_length, seed=args.seed,
                            include_answers=args.include_answers)
-    device = str(_pick_device(args.device))
+    device = str(pick_device(args.device))
     result, recipe_path, coef_path = run_dam(args.recipe, parse_data(args.data), args.out, settings, device=device,
                                              progress=not args.no_progress, overwrite=args.overwrite)
     print(f"objective (KL over the experts + regularizer): {result.objective_before:.6g} -> "

@@ -2,10 +2,10 @@
 
 ``ResidentMerger`` is what each search worker holds: an ``InputCache`` (every input
 tensor it has read, in the compute dtype) and one ``transformers`` model that each
-candidate is merged into through ``checkpoint.memory.ModelWriter``. It uses the
-engine's public planning and per-tensor merge (``plan_merge``, ``load_inputs``,
-``merge_tensor``), so a candidate's weights are exactly those ``mergesmith merge``
-writes for the same recipe.
+candidate is merged into through the engine's ``ModelTarget`` (the interface the
+stream writes model folders through). It uses the engine's public planning and
+per-tensor merge (``plan_merge``, ``load_inputs``, ``merge_tensor``), so a candidate's
+weights are exactly those ``mergesmith merge`` writes for the same recipe.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ from typing import Any, Optional, Union
 
 import torch
 
+from mergesmith.api import plan_merge
 from mergesmith.checkpoint.memory import ModelWriter
+from mergesmith.engine.merge_plan import MergePlan, TensorPlan
+from mergesmith.engine.options import MergeOptions
+from mergesmith.engine.targets import ModelTarget
+from mergesmith.engine.tensor import load_inputs, merge_tensor
 from mergesmith.errors import InputError
-from mergesmith.engine import MergeOptions, MergePlan, TensorPlan, load_inputs, merge_tensor, plan_merge
 
 
 class InputCache:
@@ -85,11 +89,11 @@ class ResidentMerger:
             self.setup_s = time.perf_counter() - built
             start += self.setup_s
             assert self.writer is not None
-            self.writer.begin()
-            for task in plan.tensors:
-                tensors = self.cache.inputs(plan, task, self.device)
-                self.writer.write(task.name, merge_tensor(plan, task, self.device, inputs=tensors))
-            self.writer.finish()
+            with ModelTarget(self.writer) as target:
+                for task in plan.tensors:
+                    tensors = self.cache.inputs(plan, task, self.device)
+                    target.write(task.name, merge_tensor(plan, task, self.device, inputs=tensors))
+                target.finish()
         finally:
             for m in plan.models:
                 m.checkpoint.close()

@@ -174,7 +174,7 @@ def search_problems(space_path: Union[str, Path], options: SearchOptions) -> lis
 def _check(space_path: Union[str, Path], out: Optional[Path], options: SearchOptions):
     """Everything that can be checked before work starts, reported together (``out`` None: not the folder)."""
     from mergesmith.evaluate import load_tasks
-    from mergesmith.evaluate.compete import parse_budget
+    from mergesmith.units import parse_budget
 
     problems: list[str] = []
     try:

@@ -378,8 +378,9 @@ def _method_problems(space: SearchSpace, where: str) -> list[str]:
 def space_problems(space: SearchSpace) -> list[str]:
     """Build the middle candidate for each method on offer, every model kept, and check it as a recipe
     (models opened, shapes matched), before any weight is read."""
+    from mergesmith.api import plan_merge
     from mergesmith.checkpoint.config import model_type_problem
-    from mergesmith.engine import MergeOptions, plan_merge
+    from mergesmith.engine.options import MergeOptions
 
     method_gene = next((g for g in space.genes if g.path == ("merge_method",)), None)
     variants = method_gene.choices if method_gene is not None else [None]

@@ -16,13 +16,11 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from itertools import product
@@ -565,45 +563,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> str:
         return write_outputs(cfg, results, zoo.trained, zoo.heldout, seconds)
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
-    p = subparsers.add_parser("bench", help="merge the zoo's experts with every method and "
-                                            "tabulate accuracy per task")
-    add_zoo_options(p)
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: runs/bench, or runs/<study> with --study)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="fine-tune seeds of the zoo; the spread over them is reported "
-                        "(default: 0; use three or more for the ranking's uncertainty)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated merge methods, 'all' (the training-free ones: {', '.join(ALL_METHODS)}), "
-                        f"'data-aware' ({', '.join(DATA_AWARE_METHODS)}), 'everything' (both) or "
-                        f"'demo' ({', '.join(DEMO_METHODS)}) (default: all; with --study scaling: "
-                        "linear,task_arithmetic,ties)")
-    p.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
-    p.add_argument("--val-limit", type=int, default=None,
-                   help="validation items per task for choosing hyperparameters (default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--no-generation", action="store_true",
-                   help="skip the generation table (multiple choice only)")
-    p.add_argument("--calibration-answers", action="store_true",
-                   help="the data-aware rows (regmean, regmean_plusplus, fisher, dam) calibrate on each expert's "
-                        "train prompts followed by their answers, as the experts were fine-tuned, not on prompts "
-                        "alone (calibration.include_answers, docs/calibrate.md); adamerging stays on unlabeled "
-                        "prompts (default: prompts only)")
-    study = p.add_argument_group("studies", "instead of the table, a study over zoo sizes (docs/zoo.md)")
-    study.add_argument("--study", choices=("scaling",), default=None,
-                       help="scaling: normalized held-in accuracy and held-out gain against the number "
-                            "of merged experts, per zoo size (after Yadav et al., 2024)")
-    study.add_argument("--sizes", default="test,default,medium",
-                       help="comma-separated zoo sizes of the study (default: %(default)s)")
-    study.add_argument("--expert-counts", default="2,4,8",
-                       help="comma-separated numbers of merged experts (default: %(default)s)")
-    study.add_argument("--subsets", type=int, default=2,
-                       help="seeded draws of k experts for each k below eight (default: %(default)s)")
-    p.set_defaults(func=run_bench_cli)
+# ----------------------------------------------------------------------------- method names
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -617,48 +577,3 @@ def parse_methods(text: str) -> tuple[str, ...]:
     if text == "everything":
         return ALL_METHODS + DATA_AWARE_METHODS
     return tuple(m.strip() for m in text.split(",") if m.strip())
-
-
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InputError(f"{flag}: {text!r} is not a comma-separated list of whole numbers") from None
-
-
-def run_study_cli(args: argparse.Namespace) -> int:
-    from mergesmith.zoo.study import STUDY_METHODS, StudyConfig, run_study
-
-    if len(args.seeds) != 1:
-        raise InputError("--seeds: the scaling study uses one fine-tune seed; its spread comes from the "
-                         "draws of experts (--subsets)")
-    if args.calibration_answers:
-        raise InputError("--calibration-answers: the scaling study does not take it; it applies to the bench "
-                         "table's data-aware rows (drop --study, or drop --calibration-answers)")
-    cfg = StudyConfig(out=args.out or Path("runs") / args.study,
-                      sizes=tuple(s.strip() for s in args.sizes.split(",") if s.strip()),
-                      counts=_int_list(args.expert_counts, "--expert-counts"),
-                      methods=parse_methods(args.methods) if args.methods else STUDY_METHODS,
-                      subsets=args.subsets, zoo_seed=args.seed, seed=args.seeds[0], cache=args.cache,
-                      device=args.device or "cpu", limit=args.limit, val_limit=args.val_limit,
-                      batch_size=args.batch_size, command="mergesmith " + " ".join(sys.argv[1:]))
-    text = run_study(cfg)
-    print(text)
-    print(f"wrote {cfg.out}/study.md, scaling.csv, heldin.png, heldout.png, results.json")
-    return 0
-
-
-def run_bench_cli(args: argparse.Namespace) -> int:
-    from mergesmith.zoo.model import SIZES
-
-    if args.study:
-        return run_study_cli(args)
-    cfg = BenchConfig(out=args.out or Path("runs/bench"), size=args.size, zoo_seed=args.seed, seeds=tuple(args.seeds),
-                      methods=parse_methods(args.methods or "all"), cache=args.cache,
-                      device=args.device or SIZES[args.size].device, limit=args.limit, val_limit=args.val_limit,
-                      batch_size=args.batch_size, generation=not args.no_generation,
-                      calibration_answers=args.calibration_answers, command="mergesmith " + " ".join(sys.argv[1:]))
-    text = run_bench(cfg)
-    print(text)
-    print(f"wrote {cfg.out}/table.md, table.csv, table_generation.csv, accuracy.png, results.json")
-    return 0
