@@ -183,3 +183,20 @@ def test_parameters_take_gradients_across_layers_and_filters(pool, tmp_path):
         torch.testing.assert_close(got[name], w * deltas[0][name], atol=1e-6, rtol=1e-5)
         name = f"model.layers.{layer}.self_attn.q_proj.weight"
         torch.testing.assert_close(got[name], 2.0 * deltas[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_merged_adapter_folds_in_a_merge_recipe_as_model_plus_adapter(pool, tmp_path):
+    """Our own model+adapter reference reads what merge-lora writes (rank_pattern, scale 1)."""
+    from mergesmith import merge
+    from tests.tiny_models import load_state
+
+    base, adapters, deltas = pool
+    recipe = write_recipe(tmp_path / "r.yml", "concat", adapters, [{"weight": 0.5}] * 3)
+    adapter = merge_lora(recipe, tmp_path / "adapter", progress=False).out_dir
+    fold = {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
+    merge(fold, tmp_path / "folded")
+    got, before = load_state(tmp_path / "folded"), base_state(base)
+    expected = weighted_sum(deltas, [0.5] * 3)
+    for name, d in expected.items():
+        torch.testing.assert_close(got[name] - before[name], d, atol=1e-5, rtol=1e-5, msg=name)
