@@ -53,7 +53,7 @@ class _Delta:
     embedding: bool  # delta is (B @ A)^T
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict, module: str, default):
     """PEFT's rule: a pattern key applies when it matches the end of the module name."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -80,7 +80,7 @@ class LoraCheckpoint:
     @classmethod
     def open(cls, base: Checkpoint, adapter_dir: Path) -> "LoraCheckpoint":
         """Validate the adapter against ``base``; raises InputError listing every problem."""
-        config = _read_config(adapter_dir)
+        config = read_adapter_config(adapter_dir)
         weights = adapter_dir / "adapter_model.safetensors"
         if not weights.is_file():
             raise InputError(f"no adapter_model.safetensors in the adapter folder {adapter_dir} (adapters "
@@ -133,7 +133,7 @@ class LoraCheckpoint:
         self.adapter.close()
 
 
-def _read_config(adapter_dir: Path) -> dict:
+def read_adapter_config(adapter_dir: Path) -> dict:
     """``adapter_config.json``, strictly: the fields we compute with must have their types."""
     path = adapter_dir / "adapter_config.json"
     fix = "fix adapter_config.json or re-save the adapter with PEFT"
@@ -226,7 +226,7 @@ def _plan(config: dict, infos: dict, base: Checkpoint) -> tuple[dict[str, _Delta
                             f"fit the weight {list(w_shape)}; is it an adapter for this model?")
             continue
         module_key = module.removeprefix(PREFIX)
-        a = _pattern_value(alpha_pattern, module_key, alpha)
+        a = pattern_value(alpha_pattern, module_key, alpha)
         scale = a / math.sqrt(rank) if rslora else a / rank
         deltas[target] = _Delta(name, b_name, scale, embedding)
     others = sorted(set(infos) - used)
