@@ -56,6 +56,25 @@ def read_text(path: "str | os.PathLike[str]") -> str:
     return decode_utf8(data[start:], path, offset=start)
 
 
+def read_yaml_mapping(path: "str | os.PathLike[str]", missing: str, not_mapping: str) -> tuple[dict, str]:
+    """A user's YAML file that must hold a mapping: (the mapping, its text), or an InputError naming
+    the file: ``missing`` when there is no such file, the parser's first line when it is not YAML,
+    ``not_mapping`` when it holds something else. Each caller then validates the mapping its way."""
+    import yaml
+
+    where = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{where}: {missing}")
+    text = read_text(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: {not_mapping}")
+    return raw, text
+
+
 class ResourceError(Exception):
     """The machine, not the input, is at fault: a full disk, a read-only or forbidden path.
 

@@ -29,7 +29,9 @@ import warnings
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from mergesmith.errors import InputError, read_text
+from mergesmith.errors import InputError, read_yaml_mapping
+
+NOT_A_MAPPING = "a mergekit-moe config is a YAML mapping with base_model and experts"
 
 PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")  # mergekit's, from the base's states
 RANDOM_MODES = ("random", "uniform_random")
@@ -110,15 +112,9 @@ def read_moe_config(source: Union[str, Path, dict, MoEConfig]) -> tuple[MoEConfi
         raw, where, text = source, "moe config", yaml.safe_dump(source, sort_keys=False)
     else:
         where = str(source)
-        if not Path(source).is_file():
-            raise InputError(f"{where}: no such config file; give the mergekit-moe YAML")
-        text = read_text(source)
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise InputError(f"{where}: not valid YAML: {err}") from None
+        raw, text = read_yaml_mapping(source, "no such config file; give the mergekit-moe YAML", NOT_A_MAPPING)
     if not isinstance(raw, dict):
-        raise InputError(f"{where}: a mergekit-moe config is a YAML mapping with base_model and experts")
+        raise InputError(f"{where}: {NOT_A_MAPPING}")
     try:
         config = MoEConfig.model_validate(raw)
     except ValidationError as err:

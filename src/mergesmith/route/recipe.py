@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergesmith.errors import InputError, read_text
+from mergesmith.errors import InputError, read_text, read_yaml_mapping
 from mergesmith.route.routers import FEATURE_KINDS, KINDS
 
 TEST_WORDS = {"test", "tests", "testing", "heldout"}
@@ -108,15 +108,8 @@ def read_route_recipe(path: Union[str, Path], *, check: bool = True) -> RouteRec
     """The recipe, checked against the schema and (``check``) against itself; every problem raised
     together. Without ``check`` the caller adds ``recipe_problems`` to its own."""
     where = str(path)
-    if not Path(path).is_file():
-        raise InputError(f"{where}: no such routing recipe")
-    text = read_text(path)
-    try:
-        raw: Any = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise InputError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{where}: a routing recipe is a mapping with experts, router and data; see docs/route.md")
+    raw, _ = read_yaml_mapping(path, "no such routing recipe",
+                               "a routing recipe is a mapping with experts, router and data; see docs/route.md")
     try:
         recipe = RouteRecipe.model_validate(raw)
     except ValidationError as err:
