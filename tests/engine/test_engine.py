@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -277,3 +278,50 @@ def test_the_math_runs_on_the_threads_asked_for_in_a_fresh_thread(tmp_path, mode
     worker.join()
     assert not errors, errors
     assert seen and set(seen) == {2}
+
+
+_TEAM_PROBE = r"""
+import os, sys, threading, torch
+from concurrent.futures import ThreadPoolExecutor
+from mergesmith.engine.stream import _start_single_threaded
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(2)
+torch.ones(1 << 16).sum()  # the main thread's own team
+with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+    for pool in (reader, writer):
+        pool.submit(int).result()  # the pool threads exist, having run no torch op
+    started = os_threads()
+    if sys.argv[1] == "ours":
+        _start_single_threaded((reader, writer), 2)
+    else:  # what the stream did before: each pool's first op at the shared count of two
+        for pool in (reader, writer):
+            pool.submit(lambda: (torch.ones(1 << 16).sum(), torch.set_num_threads(1))).result()
+        torch.set_num_threads(2)
+    for pool in (reader, writer):  # conversions, as the reader and writer do
+        pool.submit(lambda: torch.ones(1 << 20).to(torch.float64).sum()).result()
+    math = torch.get_num_threads()
+    torch.ones(1 << 20).sum()
+    print(started, os_threads(), math)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts the process's threads in /proc on a machine with two or more cores")
+@pytest.mark.parametrize("start", ["ours", "shared-count"])
+def test_reader_and_writer_build_no_openmp_team_of_their_own(start):
+    """With more OpenMP threads alive than cores, libgomp sleeps at every barrier instead of
+    spinning, which made a two-thread TSV-M merge twice as slow as a one-thread one
+    (stream._start_single_threaded). After the pools' conversions the process must have no
+    more threads than when the pool threads had just started, and the math still runs on two.
+    The old start (first op at the shared count) is run too, to show that the count sees a
+    team when there is one."""
+    out = subprocess.run([sys.executable, "-c", _TEAM_PROBE, start], capture_output=True, text=True, check=True)
+    started, after, math = map(int, out.stdout.split())
+    assert math == 2
+    if start == "ours":
+        assert after == started
+    else:
+        assert after > started

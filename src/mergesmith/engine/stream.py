@@ -38,25 +38,21 @@ def execute_plan(plan: MergePlan, out_dir: Path, options: MergeOptions) -> Merge
 
 def stream(plan: MergePlan, target: Target, options: MergeOptions) -> float:
     """Stream the plan into ``target``, the calling thread's math on ``options.threads`` (default:
-    torch's count); returns the seconds it took.
-
-    The count last asked for is put back afterwards, so that a thread started later does not
-    take the reader's and writer's count of one (``_claim_threads``).
-    """
+    torch's count); returns the seconds it took. The count is put back afterwards."""
     with _heap_reuse():
         threads = options.threads or torch.get_num_threads()
-        _claim_threads(threads)
         try:
-            return _stream(plan, target, options)
+            return _stream(plan, target, options, threads)
         finally:
             torch.set_num_threads(threads)
 
 
-def _stream(plan: MergePlan, target: Target, options: MergeOptions) -> float:
+def _stream(plan: MergePlan, target: Target, options: MergeOptions, threads: int) -> float:
     start = time.perf_counter()
     device = pick_device(options.device)
-    with target, ThreadPoolExecutor(1, thread_name_prefix="read", initializer=_claim_threads, initargs=(1,)) as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="write", initializer=_claim_threads, initargs=(1,)) as write_pool:
+    with target, ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
+        _start_single_threaded((reader, write_pool), threads)
         bar = tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, desc=f"merge ({plan.recipe.method.name})",
                    disable=not options.progress, file=sys.stderr)
         loads: deque[tuple[TensorPlan, Span, Future]] = deque()
@@ -130,16 +126,30 @@ def _heap_reuse():
             libc.malloc_trim(0)
 
 
-def _claim_threads(count: int) -> None:
-    """Fix the calling thread's torch thread count at ``count``.
+def _start_single_threaded(pools: tuple[ThreadPoolExecutor, ...], math_threads: int) -> None:
+    """Start each one-thread pool with a torch thread count of one, then give the calling
+    thread ``math_threads``.
 
     torch keeps one count per thread, but a thread takes it, on its first parallel op, from
-    the count some thread last asked for. The reader and writer ask for one (left at the
-    default, each runs its conversions on a parallel team whose threads keep spinning after
-    each op and take the cores from the math: TSV-M on the 58M family of
-    benchmarks/bench_subspace.py took 24.8 s so), and ``mergesmith merge``'s main thread has
-    run nothing parallel before it merges, so its math took their count of one: WUDI used one
-    of the two cores. A parallel op first settles the thread's own count, then it is set.
+    the count some thread last asked for. A reader or writer that took the math's count of two
+    would build an OpenMP team of its own on its first conversion, and keep it: with more
+    OpenMP threads alive than cores, libgomp stops spinning at barriers and sleeps on a futex
+    instead, and every barrier of the math's decompositions then costs two system calls.
+    Measured on the 58M TSV-M family of benchmarks/bench_subspace.py (2 cores): one 512-wide
+    float64 ``eigh`` took 19 ms alone and 70 ms beside an idle reader that had run one op at
+    two threads; the merge took 20-24 s at ``--threads 2`` against 12-14 s at one, with 7.5 s
+    of system time (docs/results.md, "Threads"). So the pools start while the shared count is
+    one, build no team, and only then does the calling thread take ``math_threads`` (its own
+    first parallel op comes first, so that the count it sets is the one it keeps).
     """
     torch.ones(1 << 16).sum()
-    torch.set_num_threads(count)
+    torch.set_num_threads(1)
+    for pool in pools:
+        pool.submit(_first_parallel_op).result()
+    torch.set_num_threads(math_threads)
+
+
+def _first_parallel_op() -> int:
+    """Settle the calling pool thread's torch thread count (at the shared count, one here)."""
+    torch.ones(1 << 16).sum()
+    return torch.get_num_threads()
