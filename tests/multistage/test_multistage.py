@@ -187,6 +187,10 @@ def test_every_problem_of_every_stage_at_once_before_anything_runs(pool, tmp_pat
     assert f"{where}: stage 'd' (document 5): refers to stage 'e' (document 6), which does not come before it" in text
     assert "'dd' is neither a stage (did you mean stage 'd'?) nor a model folder" in text
     assert "'c' is a stage, which makes a full model, not a LoRA adapter" in text
+    # The recipes are checked in the same round: stage 'c' (document 3) has a density out of range.
+    assert f"{where}: stage 'c' (document 3): models[0].parameters.density = 1.4" in text
+    # A bad reference is reported once, not again as a missing folder.
+    assert "no such model folder" not in text
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.stages").exists()
 
     # With the structure right, each stage's recipe problems come together, each naming its stage and field.

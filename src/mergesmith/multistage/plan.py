@@ -40,7 +40,8 @@ from mergesmith.engine.models import open_models, resolve_model_path
 from mergesmith.engine.options import MergeOptions, option_problems
 from mergesmith.engine.plan import calibration_files
 from mergesmith.errors import InputError
-from mergesmith.multistage.stages import Stage, map_references, read_stages, references, unused_stages
+from mergesmith.multistage.stages import (Stage, check_stages, map_references, references, unused_stages,
+                                          warn_unused)
 from mergesmith.paths import output_problems
 from mergesmith.recipe import load_recipe
 
@@ -111,13 +112,16 @@ def plan_multi(path: Union[str, Path], out_dir: Union[str, Path], options: Optio
     options = options or MergeOptions()
     out_dir = Path(out_dir)
     inter = Path(intermediate_dir) if intermediate_dir is not None else default_intermediate_dir(out_dir)
-    stages = read_stages(path)
+    stages, problems = check_stages(path)
+    problems += option_problems(options)
     unused = unused_stages(stages)
-    problems = list(option_problems(options))
     plans: dict[str, StagePlan] = {}
     external: dict[str, Path] = {}  # every model and adapter folder any stage reads, by reference
+    # Each stage is checked even when the file's structure has problems, so that all come at once;
+    # a reference that is a stage but not an earlier one, or nothing at all, is not opened as a folder.
+    skip = {s.name for s in stages if s.name is not None}.union(*(s.unknown for s in stages))
     for stage in stages:
-        problems += _plan_stage(stage, plans, options, out_dir, inter, external)
+        problems += _plan_stage(stage, plans, options, out_dir, inter, external, skip)
     problems += output_problems(inter, {**external, f"the recipe {path}": Path(path)}, "intermediate folder")
     problems += output_problems(out_dir, {**external, f"the recipe {path}": Path(path),
                                           "the intermediate folder": inter})
@@ -125,12 +129,13 @@ def plan_multi(path: Union[str, Path], out_dir: Union[str, Path], options: Optio
         problems.append(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
     if problems:
         raise InputError(list(dict.fromkeys(problems)))
+    warn_unused(stages)
     run = [plans[s.name or ""] for s in stages if s not in unused]
     return MultiPlan(str(path), run, unused, out_dir, inter, keep_intermediates)
 
 
 def _plan_stage(stage: Stage, plans: dict[str, StagePlan], options: MergeOptions, out_dir: Path, inter: Path,
-                external: dict[str, Path]) -> list[str]:
+                external: dict[str, Path], skip: set[str]) -> list[str]:
     """Key and check one stage (its earlier stages are in ``plans``); returns its problems."""
     problems: list[str] = []
     identities: dict[str, Any] = {}
@@ -156,7 +161,7 @@ def _plan_stage(stage: Stage, plans: dict[str, StagePlan], options: MergeOptions
             loaded = load_recipe(recipe)
         except InputError as err:
             caught += err.problems
-        refs, adapters = _outside_inputs(recipe, upstream_folders)
+        refs, adapters = _outside_inputs(recipe, upstream_folders, skip)
         models, model_problems, paths = open_models(refs, "recipe")
         for m in models:
             m.checkpoint.close()
@@ -189,7 +194,9 @@ def _plan_stage(stage: Stage, plans: dict[str, StagePlan], options: MergeOptions
     plans[stage.name or ""] = plan
 
     # Planned tensor by tensor now where every input exists: the full engine checks, all at once.
-    if not problems and not cached and all(plans[n].cached for n in stage.uses):
+    # (Not where a reference is already a problem: a later stage's name, or nothing at all.)
+    unresolved = any(model in skip or adapter in skip for _, model, adapter in references(recipe))
+    if not problems and not cached and not unresolved and all(plans[n].cached for n in stage.uses):
         with labelled(stage.label) as caught:
             try:
                 merge_plan = plan_merge(recipe, options, out_dir=folder, writing=False)
@@ -205,12 +212,17 @@ def _plan_stage(stage: Stage, plans: dict[str, StagePlan], options: MergeOptions
     return problems
 
 
-def _outside_inputs(recipe: dict[str, Any], upstream: set[str]) -> tuple[list[str], list[str]]:
-    """The references of a recipe (stage names already replaced by folders) that are not earlier
-    stages, as ``open_models`` takes them, and the adapters folded into an earlier stage's output."""
+def _outside_inputs(recipe: dict[str, Any], upstream: set[str], skip: set[str]) -> tuple[list[str], list[str]]:
+    """The references of a recipe (earlier stages' names already replaced by their folders) that are
+    not earlier stages, as ``open_models`` takes them, and the adapters folded into an earlier
+    stage's output; ``skip``: references already reported (other stages, unknown names)."""
     refs: dict[str, None] = {}
     adapters: dict[str, None] = {}
     for _, model, adapter in references(recipe):
+        if model in skip:
+            continue
+        if adapter in skip:  # a stage after '+': reported already; the model is still opened
+            adapter = None
         if model in upstream:
             if adapter is not None:
                 adapters[adapter] = None

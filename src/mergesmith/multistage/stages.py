@@ -44,6 +44,7 @@ class Stage:
     raw: dict[str, Any]
     label: str  # how messages cite it: "multi.yml: stage 'mix' (document 2)"
     uses: list[str] = field(default_factory=list)  # earlier stages it reads, first mention first
+    unknown: set[str] = field(default_factory=set)  # references that are neither a stage nor a path
 
     @property
     def title(self) -> str:
@@ -68,7 +69,7 @@ def map_references(raw: dict[str, Any], change: Callable[[str, str, Optional[str
         if isinstance(value, str) and value and value not in _KEYWORDS:
             model, plus, adapter = value.partition("+")
             holder[key] = change(where, model.strip(), adapter.strip() if plus else None)
-        elif isinstance(value, dict) and isinstance(value.get("model"), dict) \
+        elif isinstance(value, dict) and set(value) <= {"model", "lora"} and isinstance(value.get("model"), dict) \
                 and isinstance(value["model"].get("path"), str):
             lora = value.get("lora")
             adapter = lora.get("path") if isinstance(lora, dict) else lora
@@ -109,6 +110,23 @@ def _dicts(value: Any) -> list[dict]:
 def read_stages(path: str | Path) -> list[Stage]:
     """The stages of a multi-stage recipe file, in file order, checked as a whole (no model folder
     is opened here). Raises one ``InputError`` with every problem; warns about unused stages."""
+    stages, problems = check_stages(path)
+    if problems:
+        raise InputError(problems)
+    warn_unused(stages)
+    return stages
+
+
+def warn_unused(stages: list[Stage]) -> None:
+    for stage in unused_stages(stages):
+        warnings.warn(f"{stage.label}: is not read by the final stage, directly or through another stage; "
+                      "it is not run (remove it, or refer to it by name)", stacklevel=3)
+
+
+def check_stages(path: str | Path) -> tuple[list[Stage], list[str]]:
+    """The stages of the file and every problem of its structure (names, the final stage, references
+    between stages), for the caller to report with each stage's own problems. Raises ``InputError``
+    only when there are no stages to check: no such file, not YAML, no document."""
     where = str(path)
     if not Path(path).is_file():
         raise InputError(f"{where}: no such multi-stage recipe file" if not Path(path).exists()
@@ -141,12 +159,7 @@ def read_stages(path: str | Path) -> list[Stage]:
 
     problems += _name_problems(where, stages)
     problems += _reference_problems(stages)
-    if problems:
-        raise InputError(problems)
-    for stage in unused_stages(stages):
-        warnings.warn(f"{stage.label}: is not read by the final stage, directly or through another stage; "
-                      "it is not run (remove it, or refer to it by name)", stacklevel=2)
-    return stages
+    return stages, problems
 
 
 def _name_problems(where: str, stages: list[Stage]) -> list[str]:
@@ -190,6 +203,7 @@ def _reference_problems(stages: list[Stage]) -> list[str]:
                     hint = f" (did you mean stage {close[0]!r}?)" if close else ""
                     problems.append(f"{stage.label}: {where} = {model!r} is neither a stage{hint} nor a model "
                                     "folder; check the name")
+                    stage.unknown.add(model)
                 continue
             if Path(model).expanduser().is_dir():
                 warnings.warn(f"{stage.label}: {where} = {model!r} names a stage and a folder; it means the stage "
