@@ -288,3 +288,47 @@ def test_a_data_aware_stage_reads_an_intermediate_and_the_calibration_file_is_pa
     again = plan_multi(recipe, tmp_path / "out2", intermediate_dir=inter)
     assert again.stages[0].key == keys[0] and again.stages[0].cached
     assert again.stages[1].key != keys[1]
+
+
+def test_intermediates_go_once_unread_and_a_stopped_run_leaves_none_unless_kept(pool, tmp_path, monkeypatch):
+    """Each intermediate is removed as soon as no later stage reads it; a run stopped in its final
+    stage removes the rest (nothing half-written remains), and with --keep-intermediates the next
+    run resumes from the kept ones."""
+    import mergesmith.multistage.run as run_module
+
+    recipe = write(tmp_path / "multi.yml", stages_yaml(pool))
+    inter = tmp_path / "cache"
+    real_merge = run_module.merge
+    seen: list[list[str]] = []
+
+    def stopped_in_the_final_stage(recipe, out_dir, **kw):
+        seen.append(sorted(p.name.split("-")[0] for p in inter.iterdir() if not p.name.startswith(".")))
+        if Path(out_dir) == tmp_path / "out":
+            raise KeyboardInterrupt
+        return real_merge(recipe, out_dir, **kw)
+
+    monkeypatch.setattr(run_module, "merge", stopped_in_the_final_stage)
+    with pytest.raises(KeyboardInterrupt):
+        run_multi(recipe, tmp_path / "out", intermediate_dir=inter)
+    assert seen == [[], ["ties12"], ["lin"]]  # ties12 gone before the final stage, which reads only lin
+    assert not inter.exists() and not (tmp_path / "out").exists()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_multi(recipe, tmp_path / "out", intermediate_dir=inter, keep_intermediates=True)
+    assert sorted(p.name.split("-")[0] for p in inter.iterdir() if not p.name.startswith(".")) == ["lin", "ties12"]
+    monkeypatch.setattr(run_module, "merge", real_merge)
+    assert run_multi(recipe, tmp_path / "out", intermediate_dir=inter).ran == [""]
+
+
+def test_mergekit_mapping_form_and_tokenizer_source_refer_to_stages(pool, tmp_path):
+    docs = stages_yaml(pool)
+    docs[1]["models"][0]["model"] = {"model": {"path": "ties12"}, "lora": {"path": str(pool["adapter"])}}
+    docs[2]["tokenizer_source"] = "lin"
+    recipe = write(tmp_path / "multi.yml", docs)
+    plan = plan_multi(recipe, tmp_path / "out", intermediate_dir=tmp_path / "cache")
+    lin, final = plan.stages[1], plan.stages[2]
+    assert lin.recipe["models"][0]["model"] == f"{plan.stages[0].out_dir}+{pool['adapter']}"
+    assert final.recipe["tokenizer_source"] == str(lin.out_dir)
+    # The mapping form and the string form are one recipe, so one key.
+    assert lin.key == plan_multi(write(tmp_path / "multi.yml", stages_yaml(pool)), tmp_path / "out",
+                                 intermediate_dir=tmp_path / "cache").stages[1].key

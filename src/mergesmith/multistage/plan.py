@@ -136,51 +136,25 @@ def plan_multi(path: Union[str, Path], out_dir: Union[str, Path], options: Optio
 
 def _plan_stage(stage: Stage, plans: dict[str, StagePlan], options: MergeOptions, out_dir: Path, inter: Path,
                 external: dict[str, Path], skip: set[str]) -> list[str]:
-    """Key and check one stage (its earlier stages are in ``plans``); returns its problems."""
-    problems: list[str] = []
-    identities: dict[str, Any] = {}
+    """Key and check one stage (the stages before it are in ``plans``; it is added); its problems."""
     inputs: list[str] = []
 
     def to_folder(where: str, model: str, adapter: Optional[str]) -> str:
-        upstream = plans.get(model) if model in stage.uses else None
-        folder = str(upstream.out_dir) if upstream else model
+        upstream = plans[model] if model in stage.uses else None
         if upstream:
-            inputs.append(f"{upstream.stage.title} (key {upstream.key[:16]}): {folder}")
+            inputs.append(f"{upstream.stage.title} (key {upstream.key[:16]}): {upstream.out_dir}")
+        folder = str(upstream.out_dir) if upstream else model
         return folder if adapter is None else f"{folder}+{adapter}"
 
     def to_key(where: str, model: str, adapter: Optional[str]) -> str:
-        upstream = plans.get(model) if model in stage.uses else None
-        ref = f"stage:{upstream.key}" if upstream else model
+        ref = f"stage:{plans[model].key}" if model in stage.uses else model
         return ref if adapter is None else f"{ref}+{adapter}"
 
     recipe = map_references(stage.raw, to_folder)
-    upstream_folders = {str(p.out_dir) for n, p in plans.items() if n in stage.uses}
+    upstream_folders = {str(plans[n].out_dir) for n in stage.uses}
     with labelled(stage.label) as caught:
-        loaded = None
-        try:
-            loaded = load_recipe(recipe)
-        except InputError as err:
-            caught += err.problems
-        refs, adapters = _outside_inputs(recipe, upstream_folders, skip)
-        models, model_problems, paths = open_models(refs, "recipe")
-        for m in models:
-            m.checkpoint.close()
-        caught += model_problems
-        # An adapter on an earlier stage's output is opened with that output, when it runs; here its
-        # folder is found, and it is part of the key.
-        for adapter in adapters:
-            try:
-                paths[adapter] = resolve_model_path(adapter)
-            except InputError as err:
-                caught += [f"recipe: {p}" for p in err.problems]
-        external.update(paths)
-        for ref, folder in sorted(paths.items()):
-            identities[f"model {ref}"] = model_identity([folder])
-            inputs.append(f"{ref} ({folder})" if str(folder) != ref else ref)
-        if loaded is not None:
-            files = {**calibration_files(loaded), **CALIBRATION.input_files(loaded)}
-            identities.update({label: _file_identity(p) for label, p in files.items()})
-    problems += caught.problems
+        method, identities = _check_recipe_and_inputs(recipe, upstream_folders, skip, external, inputs, caught)
+    problems = caught.problems
 
     record = {"format": KEY_FORMAT, "mergesmith": __version__, "recipe": map_references(stage.raw, to_key),
               "inputs": identities, "options": {"device": options.device, "random_seed": options.random_seed,
@@ -190,26 +164,63 @@ def _plan_stage(stage: Stage, plans: dict[str, StagePlan], options: MergeOptions
     final = stage.name is None
     folder = out_dir if final else inter / f"{stage.name}-{key[:16]}"
     cached = not final and (folder / "config.json").is_file()
-    plan = StagePlan(stage, recipe, key, folder, cached, inputs, loaded.method.name if loaded else "?")
+    plan = StagePlan(stage, recipe, key, folder, cached, list(dict.fromkeys(inputs)), method)
     plans[stage.name or ""] = plan
+    if problems or cached:
+        return problems
 
-    # Planned tensor by tensor now where every input exists: the full engine checks, all at once.
-    # (Not where a reference is already a problem: a later stage's name, or nothing at all.)
-    unresolved = any(model in skip or adapter in skip for _, model, adapter in references(recipe))
-    if not problems and not cached and not unresolved and all(plans[n].cached for n in stage.uses):
-        with labelled(stage.label) as caught:
-            try:
-                merge_plan = plan_merge(recipe, options, out_dir=folder, writing=False)
-                for m in merge_plan.models:
-                    m.checkpoint.close()
-                plan.checked = f"tensor by tensor ({len(merge_plan.tensors)} output tensors)"
-            except InputError as err:
-                caught += err.problems
-        problems += caught.problems
-    elif not problems and not cached:
-        plan.checked = ("recipe and model headers; tensor by tensor once "
-                        f"{', '.join(repr(n) for n in stage.uses if not plans[n].cached)} exists")
-    return problems
+    # Planned tensor by tensor now where every input exists: the engine's full checks, all at once.
+    # Not where a reference is already a problem (a later stage's name, or nothing at all). The
+    # output paths were checked above, for every stage at once.
+    waiting = [n for n in stage.uses if not plans[n].cached]
+    if any(model in skip or adapter in skip for _, model, adapter in references(recipe)):
+        return problems
+    if waiting:
+        plan.checked = f"recipe and model headers; tensor by tensor once {', '.join(map(repr, waiting))} exists"
+        return problems
+    with labelled(stage.label) as caught:
+        try:
+            merge_plan = plan_merge(recipe, options)
+            for m in merge_plan.models:
+                m.checkpoint.close()
+            plan.checked = f"tensor by tensor ({len(merge_plan.tensors)} output tensors)"
+        except InputError as err:
+            caught += err.problems
+    return problems + caught.problems
+
+
+def _check_recipe_and_inputs(recipe: dict[str, Any], upstream: set[str], skip: set[str], external: dict[str, Path],
+                             inputs: list[str], caught: "_Caught") -> tuple[str, dict[str, Any]]:
+    """A stage's recipe checked and every input that is not an earlier stage opened (headers only);
+    the problems go to ``caught``, the folders to ``external`` and ``inputs``. Returns the method's
+    name and the identity of every outside input (folders, calibration and statistics files)."""
+    loaded = None
+    try:
+        loaded = load_recipe(recipe)
+    except InputError as err:
+        caught += err.problems
+    refs, adapters = _outside_inputs(recipe, upstream, skip)
+    models, model_problems, paths = open_models(refs, "recipe")
+    for m in models:
+        m.checkpoint.close()
+    caught += model_problems
+    # An adapter on an earlier stage's output is opened with that output when the stage runs; here
+    # its folder is found, and it is part of the key.
+    for adapter in adapters:
+        try:
+            paths[adapter] = resolve_model_path(adapter)
+        except InputError as err:
+            caught += [f"recipe: {p}" for p in err.problems]
+    external.update(paths)
+    identities: dict[str, Any] = {}
+    for ref, folder in sorted(paths.items()):
+        identities[f"model {ref}"] = model_identity([folder])
+        inputs.append(f"{ref} ({folder})" if str(folder) != ref else ref)
+    if loaded is None:
+        return "?", identities
+    files = {**calibration_files(loaded), **CALIBRATION.input_files(loaded)}
+    identities.update({label: _file_identity(p) for label, p in files.items()})
+    return loaded.method.name, identities
 
 
 def _outside_inputs(recipe: dict[str, Any], upstream: set[str], skip: set[str]) -> tuple[list[str], list[str]]:
@@ -254,14 +265,15 @@ def labelled(label: str) -> Iterator[_Caught]:
     the engine gives a recipe handed over as a mapping). Problems added to the yielded list, and
     come out relabelled; warnings are shown when the block ends."""
     caught = _Caught()
-    with warnings.catch_warnings(record=True) as shown:
-        warnings.simplefilter("always")
-        try:
+    shown: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
             yield caught
-        finally:
-            caught.problems = [relabel(p, label) for p in caught.problems]
-    for w in shown:
-        warnings.warn_explicit(relabel(str(w.message), label), w.category, w.filename, w.lineno)
+    finally:
+        caught.problems = [relabel(p, label) for p in caught.problems]
+        for w in shown:
+            warnings.warn_explicit(relabel(str(w.message), label), w.category, w.filename, w.lineno)
 
 
 def relabel(problem: str, label: str) -> str:
