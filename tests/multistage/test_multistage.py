@@ -332,3 +332,24 @@ def test_mergekit_mapping_form_and_tokenizer_source_refer_to_stages(pool, tmp_pa
     # The mapping form and the string form are one recipe, so one key.
     assert lin.key == plan_multi(write(tmp_path / "multi.yml", stages_yaml(pool)), tmp_path / "out",
                                  intermediate_dir=tmp_path / "cache").stages[1].key
+
+
+def test_mergekit_multi_reuses_any_folder_of_the_stage_name_which_we_do_not(pool, tmp_path):
+    """The bug documented in docs/multistage.md: mergekit-multi's stage task returns a folder that
+    merely holds a config and weights without reading its recipe (here not even a valid one)."""
+    from mergekit.common import ImmutableMap
+    from mergekit.options import MergeOptions as MergekitOptions
+    from mergekit.scripts.multimerge import MergeModelTask
+
+    stale = tmp_path / "inter" / "ties12"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    (stale / "model.safetensors").write_bytes(b"stale")
+    task = MergeModelTask(config_yaml="merge_method: not-a-method\n", name="ties12", input_merges=ImmutableMap({}),
+                          options=MergekitOptions(), out_path=str(stale), lazy=True)
+    assert task.execute() == str(stale) and (stale / "model.safetensors").read_bytes() == b"stale"
+
+    # Ours: a folder named for the stage is not a cache entry; the stage runs.
+    recipe = write(tmp_path / "multi.yml", stages_yaml(pool))
+    result = run_multi(recipe, tmp_path / "out", intermediate_dir=tmp_path / "inter", keep_intermediates=True)
+    assert result.ran == ["ties12", "lin", ""] and (stale / "model.safetensors").read_bytes() == b"stale"

@@ -38,7 +38,10 @@ def run_multi_command(args: argparse.Namespace) -> int:
         print(result.plan.describe())
         print("dry run: nothing written")
         return 0
-    print(result.plan.describe(), file=sys.stderr)
+    for sp in result.plan.stages:
+        done = "reused" if (sp.stage.name or "") in result.reused else "merged"
+        gone = " (removed)" if sp.out_dir in result.removed else ""
+        print(f"{sp.stage.title}: {done}, key {sp.key[:16]}, {sp.out_dir}{gone}", file=sys.stderr)
     kept = "" if args.keep_intermediates else f"; removed {len(result.removed)} intermediates"
     print(f"merged {len(result.ran)} stages, reused {len(result.reused)} cached{kept}; wrote {args.out_dir} "
           f"in {result.seconds:.1f} s")

@@ -13,6 +13,7 @@ import dataclasses
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -51,7 +52,7 @@ def run_multi(path: Union[str, Path], out_dir: Union[str, Path], *, options: Opt
     ran: list[str] = []
     reused: list[str] = []
     made: list[StagePlan] = []  # intermediates this run wrote
-    removed: list[Path] = []
+    removed: list[Optional[Path]] = []
     plan.intermediate_dir.mkdir(parents=True, exist_ok=True)
     with OutputLock(plan.intermediate_dir):
         try:
@@ -80,6 +81,7 @@ def run_multi(path: Union[str, Path], out_dir: Union[str, Path], *, options: Opt
             if not keep_intermediates:
                 removed += [_remove(m, plan.intermediate_dir) for m in made]
                 _remove_if_empty(plan.intermediate_dir)
+    removed = [p for p in removed if p is not None]
     return MultiResult(plan, ran, reused, removed, time.perf_counter() - start)
 
 
@@ -88,8 +90,12 @@ def _read_after(plan: MultiPlan, made: StagePlan, k: int) -> bool:
     return any(made.stage.name in later.stage.uses for later in plan.stages[k + 1:])
 
 
-def _remove(sp: StagePlan, inter: Path) -> Path:
-    shutil.rmtree(sp.out_dir, ignore_errors=True)
+def _remove(sp: StagePlan, inter: Path) -> Optional[Path]:
+    """Remove an intermediate this run made; its path, or None (with a warning) if it could not be."""
+    shutil.rmtree(sp.out_dir, ignore_errors=True)  # never hide the error that stopped the run behind this one
+    if sp.out_dir.exists():
+        warnings.warn(f"{sp.out_dir}: could not remove this intermediate; remove it by hand", stacklevel=2)
+        return None
     # The stage's lock file: no other run can be waiting on it while this run holds the folder's lock.
     (inter / f".{sp.out_dir.name}.lock").unlink(missing_ok=True)
     return sp.out_dir
