@@ -353,3 +353,17 @@ def test_mergekit_multi_reuses_any_folder_of_the_stage_name_which_we_do_not(pool
     recipe = write(tmp_path / "multi.yml", stages_yaml(pool))
     result = run_multi(recipe, tmp_path / "out", intermediate_dir=tmp_path / "inter", keep_intermediates=True)
     assert result.ran == ["ties12", "lin", ""] and (stale / "model.safetensors").read_bytes() == b"stale"
+
+
+def test_the_key_follows_the_options_that_change_tensors_and_not_the_layout(pool, tmp_path):
+    from mergesmith.engine.options import MergeOptions
+
+    recipe = write(tmp_path / "multi.yml", stages_yaml(pool))
+
+    def keys(**kw) -> list[str]:
+        return [sp.key for sp in plan_multi(recipe, tmp_path / "out", MergeOptions(**kw)).stages]
+
+    plain = keys()
+    assert keys(out_shard_size=10 ** 6, chunk_bytes=0, prefetch_bytes=0, threads=1) == plain
+    for changed in (keys(random_seed=3), keys(vocab_mismatch="error"), keys(allow_nonfinite=True)):
+        assert all(a != b for a, b in zip(changed, plain))

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -72,7 +72,6 @@ class MultiPlan:
     out_dir: Path
     intermediate_dir: Path
     keep_intermediates: bool
-    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         keep = "kept (--keep-intermediates)" if self.keep_intermediates else \
@@ -88,7 +87,6 @@ class MultiPlan:
                 lines.append(f"     checked: {sp.checked}")
         for stage in self.unused:
             lines.append(f"not run: {stage.title} (document {stage.document}), which the final stage does not read")
-        lines += self.notes
         return "\n".join(lines)
 
 

@@ -12,8 +12,9 @@ The checks here need no model folder: names (present, unique, usable as a folder
 one final stage, references to stages that exist and come earlier in the file (a reference
 to a later stage is refused, and a chain of them that closes on itself is named as a cycle),
 an adapter part that names a stage (a stage makes a full model, not an adapter), and stages
-the final stage never reads (a warning: they are not run). Every problem of the file is
-gathered and raised as one ``InputError``.
+the final stage never reads (a warning: they are not run). ``check_stages`` returns every
+problem of the file, for ``plan.plan_multi`` to report with each stage's own in one
+``InputError``; ``read_stages`` raises them.
 """
 
 from __future__ import annotations
