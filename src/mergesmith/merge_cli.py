@@ -10,12 +10,9 @@ from mergesmith.errors import InputError
 from mergesmith.units import parse_size
 
 
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge models as a recipe says",
-                              description="Merge the models a mergekit-style YAML recipe names into OUT_DIR.")
-    p.add_argument("recipe", help="the recipe (mergekit YAML)")
-    p.add_argument("out_dir", help="where to write the merged model (a Hugging Face model folder)")
+def add_merge_options(p: argparse.ArgumentParser) -> None:
+    """The flags that set ``MergeOptions`` (but --overwrite, which each command words its own way), shared
+    with ``mergesmith multi``."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the math (default: torch's)")
     p.add_argument("--out-shard-size", type=parse_size, default="5GB", help="max bytes per output shard (default 5GB)")
@@ -24,15 +21,33 @@ def register(subparsers) -> None:
     p.add_argument("--chunk", type=parse_size, default="64MiB",
                    help="merge a tensor whose inputs exceed this in blocks of rows of about this size, where the "
                         "method's math allows it (default 64MiB; 0 merges every tensor whole)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate and print the plan (every output tensor, its inputs, memory and bytes), write nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--vocab-mismatch", choices=("resize", "error"), default="resize",
                    help="models with different vocabulary sizes: resize to the output's with a warning, or stop")
     p.add_argument("--random-seed", type=int, default=None, help="overrides the recipe's random_seed")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="carry NaN/Inf values in inputs or outputs through with a warning (default: stop with an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def merge_options(args: argparse.Namespace) -> "MergeOptions":
+    """``MergeOptions`` from the flags ``add_merge_options`` adds."""
+    from mergesmith.engine.options import MergeOptions
+
+    return MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
+                        overwrite=args.overwrite, vocab_mismatch=args.vocab_mismatch,
+                        prefetch_bytes=args.prefetch, chunk_bytes=args.chunk, progress=not args.no_progress,
+                        random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("merge", help="merge models as a recipe says",
+                              description="Merge the models a mergekit-style YAML recipe names into OUT_DIR.")
+    p.add_argument("recipe", help="the recipe (mergekit YAML)")
+    p.add_argument("out_dir", help="where to write the merged model (a Hugging Face model folder)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the plan (every output tensor, its inputs, memory and bytes), write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_merge_options(p)
     p.set_defaults(func=run_merge)
 
     m = subparsers.add_parser("methods", help="list merge methods and their parameters")
@@ -47,14 +62,10 @@ def show_warnings() -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from mergesmith.engine.options import MergeOptions
     from mergesmith.api import merge
 
     show_warnings()
-    options = MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
-                           overwrite=args.overwrite, vocab_mismatch=args.vocab_mismatch,
-                           prefetch_bytes=args.prefetch, chunk_bytes=args.chunk, progress=not args.no_progress,
-                           random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite)
+    options = merge_options(args)
     result = merge(args.recipe, args.out_dir, dry_run=args.dry_run, options=options)
     if args.dry_run:
         print(result.plan.describe(options))
