@@ -104,7 +104,7 @@ def test_surface_forms_normalise_to_the_same_bytes():
     assert normalise("<|endoftext|>", "byte_level", added=True) == ("text", b"<|endoftext|>")
     vocab = normalised_vocabulary({"<|endoftext|>": 0, "x": 1}, "byte_level", ["<|endoftext|>"],
                                   {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
-    assert vocab == {("special", "bos_token"): 0, ("text", b"x"): 1}  # the first role, as mergekit
+    assert vocab == {("special", "eos_token"): 0, ("text", b"x"): 1}  # end of sequence first
     assert list(prefixes(("text", b" hello"))) == [("text", b" hell"), ("text", b" hel"), ("text", b" he"),
                                                    ("text", b" h")]
 
@@ -204,6 +204,46 @@ def test_loads_and_generates_with_the_donors_tokenizer(pair, tmp_path, tied):
 
 
 # --- bad input, nothing half-written --------------------------------------------------------------
+
+def sentencepiece_model(path: Path, texts: list[str], hidden: int) -> Path:
+    """A tiny llama whose tokenizer is SentencePiece-style: ``▁`` for spaces, byte-fallback tokens
+    ``<0x00>``..``<0xFF>`` (as Llama 2's), trained on ``texts``."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(5)
+    cfg = tf.LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_sentencepiece_model_byte_level_donor_match_by_meaning(tmp_path):
+    """'▁café' (SentencePiece) and 'ĠcafÃ©' (byte-level) spell the same bytes: the row is copied;
+    the byte-level 'Ã' (byte 0xC3) takes the row of the byte-fallback token '<0xC3>'; the donor's
+    '<|endoftext|>' end of sequence takes the model's '</s>' (both eos_token)."""
+    texts = ["the café is open", "a café and a cat", "the cat in the café"] * 8
+    model = sentencepiece_model(tmp_path / "sp", texts, 64)
+    donor = build(tmp_path / "bl", texts, 128, 6, False)
+    out = tokensurgeon(model, donor, tmp_path / "out", quiet(k=8)).out_dir
+    model_vocab, donor_vocab = vocabularies(model, donor)
+    ours, theirs = state(out)["lm_head.weight"], state(model)["lm_head.weight"]
+    pairs = [("ĠcafÃ©", "▁café"), ("Ġthe", "▁the"), ("Ã", "<0xC3>"), ("<|endoftext|>", "</s>")]
+    for donor_token, model_token in pairs:
+        assert donor_token in donor_vocab and model_token in model_vocab
+        assert torch.equal(ours[donor_vocab[donor_token]], theirs[model_vocab[model_token]]), donor_token
+    counts = json.loads((out / "mergesmith_tokensurgeon.json").read_text())["tensors"]["lm_head.weight"]
+    assert counts["byte"] > 0 and counts["exact"] > 0
+
 
 def test_every_problem_at_once_before_any_weight(pair, tmp_path):
     model, donor = pair

@@ -37,12 +37,15 @@ Where we follow mergekit 0.1.5 and where we differ (docs/vocab.md says why):
   coefficients applied to the model's rows of the same shared tokens in float32; a separate
   pursuit for the LM head; special tokens matched by role; mean over all the model's rows;
   tokens whose donor id has no donor row get zeros; auxiliary vocabulary tensors (an LM head
-  bias) keep the rows of exact matches and get zeros elsewhere.
+  bias) keep the rows of matched tokens and get zeros elsewhere (mergekit keeps exact matches
+  only; byte and prefix matches are off there by default).
 - Normalisation: mergekit strips only the word-start marker (``Ġ`` or ``▁``, chosen by the
   tokenizer's Python class, which transformers 5 no longer exposes for tokenizer.json-only
   folders), so a byte-level ``Ã©`` never matches a SentencePiece ``é`` and ``Ċ`` never
   matches ``\\n``; we decode the byte-level alphabet to bytes, so they match. Its byte match takes
   ``ord(char)`` as the byte (wrong above 127); ours compares bytes.
+- A token that is both bos and eos is matched as eos (mergekit: as bos), see
+  ``normalised_vocabulary``.
 - mergekit keys every ``additional_special_tokens`` entry to one key, so only one of them can
   match; ours keys them by their text.
 - When the residual is already zero (the target lies in the span of the rows picked) or a new
@@ -69,7 +72,7 @@ import torch
 TokenKey = tuple[str, object]
 APPROXIMATIONS = ("omp", "mean", "zero")
 MATCH_SCOPES = ("yes", "no", "embed", "lm_head")
-ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+ROLES = ("eos_token", "bos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -111,10 +114,11 @@ def surface_kind(tokenizer_json: Optional[dict]) -> str:
 def normalise(token: str, kind: str, added: bool = False) -> TokenKey:
     """What ``token`` spells, whatever the tokenizer's surface form (see the module docstring).
 
-    Added tokens are stored as plain text by every kind of tokenizer, so they are not decoded.
+    Added tokens are stored as plain text by every kind of tokenizer, so they are not decoded; a
+    byte-fallback token ``<0xNN>`` is a byte even where it was added (as mergekit reads it).
     """
     m = _BYTE_TOKEN.match(token)
-    if m and not added:
+    if m:
         return ("byte", int(m[1], 16))
     if kind == "byte_level" and not added and all(c in _BYTE_LEVEL for c in token):
         return ("text", bytes(_BYTE_LEVEL[c] for c in token))
@@ -126,7 +130,9 @@ def normalise(token: str, kind: str, added: bool = False) -> TokenKey:
 def normalised_vocabulary(vocab: dict[str, int], kind: str, added: Iterable[str] = (),
                           roles: Optional[dict[str, str]] = None) -> dict[TokenKey, int]:
     """Each token's key -> its id. ``roles`` maps a role (``eos_token``) to its token's text; a
-    token in several roles takes the first in ``ROLES`` order, as mergekit. Two tokens with one
+    token in several roles takes the first in ``ROLES`` order: end of sequence first, so that a
+    GPT-style ``<|endoftext|>`` (bos and eos at once) takes the row of the model's end of sequence,
+    which its LM head has learnt to predict (mergekit takes bos first, a row never predicted). Two tokens with one
     key (rare: a tokenizer with both ``é`` and the bytes of ``é`` as one token) keep the lower id."""
     added = set(added)
     role_of: dict[str, str] = {}
