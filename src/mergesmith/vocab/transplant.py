@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from mergesmith.checkpoint.config import read_config
-from mergesmith.checkpoint.layout import is_vocab_tensor
+from mergesmith.checkpoint.layout import is_vocab_tensor, split_layer_name
 from mergesmith.checkpoint.reader import Checkpoint
 from mergesmith.checkpoint.writer import CheckpointWriter, OutputTensor
 from mergesmith.checks import device_problems, resolve_device
@@ -124,7 +124,9 @@ def read_vocabulary(folder: Path, flag: str, problems: list[str]) -> Optional[tu
 def find_vocabulary_tensors(checkpoint: Checkpoint) -> tuple[Optional[str], Optional[str]]:
     """(input embedding, LM head) names: the embedding is a matrix named like one (``embed_tokens``,
     ``wte``, ...), the head ``lm_head.weight`` or its kin; None where absent."""
-    matrices = [name for name, info in checkpoint.infos.items() if len(info.shape) == 2]
+    # Per-layer tensors are never vocabulary tensors, whatever their names say (``...output.weight``).
+    matrices = [name for name, info in checkpoint.infos.items()
+                if len(info.shape) == 2 and split_layer_name(name) is None]
     embedding = next((n for n in matrices if n.endswith(".weight") and any(h in n for h in INPUT_EMBEDDING_HINTS)),
                      None)
     head = next((n for n in matrices if any(n == h or n.endswith("." + h) for h in HEAD_NAMES)), None)
@@ -212,7 +214,8 @@ def plan_surgery(model_dir: str | Path, donor_dir: str | Path, out_dir: str | Pa
                                                    byte_match=options.byte_match in scopes[role],
                                                    prefix_match=options.prefix_match in scopes[role]))
     auxiliary = [name for name, info in model.checkpoint.infos.items()
-                 if name not in matrices and is_vocab_tensor(name) and info.shape and info.shape[0] == model_rows]
+                 if name not in matrices and is_vocab_tensor(name) and split_layer_name(name) is None
+                 and info.shape and info.shape[0] == model_rows]
     if problems:
         raise InputError(problems)
     plan = SurgeryPlan(model, donor, out_dir, out_rows, options, matrices, auxiliary, shared)
