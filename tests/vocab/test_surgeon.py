@@ -154,6 +154,17 @@ def test_exact_matches_copied_bit_for_bit_and_config_is_the_donors(pair, tmp_pat
     assert report["tensors"]["lm_head.weight"]["approximated"] == len(donor_vocab) - len(shared)
 
 
+def test_own_tokenizer_gives_the_same_model(pair, tmp_path):
+    """The model as its own donor: every token an exact match, every tensor unchanged (and
+    --overwrite replaces an earlier output)."""
+    model, _ = pair
+    tokensurgeon(model, model, tmp_path / "out", quiet(approximation="zero"))
+    result = tokensurgeon(model, model, tmp_path / "out", quiet(overwrite=True))
+    assert result.report["tensors"]["lm_head.weight"]["approximated"] == 0
+    ours, theirs = state(result.out_dir), state(model)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], t) for n, t in theirs.items())
+
+
 @pytest.mark.parametrize("approximation", ["mean", "zero"])
 def test_baselines(pair, tmp_path, approximation):
     model, donor = pair
