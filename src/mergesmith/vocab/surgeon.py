@@ -129,11 +129,13 @@ def normalise(token: str, kind: str, added: bool = False) -> TokenKey:
 
 def normalised_vocabulary(vocab: dict[str, int], kind: str, added: Iterable[str] = (),
                           roles: Optional[dict[str, str]] = None) -> dict[TokenKey, int]:
-    """Each token's key -> its id. ``roles`` maps a role (``eos_token``) to its token's text; a
-    token in several roles takes the first in ``ROLES`` order: end of sequence first, so that a
-    GPT-style ``<|endoftext|>`` (bos and eos at once) takes the row of the model's end of sequence,
-    which its LM head has learnt to predict (mergekit takes bos first, a row never predicted). Two tokens with one
-    key (rare: a tokenizer with both ``é`` and the bytes of ``é`` as one token) keep the lower id."""
+    """Each token's key -> its id. ``roles`` maps a role (``eos_token``) to its token's text.
+
+    A token in several roles takes the first in ``ROLES`` order: end of sequence first, so that a
+    GPT-style ``<|endoftext|>`` (bos and eos at once) takes the row of the model's end of
+    sequence, which its LM head has learnt to predict (mergekit takes bos first, a row never
+    predicted). Two tokens with one key (rare: an added token spelling the same text as a token of
+    the learnt vocabulary) keep the lower id."""
     added = set(added)
     role_of: dict[str, str] = {}
     for role in ROLES:
