@@ -12,9 +12,9 @@ def register(subparsers) -> None:
                               description="Write MODEL with DONOR's tokenizer to OUT: tokens both know keep the "
                                           "model's rows, the others are approximated (orthogonal matching pursuit "
                                           "over shared tokens, as mergekit-tokensurgeon). See docs/vocab.md.")
-    p.add_argument("model", help="the model folder whose weights are kept")
-    p.add_argument("donor", help="the model folder whose tokenizer the output takes")
-    p.add_argument("out_dir", help="where to write the new model")
+    p.add_argument("model", metavar="MODEL", help="the model folder whose weights are kept")
+    p.add_argument("donor", metavar="DONOR", help="the model folder whose tokenizer the output takes")
+    p.add_argument("out_dir", metavar="OUT", help="where to write the new model")
     p.add_argument("--approximation", choices=("omp", "mean", "zero"), default="omp",
                    help="rows of tokens the model lacks: omp (default), or the baselines mean (of all the "
                         "model's rows) and zero")
