@@ -21,7 +21,7 @@ from mergesmith.errors import InputError, ResourceError
 
 AREAS = ("mergesmith.merge_cli", "mergesmith.calibrate.cli", "mergesmith.evaluate.cli", "mergesmith.zoo.cli",
          "mergesmith.learn.cli", "mergesmith.learn.dam_cli", "mergesmith.search.cli", "mergesmith.moe.cli",
-         "mergesmith.lora.cli", "mergesmith.route.cli", "mergesmith.multistage.cli")
+         "mergesmith.lora.cli", "mergesmith.route.cli", "mergesmith.multistage.cli", "mergesmith.vocab.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

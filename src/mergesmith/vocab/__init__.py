@@ -1,0 +1,1 @@
+"""Vocabularies: models whose tokenizers differ (docs/vocab.md)."""
