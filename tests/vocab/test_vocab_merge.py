@@ -143,3 +143,17 @@ def test_every_tokenizer_problem_at_once_before_any_weight(bpe, tmp_path):
         "kind": "model_token", "model": str(a), "token": "<nope>"}}}})
     with pytest.raises(InputError, match="has no token '<nope>'"):
         mergesmith.merge(missing, tmp_path / "out", progress=False)
+
+
+def test_statistics_with_moved_rows_are_refused_before_calibrating(bpe, tmp_path):
+    """Fisher's statistics lie in each model's own row order; with rows moved by token they would be
+    merged against the wrong rows, so the plan refuses them (no model is run)."""
+    base, (a, b) = bpe
+    data = tmp_path / "cal.jsonl"
+    data.write_text(json.dumps({"id": "g0", "type": "generation", "prompt": "the cat", "references": ["sat"]}) + "\n")
+    recipe = {"merge_method": "fisher", "models": [{"model": str(a)}, {"model": str(b)}],
+              "calibration": {"files": [str(data)], "cache_dir": str(tmp_path / "cache")},
+              "tokenizer_source": "union"}
+    with pytest.raises(InputError, match="statistics are not aligned by token yet"):
+        mergesmith.merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "cache").exists()

@@ -138,3 +138,20 @@ def test_forced_and_sourced_tokens_match_mergekit(family, tmp_path):
     # order, so the float32 sums agree to rounding only.
     theirs_emb = embeddings(theirs)["model.embed_tokens.weight"]
     torch.testing.assert_close(out[len(vocab):], theirs_emb[len(vocab):], rtol=1e-5, atol=1e-7)
+
+
+def test_slices_match_mergekit(family, tmp_path):
+    """passthrough slices: each vocabulary tensor from one model; tokens it lacks are zero in both."""
+    _, a, b, _ = family
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union",
+              "slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(b), "layer_range": [1, 2]}]}]}
+    ours, theirs = both(recipe, tmp_path)
+    same_rows_by_token(ours, theirs)
+
+
+def test_tied_embeddings_match_mergekit(tmp_path_factory, tmp_path):
+    base, (a, b) = vocab_family(tmp_path_factory.mktemp("tied"), tied=True)
+    ours, theirs = both(linear(base, a, b, base_model=str(base), tokenizer_source="union"), tmp_path)
+    assert set(embeddings(ours)) == {"model.embed_tokens.weight"}
+    same_rows_by_token(ours, theirs)

@@ -147,6 +147,12 @@ class RowMap:
     fills: list[tuple[int, list[tuple[int, int]]]]
     _means: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def is_identity(self, k: int, input_rows: int) -> bool:
+        """Whether input ``k``'s aligned tensor is its stored tensor, row for row (every row its own:
+        none filled, forced or padding)."""
+        n = self.token_rows
+        return self.rows == n == input_rows and torch.equal(self.take[k], torch.arange(n))
+
     def block(self, k: int, stored: list[torch.Tensor], lo: int, hi: int, dtype: torch.dtype,
               chunk_rows: Optional[int] = None) -> torch.Tensor:
         """Rows ``lo:hi`` of input ``k`` aligned to the output, in ``dtype``. ``stored``: every input's
