@@ -157,3 +157,18 @@ def test_statistics_with_moved_rows_are_refused_before_calibrating(bpe, tmp_path
     with pytest.raises(InputError, match="statistics are not aligned by token yet"):
         mergesmith.merge(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_dry_run_shows_rows_by_token_and_the_vocabulary(bpe, tmp_path, capsys):
+    import yaml
+
+    from mergesmith.cli import main
+
+    base, (a, b) = bpe
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(linear(base, a, b, base_model=str(base), tokenizer_source="union")))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "[rows by token]" in text and "vocabulary: union of the tokenizers, 304 tokens" in text
+    assert "model.embed_tokens.weight" in text and "[304, 16]" in text
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,8 @@ of those rows are read), so no dense permutation matrix is ever built (mergekit 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -136,7 +138,7 @@ class RowMap:
     """One vocabulary tensor's inputs laid on the output's rows.
 
     ``take[k][r]``: input ``k``'s stored row for output row ``r`` (-1: a filled row). ``fills``:
-    each filled row and the (input, stored row) pairs it averages (none: zero), in input order, so
+    each filled row (in row order) and the (input, stored row) pairs it averages (none: zero), in input order, so
     that the sum runs in mergekit's order. Rows ``token_rows..rows-1`` are padding: the mean of
     the input's aligned token rows.
     """
@@ -164,14 +166,19 @@ class RowMap:
             keep = (own >= 0).nonzero().flatten()
             if keep.numel():
                 out[keep] = stored[k].index_select(0, own[keep]).to(dtype)
-            for row, terms in self.fills:
-                if lo <= row < top and own[row - lo] < 0:
+            for row, terms in self._fills_in(lo, top):
+                if own[row - lo] < 0:
                     out[row - lo] = self.fill(row, terms, stored, dtype, out.shape[1:])
         if hi > self.token_rows:
-            out[max(lo, self.token_rows) - lo:] = self.padding_mean(k, stored, dtype, out[: top - lo]
-                                                                    if lo == 0 and top == self.token_rows else None,
+            whole = out[:top] if lo == 0 and top == self.token_rows else None
+            out[max(lo, self.token_rows) - lo:] = self.padding_mean(k, stored, dtype, whole,
                                                                     chunk_rows or max(1, hi - lo))
         return out
+
+    def _fills_in(self, lo: int, hi: int):
+        """The filled rows in ``lo:hi`` (``fills`` is sorted by row: only those are visited)."""
+        start = bisect.bisect_left(self.fills, lo, key=lambda fill: fill[0])
+        return itertools.takewhile(lambda fill: fill[0] < hi, itertools.islice(self.fills, start, None))
 
     @staticmethod
     def fill(row: int, terms: list[tuple[int, int]], stored: list[torch.Tensor], dtype: torch.dtype,
