@@ -155,3 +155,13 @@ def test_tied_embeddings_match_mergekit(tmp_path_factory, tmp_path):
     ours, theirs = both(linear(base, a, b, base_model=str(base), tokenizer_source="union"), tmp_path)
     assert set(embeddings(ours)) == {"model.embed_tokens.weight"}
     same_rows_by_token(ours, theirs)
+
+
+def test_sentencepiece_union_matches_mergekit(tmp_path_factory, tmp_path):
+    """SentencePiece inputs (tokenizer.model only): the same tokens and rows as mergekit, whose
+    written tokenizer is a tokenizer.json (ours keeps tokenizer.model: docs/vocab.md)."""
+    pytest.importorskip("sentencepiece")
+    base, (a, b) = vocab_family(tmp_path_factory.mktemp("spm"), kind="sentencepiece")
+    ours, theirs = both(linear(base, a, b, base_model=str(base), tokenizer_source="union"), tmp_path)
+    same_rows_by_token(ours, theirs)
+    assert (ours / "tokenizer.model").is_file() and not (theirs / "tokenizer.model").is_file()

@@ -339,8 +339,7 @@ def vocabulary_rows(ctx: Planning, slot: Slot, idx: list[int], shapes: list[tupl
                             "the vocabulary axis; the models' architectures do not line up")
         return None
     refs = [s.model for s in slot.slice.sources]
-    row_map = ctx.vocabulary.row_map(slot.name, refs, [s[0] for s in shapes], slot.slice.base_model, ctx.where,
-                                     ctx.problems)
+    row_map = ctx.vocabulary.row_map(refs, [s[0] for s in shapes], slot.slice.base_model, ctx.where, ctx.problems)
     if row_map is None:
         return None
     inputs = [InputRef(mi, name) for mi, name in zip(idx, slot.input_names)]

@@ -55,11 +55,11 @@ class VocabularyPlan:
         """Rows that hold a token (the ones past them are padding)."""
         return max(self.tokens.values(), default=-1) + 1
 
-    def row_map(self, tensor: str, models: list[str], input_rows: list[int], base: Optional[str],
-                where: str, problems: list[str]) -> Optional["RowMap"]:
-        """How the inputs of the vocabulary tensor ``tensor`` (``models``, holding ``input_rows`` rows
-        each, in input order) are laid on the output's rows; None, with problems noted, when a token's
-        source cannot be read."""
+    def row_map(self, models: list[str], input_rows: list[int], base: Optional[str], where: str,
+                problems: list[str]) -> Optional["RowMap"]:
+        """How the inputs of one vocabulary tensor (``models``, holding ``input_rows`` rows each, in
+        input order; ``base``: its slice's base model) are laid on the output's rows; None, with
+        problems noted, when a token's source cannot be read."""
         n = self.token_rows
         take = []
         for model, have in zip(models, input_rows):
