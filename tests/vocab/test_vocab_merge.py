@@ -93,9 +93,12 @@ def test_vocabulary_tensors_stream_in_row_blocks_as_they_merge_whole(bpe, tmp_pa
     assert len(row_spans(plan, emb, 3 * 16 * 4 * 7)) > 10
 
 
-def test_row_map_gathers_by_index(tmp_path):
+@pytest.mark.parametrize("piece", [4096, 1])
+def test_row_map_gathers_by_index(monkeypatch, piece):
     """Hand-computed: two inputs of three rows each on a four-token vocabulary plus two padding rows.
-    Token 2 only input 1 has (the donor's row for input 0); token 3 neither (zero)."""
+    Token 2 only input 1 has (the donor's row for input 0); token 3 neither (zero). Gathered at once,
+    and one row at a time."""
+    monkeypatch.setattr("mergesmith.vocab.union.GATHER_ROWS", piece)
     stored = [torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[10.0], [20.0], [30.0]])]
     take = [torch.tensor([2, 0, -1, -1]), torch.tensor([1, 0, 2, -1])]
     row_map = RowMap(6, 4, take, [(2, [(1, 2)]), (3, [])])

@@ -38,6 +38,9 @@ from mergesmith.recipe import TokenSetting, TokenizerSettings
 from mergesmith.vocab.tokenizers import AddedToken, OutputTokenizer, Vocabulary, read_vocabulary
 
 
+GATHER_ROWS = 4096  # rows gathered and cast at once
+
+
 @dataclass
 class VocabularyPlan:
     """The output's tokens and rows, and every model's own row for each output token."""
@@ -164,8 +167,10 @@ class RowMap:
         if top > lo:
             own = self.take[k][lo:top]
             keep = (own >= 0).nonzero().flatten()
-            if keep.numel():
-                out[keep] = stored[k].index_select(0, own[keep]).to(dtype)
+            # In pieces, so that the gathered rows and their cast never add more than a piece's worth.
+            for at in range(0, keep.numel(), GATHER_ROWS):
+                rows = keep[at:at + GATHER_ROWS]
+                out[rows] = stored[k].index_select(0, own[rows]).to(dtype)
             for row, terms in self._fills_in(lo, top):
                 if own[row - lo] < 0:
                     out[row - lo] = self.fill(row, terms, stored, dtype, out.shape[1:])
