@@ -124,6 +124,7 @@ def test_forced_and_sourced_tokens_match_mergekit(family, tmp_path):
         ordinary: {"source": str(b), "force": True},
         "<|endoftext|>": {"source": {"kind": "zero"}, "force": True},
         "<brand_new>": {"source": {"kind": "model_token", "model": str(b), "token": "<math>"}},
+        "<|im_end|>": {"source": {"kind": "model_token", "model": str(b), "token_id": 5}},
     }
     recipe = linear(base, a, b, base_model=str(base), tokenizer={"source": "union", "tokens": tokens,
                                                                "pad_to_multiple_of": 32})
