@@ -116,9 +116,12 @@ class SliceSpec(_Strict):
 
 
 class TokenizerSpec(_Strict):
-    source: Optional[str] = None
-    tokens: Optional[dict[str, Any]] = None
+    # mergekit's default: a tokenizer: block without a source builds the union.
+    source: str = "union"
+    tokens: Optional[dict[str, Any]] = None  # checked by _check_tokenizer, to report every entry's problem
     pad_to_multiple_of: Optional[int] = None
+
+    _ref = field_validator("source", mode="before")(_model_ref)
 
 
 class RecipeSpec(BaseModel):
@@ -182,6 +185,34 @@ class Calibration:
         return self.per_model.get(model) or self.files
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where one token's embedding and LM-head rows come from, when some model lacks the token or it
+    is forced: ``model`` (that model's row for the same token), ``model_token`` (that model's row for
+    ``token`` or ``token_id``), ``zero``; None in ``TokenSetting.source``: the automatic rule."""
+
+    kind: str
+    model: Optional[str] = None
+    token: Optional[str] = None
+    token_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    source: Optional[TokenSource] = None
+    force: bool = False  # the source's row for every model, even those that have the token
+
+
+@dataclass
+class TokenizerSettings:
+    """The output tokenizer: ``union`` of every model's, the ``base`` model's or a named model's, plus
+    ``tokens`` (added when missing, with how their rows are filled), rows padded to a multiple."""
+
+    source: str
+    tokens: dict[str, TokenSetting] = field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = None
+
+
 @dataclass
 class Recipe:
     method: MethodSpec
@@ -195,6 +226,8 @@ class Recipe:
     chat_template: Optional[str] = None
     random_seed: int = 0
     source_name: str = "recipe"
+    # tokenizer_source or a tokenizer: block, with mergekit's meaning: vocabularies aligned by token.
+    tokenizer: Optional[TokenizerSettings] = None
     raw: dict[str, Any] = field(default_factory=dict)
     calibration: Optional[Calibration] = None
 
@@ -438,13 +471,8 @@ def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
         problems.append(f"{where}: give exactly one of models: or slices: (found {', '.join(forms) or 'neither'})")
         raise InputError(problems)
     if spec.tokenizer_source and spec.tokenizer:
-        problems.append(f"{where}: give tokenizer_source or tokenizer, not both")
+        problems.append(f"{where}: give tokenizer_source or tokenizer, not both (tokenizer.source says the same)")
     tokenizer_source = spec.tokenizer_source or (spec.tokenizer.source if spec.tokenizer else None)
-    if tokenizer_source == "union":
-        problems.append(f"{where}: tokenizer_source = union is not supported yet; "
-                        "use base or a model path (vocabulary differences are resized with a warning)")
-    if spec.tokenizer and spec.tokenizer.tokens:
-        problems.append(f"{where}: tokenizer.tokens is not supported yet; remove it")
     for key in ("dtype", "out_dtype"):
         value = getattr(spec, key)
         if value is not None and value not in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
@@ -477,12 +505,79 @@ def load_recipe(recipe: Union[str, Path, dict[str, Any]]) -> Recipe:
             _check_settings(where, method, src.parameters, f"{src.field}.parameters", problems, model_scope=True)
     _check_required(where, method, slices, global_params, problems)
     calibration = _check_calibration(where, method, spec, slices, problems)
+    tokenizer = _check_tokenizer(where, spec, tokenizer_source, slices, problems)
     if problems:
         raise InputError(problems)
     return Recipe(method=method, slices=slices, parameters=global_params, base_model=spec.base_model,
                   form="models" if spec.models else "slices", dtype=spec.dtype, out_dtype=spec.out_dtype,
                   tokenizer_source=tokenizer_source, chat_template=spec.chat_template,
-                  random_seed=spec.random_seed or 0, source_name=where, raw=raw, calibration=calibration)
+                  random_seed=spec.random_seed or 0, source_name=where, raw=raw, calibration=calibration,
+                  tokenizer=tokenizer)
+
+
+def _check_tokenizer(where: str, spec: RecipeSpec, source: Optional[str], slices: list[Slice],
+                     problems: list[str]) -> Optional[TokenizerSettings]:
+    """``tokenizer_source`` or the ``tokenizer:`` block as settings, every entry of ``tokens:`` checked:
+    a token source names a model the recipe merges (its rows are read beside the others'), a
+    ``model_token`` gives ``token`` or ``token_id``, ``force`` has a source to force."""
+    if source is None:
+        return None
+    inputs = {src.model for sl in slices for src in sl.sources}
+    block = spec.tokenizer or TokenizerSpec(source=source)
+    settings = TokenizerSettings(source, {}, block.pad_to_multiple_of)
+    if not isinstance(source, str) or not source:
+        problems.append(f"{where}: tokenizer source {source!r} must be union, base or a model path")
+    if block.pad_to_multiple_of is not None and block.pad_to_multiple_of < 1:
+        problems.append(f"{where}: tokenizer.pad_to_multiple_of = {block.pad_to_multiple_of} must be at least 1")
+    for token, entry in (block.tokens or {}).items():
+        field_name = f"tokenizer.tokens[{token!r}]"
+        setting = _token_setting(where, field_name, entry, inputs, problems)
+        if setting is not None:
+            settings.tokens[str(token)] = setting
+    return settings
+
+
+def _token_setting(where: str, field_name: str, entry: Any, inputs: set[str],
+                   problems: list[str]) -> Optional[TokenSetting]:
+    """One ``tokens:`` entry: ``{source: MODEL | {kind: model_token, model, token | token_id} |
+    {kind: zero}, force: bool}``; None (with the problem noted) when it is malformed."""
+    if entry is None:
+        entry = {}
+    if not isinstance(entry, dict) or set(entry) - {"source", "force"}:
+        problems.append(f"{where}: {field_name} must be a mapping with source: and force: (found {_flow(entry)})")
+        return None
+    force = entry.get("force", False)
+    if not isinstance(force, bool):
+        problems.append(f"{where}: {field_name}.force = {force!r} must be true or false")
+        return None
+    raw = entry.get("source")
+    source: Optional[TokenSource] = None
+    if isinstance(raw, dict) and raw.get("kind") == "zero" and set(raw) == {"kind"}:
+        source = TokenSource("zero")
+    elif isinstance(raw, dict) and raw.get("kind") == "model_token":
+        model = _model_ref(raw.get("model"))
+        token, token_id = raw.get("token"), raw.get("token_id")
+        if set(raw) - {"kind", "model", "token", "token_id"} or (token is None) == (token_id is None) \
+                or (token is not None and not isinstance(token, str)) \
+                or (token_id is not None and (not isinstance(token_id, int) or token_id < 0)):
+            problems.append(f"{where}: {field_name}.source = {_flow(raw)}: a model_token names model: and exactly "
+                            "one of token: (a string) or token_id: (a row number)")
+            return None
+        source = TokenSource("model_token", model, token, token_id)
+    elif isinstance(raw, (str, dict)):
+        source = TokenSource("model", _model_ref(raw))
+    elif raw is not None:
+        problems.append(f"{where}: {field_name}.source = {_flow(raw)} must be a model, "
+                        "{kind: model_token, model: M, token: T} or {kind: zero}")
+        return None
+    if source is not None and source.kind != "zero" and source.model not in inputs:
+        problems.append(f"{where}: {field_name}.source names {source.model!r}, which the recipe does not merge; "
+                        f"name one of: {', '.join(sorted(inputs))}")
+        return None
+    if force and source is None:
+        problems.append(f"{where}: {field_name}.force is true but there is no source: to force; add one")
+        return None
+    return TokenSetting(source, force)
 
 
 def _check_calibration(where: str, method: MethodSpec, spec: RecipeSpec, slices: list[Slice],

@@ -43,6 +43,7 @@ from mergesmith.engine.models import ModelInfo
 from mergesmith.engine.options import MergeOptions
 from mergesmith.recipe import Recipe
 from mergesmith.units import human_bytes
+from mergesmith.vocab.union import RowMap, VocabularyPlan
 
 # Rows lo:hi (first axis) of an output tensor merged in row blocks; None: the whole tensor.
 Span = Optional[tuple[int, int]]
@@ -104,6 +105,8 @@ class TensorPlan:
     seed: int
     # Statistics of each input (kind -> where it lies), for methods that read them.
     stats: Optional[list[dict[str, StatisticRef]]] = None
+    # A vocabulary tensor of a recipe with a tokenizer: each input's rows gathered onto the output's.
+    vocab: Optional[RowMap] = None
 
     def input_bytes(self, plan: "MergePlan") -> int:
         return sum(plan.models[i.model].checkpoint.infos[i.name].nbytes for i in self.inputs)
@@ -134,6 +137,7 @@ class MergePlan:
     compute_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
     stats: Optional[Statistics] = None  # the calibration statistics, when the method needs them
+    vocabulary: Optional[VocabularyPlan] = None  # the output's tokenizer and rows, for a recipe with one
 
     @property
     def bytes_to_read(self) -> int:
@@ -171,7 +175,7 @@ class MergePlan:
             lines.append(f"{'output tensor':60s} {'shape':>16s}  t     inputs")
             for t in self.tensors:
                 ins = ", ".join(f"{self.models[i.model].ref}:{i.name}" + (f"[rows->{i.rows}]" if i.rows else "")
-                                for i in t.inputs)
+                                + ("[rows by token]" if t.vocab is not None else "") for i in t.inputs)
                 lines.append(f"{t.name:60s} {str(list(t.shape)):>16s}  {t.t:.2f}  {ins}")
             lines.append("")
         m = self.recipe.method
@@ -240,6 +244,8 @@ def row_spans(plan: MergePlan, task: TensorPlan, chunk_bytes: int) -> list[Span]
     first = task.inputs[0]
     if not plan.models[first.model].checkpoint.infos[first.name].dtype.is_floating_point:
         return [None]
+    # An input aligned by token is gathered by index from a view of its whole stored tensor: cheap
+    # exactly when reading rows is.
     readers = [(plan.models[ref.model].checkpoint, ref.name) for ref in task.inputs]
     if any(ref.rows is not None for ref in task.inputs):
         reference = plan.models[plan.reference]

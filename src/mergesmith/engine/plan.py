@@ -6,10 +6,13 @@ raising, so that one ``InputError`` lists every problem found before any weight 
 1. ``read_recipe``: the recipe, or, when it has problems, the model references it names;
 2. ``open_models`` (``models.py``): every model folder, config and checkpoint header;
 3. ``input_problems``: the options, the output path against every input, the tokenizer file;
+   ``plan_vocabulary``: for a recipe with a tokenizer, the output's vocabulary from every model's
+   tokenizer (``vocab/``);
 4. ``resolve_layer_ranges``: each source's layer range (the ``models:`` form takes them all);
 5. ``lay_out`` (``layout.py``): every output tensor's name and its inputs' names, in model order;
 6. ``plan_tensor``, per output tensor: ``input_shapes``, ``output_shape``, ``input_refs`` (with
-   the vocabulary rows each input keeps or is padded to), ``base_position``, ``resolve_params``;
+   the vocabulary rows each input keeps or is padded to; with a tokenizer, ``vocabulary_rows``
+   maps them by token instead), ``base_position``, ``resolve_params``;
 7. ``output_config``: the output's config.json;
 8. ``attach_statistics``: what a data-aware method reads beside the weights, asked of a
    ``StatisticsSource`` (an interface defined here, implemented by ``calibrate``).
@@ -29,7 +32,7 @@ from typing import Any, Optional, Protocol, Union
 
 import torch
 
-from mergesmith.checkpoint.layout import is_vocab_tensor, vocab_tokens
+from mergesmith.checkpoint.layout import is_vocab_tensor, split_layer_name, vocab_tokens
 from mergesmith.checkpoint.reader import dtype_from_name, dtype_name
 from mergesmith.engine.layout import Slot, lay_out, output_layer_types
 from mergesmith.engine.merge_plan import InputRef, MergePlan, Statistics, TensorPlan
@@ -40,6 +43,7 @@ from mergesmith.errors import InputError
 from mergesmith.methods import BasePolicy, MethodSpec
 from mergesmith.paths import output_problems
 from mergesmith.recipe import ParamResolver, Recipe, load_recipe, model_refs_of, read_recipe_raw
+from mergesmith.vocab.union import RowMap, VocabularyPlan, build_vocabulary
 
 
 class StatisticsSource(Protocol):
@@ -74,10 +78,15 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
         problems = option_problems(options) + problems + model_problems
         problems += input_problems(recipe, where, models, input_paths, options, out_dir, writing, model_problems,
                                    statistics)
+        vocabulary = None
+        if recipe is not None and not model_problems:
+            vocabulary, found = plan_vocabulary(recipe, models, where)
+            problems += found
         if problems:
             raise InputError(_dedupe(problems))
         assert recipe is not None
         ctx = start_planning(recipe, where, models, options)
+        ctx.vocabulary = vocabulary
         problems = resolve_layer_ranges(recipe, models, ctx.by_ref, where)
         if problems:
             raise InputError(problems)
@@ -90,8 +99,17 @@ def plan_merge(recipe: Union[str, Path, dict, Recipe], options: Optional[MergeOp
         if ctx.problems:
             raise InputError(_dedupe(ctx.problems))
         layers, layer_types = output_layer_types(recipe, models, ctx.by_ref)
-        out_config = output_config(models[ctx.reference].config, layers, layer_types, tensors, ctx.out_dtype)
-        plan = MergePlan(recipe, models, ctx.reference, tensors, out_config, ctx.compute_dtype, ctx.notes)
+        out_config = output_config(models[ctx.reference].config, layers, layer_types, tensors, ctx.out_dtype,
+                                   vocabulary.rows if vocabulary is not None else None)
+        if vocabulary is not None:
+            for note in vocabulary.notes:
+                warnings.warn(note, stacklevel=2)
+            ctx.notes += vocabulary.notes
+        plan = MergePlan(recipe, models, ctx.reference, tensors, out_config, ctx.compute_dtype, ctx.notes,
+                         vocabulary=vocabulary)
+        problems = aligned_statistics_problems(plan)
+        if problems:
+            raise InputError(problems)
         attach_statistics(plan, statistics)
     return plan
 
@@ -141,6 +159,20 @@ def input_problems(recipe: Optional[Recipe], where: str, models: list[ModelInfo]
                         "plan was given no source for them; plan through mergesmith.api (plan_merge, merge), or "
                         "pass statistics=mergesmith.calibrate.CALIBRATION")
     return problems
+
+
+def plan_vocabulary(recipe: Recipe, models: list[ModelInfo], where: str
+                    ) -> tuple[Optional[VocabularyPlan], list[str]]:
+    """For a recipe with ``tokenizer_source`` or ``tokenizer:``, the output's vocabulary built from the
+    tokenizers of the merged models and of the tokenizer source (tokenizer files only, no weight);
+    None for a recipe without one."""
+    if recipe.tokenizer is None:
+        return None, []
+    by_ref = {m.ref: m for m in models}
+    refs = list(dict.fromkeys(recipe.input_models() + [m for m in recipe.models() if m not in ("base", "union")]))
+    reference = recipe.base_model or recipe.slices[0].sources[0].model
+    return build_vocabulary(recipe.tokenizer, [(r, by_ref[r].path, by_ref[r].config) for r in refs],
+                            recipe.base_model, reference, where)
 
 
 def calibration_files(recipe: Recipe) -> dict[str, Path]:
@@ -198,6 +230,7 @@ class Planning:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     vocab_warned: set[tuple[int, int]] = field(default_factory=set)  # (model, rows) already warned of
+    vocabulary: Optional[VocabularyPlan] = None  # the output's vocabulary, for a recipe with a tokenizer
     resolver: Optional[ParamResolver] = None  # each tensor's parameters; reports what has none, grouped
 
 
@@ -220,8 +253,15 @@ def plan_tensor(ctx: Planning, slot: Slot) -> Optional[TensorPlan]:
     if shapes is None:
         return None
     ref_pos = next((k for k, mi in enumerate(idx) if mi == ctx.reference), 0)
-    out_shape = output_shape(ctx, slot, idx, shapes, ref_pos)
-    inputs = input_refs(ctx, slot, idx, shapes, out_shape)
+    row_map = None
+    if ctx.vocabulary is not None and is_vocab_tensor(slot.name) and split_layer_name(slot.name) is None:
+        mapped = vocabulary_rows(ctx, slot, idx, shapes)
+        if mapped is None:
+            return None
+        out_shape, inputs, row_map = mapped
+    else:
+        out_shape = output_shape(ctx, slot, idx, shapes, ref_pos)
+        inputs = input_refs(ctx, slot, idx, shapes, out_shape)
     if inputs is None:
         return None
     base_index = base_position(ctx, slot)
@@ -233,7 +273,7 @@ def plan_tensor(ctx: Planning, slot: Slot) -> Optional[TensorPlan]:
     if not ref_info.dtype.is_floating_point:
         ctx.notes.append(f"{slot.name}: not a float tensor; copied from the first input")
     return TensorPlan(slot.name, out_shape, ctx.out_dtype or ref_info.dtype, inputs, base_index, params, model_params,
-                      slot.t, zlib.crc32(f"{ctx.seed}:{slot.name}".encode()))
+                      slot.t, zlib.crc32(f"{ctx.seed}:{slot.name}".encode()), vocab=row_map)
 
 
 def input_shapes(ctx: Planning, slot: Slot, idx: list[int]) -> Optional[list[tuple[int, ...]]]:
@@ -288,6 +328,24 @@ def input_refs(ctx: Planning, slot: Slot, idx: list[int], shapes: list[tuple[int
     return inputs if len(inputs) == len(idx) else None
 
 
+def vocabulary_rows(ctx: Planning, slot: Slot, idx: list[int], shapes: list[tuple[int, ...]]
+                    ) -> Optional[tuple[tuple[int, ...], list[InputRef], RowMap]]:
+    """A vocabulary tensor of a recipe with a tokenizer: the output's shape (the vocabulary's rows),
+    the inputs read whole or by row, and the map that gathers each input's rows by token (``vocab/``).
+    None, with problems noted, when the inputs' other axes differ or a token's source is unreadable."""
+    assert ctx.vocabulary is not None
+    if any(len(s) != len(shapes[0]) or tuple(s[1:]) != tuple(shapes[0][1:]) for s in shapes):
+        ctx.problems.append(f"{ctx.where}: {slot.name}: the models' shapes {[list(s) for s in shapes]} differ beyond "
+                            "the vocabulary axis; the models' architectures do not line up")
+        return None
+    refs = [s.model for s in slot.slice.sources]
+    row_map = ctx.vocabulary.row_map(refs, [s[0] for s in shapes], slot.slice.base_model, ctx.where, ctx.problems)
+    if row_map is None:
+        return None
+    inputs = [InputRef(mi, name) for mi, name in zip(idx, slot.input_names)]
+    return (ctx.vocabulary.rows, *shapes[0][1:]), inputs, row_map
+
+
 def _warn_vocabulary_once(ctx: Planning, model: int, ref: str, have: int, want: int) -> None:
     if (model, have) in ctx.vocab_warned:
         return
@@ -323,10 +381,13 @@ def resolve_params(ctx: Planning, slot: Slot, base_index: Optional[int]
 
 
 def output_config(config: dict, layers: int, layer_types: list, tensors: list[TensorPlan],
-                  forced_out: Optional[torch.dtype]) -> dict:
-    """The reference model's config with the output's layer count, layer types and dtype."""
+                  forced_out: Optional[torch.dtype], vocab_size: Optional[int] = None) -> dict:
+    """The reference model's config with the output's layer count, layer types, dtype and, with a
+    tokenizer, the vocabulary's rows (those of the embeddings written)."""
     cfg = json.loads(json.dumps(config))
     target = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg else cfg
+    if vocab_size is not None:
+        (target if "vocab_size" in target or "vocab_size" not in cfg else cfg)["vocab_size"] = vocab_size
     for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         if isinstance(target.get(key), int):
             target[key] = layers
@@ -347,6 +408,24 @@ def attach_statistics(plan: MergePlan, statistics: Optional[StatisticsSource]) -
     calibration statistics to compute before merging (``plan.stats``); the source answers both."""
     if statistics is not None and reads_statistics(plan.recipe.method):
         plan.stats = statistics.plan(plan)
+
+
+def aligned_statistics_problems(plan: MergePlan) -> list[str]:
+    """A method that reads statistics, with a tokenizer setting that moves some model's vocabulary
+    rows: refused, naming the tensor. Its statistics are laid out in each model's own row order, and
+    aligning them by token is not done yet; merging them against moved rows would be wrong."""
+    if not reads_statistics(plan.recipe.method):
+        return []
+    for task in plan.tensors:
+        if task.vocab is None:
+            continue
+        for k, ref in enumerate(task.inputs):
+            if not task.vocab.is_identity(k, plan.models[ref.model].checkpoint.infos[ref.name].shape[0]):
+                return [f"{plan.recipe.source_name}: merge_method {plan.recipe.method.name} reads statistics, and "
+                        f"the tokenizer setting moves {plan.models[ref.model].ref}'s rows of {task.name}; statistics "
+                        "are not aligned by token yet: drop the tokenizer setting, or use a method without "
+                        "statistics"]
+    return []
 
 
 def _dedupe(problems: list[str], limit: int = 50) -> list[str]:

@@ -12,8 +12,7 @@ from mergesmith.engine.models import ModelInfo
 from mergesmith.errors import InputError, read_text
 from mergesmith.recipe import Recipe
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+from mergesmith.vocab.tokenizers import TOKENIZER_FILES, tokenizer_files
 
 
 def write_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
@@ -21,10 +20,17 @@ def write_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
     writer.write_file("config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
     if (ref.path / "generation_config.json").is_file():
         writer.copy_file(ref.path / "generation_config.json")
-    tok_dir = tokenizer_dir(plan.recipe, plan.models)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            writer.copy_file(tok_dir / name)
+    if plan.vocabulary is not None:  # the output's tokenizer: the source's files with the tokens added
+        for name, content in tokenizer_files(plan.vocabulary.tokenizer).items():
+            if isinstance(content, Path):
+                writer.copy_file(content, name)
+            else:
+                writer.write_file(name, content)
+    else:
+        tok_dir = tokenizer_dir(plan.recipe, plan.models)
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                writer.copy_file(tok_dir / name)
     if plan.recipe.chat_template:
         cfg_path = writer.tmp_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -35,9 +41,10 @@ def write_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
 
 
 def tokenizer_dir(recipe: Recipe, models: list[ModelInfo]) -> Path:
-    """The folder the output's tokenizer files come from: tokenizer_source, else the reference model."""
+    """The folder the output's tokenizer files come from: tokenizer_source, else the reference model
+    (which ``union`` starts from)."""
     source = recipe.tokenizer_source
-    if source in (None, "base"):
+    if source in (None, "base", "union"):
         source = recipe.base_model or recipe.slices[0].sources[0].model
     return next(m.path for m in models if m.ref == source)
 

@@ -28,7 +28,20 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
     ``rows``: only rows ``lo:hi`` of each input (of the output's rows: a vocabulary padded from
     the reference model is padded in those rows alone), and of each statistic shaped like the
     tensor (``TensorPlan.row_shaped``; the others whole), for a tensor merged in row blocks.
+    A vocabulary tensor aligned by token (``task.vocab``) gathers those rows by index.
     """
+    if task.vocab is not None:
+        out = _aligned_inputs(plan, task, device, allow_nonfinite, rows)
+    else:
+        out = _inputs(plan, task, device, allow_nonfinite, rows)
+    if task.stats is None:
+        return out, None
+    return out, [{kind: ref.read(rows if task.row_shaped(ref) else None).to(device) for kind, ref in refs.items()}
+                 for refs in task.stats]
+
+
+def _inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool,
+            rows: Span) -> list[torch.Tensor]:
     out = []
     for ref in task.inputs:
         model = plan.models[ref.model]
@@ -55,10 +68,31 @@ def load_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_n
             filler = _reference_rows(plan, task, lo + x.shape[0], hi).to(x)
             x = torch.cat([x, filler])
         out.append(x)
-    if task.stats is None:
-        return out, None
-    return out, [{kind: ref.read(rows if task.row_shaped(ref) else None).to(device) for kind, ref in refs.items()}
-                 for refs in task.stats]
+    return out
+
+
+def _aligned_inputs(plan: MergePlan, task: TensorPlan, device: torch.device, allow_nonfinite: bool,
+                    rows: Span) -> list[torch.Tensor]:
+    """Each input's rows laid on the output's vocabulary (``vocab.union.RowMap``): its own rows and
+    the filled ones gathered by index from the stored tensors, which are views of their files, so
+    only the rows gathered are read (a filled row may come from another input)."""
+    assert task.vocab is not None
+    lo, hi = rows if rows is not None else (0, task.shape[0])
+    stored = [plan.models[ref.model].checkpoint.read(ref.name) for ref in task.inputs]
+    chunk = hi - lo if rows is not None else None
+    out = []
+    for k, ref in enumerate(task.inputs):
+        x = task.vocab.block(k, stored, lo, hi, plan.compute_dtype, chunk)
+        counts = nonfinite_counts(x)
+        if counts:
+            model = plan.models[ref.model]
+            _nonfinite_found(f"{model.ref}: tensor {ref.name} holds {_counts_text(counts)}{_rows_text(rows)} (as "
+                             "aligned to the output's vocabulary); the checkpoint is damaged: re-download or "
+                             "re-save it", allow_nonfinite)
+        out.append(x if device.type == "cpu" else x.to(device))
+    for ref in task.inputs:
+        plan.models[ref.model].checkpoint.release(ref.name)
+    return out
 
 
 def merge_tensor(plan: MergePlan, task: TensorPlan, device: Union[str, torch.device] = "cpu",
