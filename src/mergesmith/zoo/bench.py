@@ -229,6 +229,11 @@ class BenchConfig:
     # their answers, not prompts alone (calibration.include_answers); adamerging stays prompt-only
     calibration_answers: bool = False
     routers: tuple[str, ...] = ()  # route:<kind> rows (zoo/bench_route.py)
+    # Rows that modules above this one add (zoo/bench_lora.py: ``LoraRows``, ``--lora``): each source has
+    # ``rows(cfg, zoo, seed, val, cache, work, result, log)``, yielding (row name, evaluation cache key, a
+    # function that writes the row's model into a folder and returns it), and ``section(results, trained,
+    # heldout, generation)``, its lines of table.md.
+    extra_rows: tuple = ()
 
 
 def method_problems(methods: tuple[str, ...]) -> list[str]:
@@ -359,6 +364,11 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
             build_route_row(zoo, kind, folder, cfg.device)
         evaluate_row(f"route:{kind}", folder, key)
         shutil.rmtree(folder, ignore_errors=True)
+    for source in cfg.extra_rows:  # e.g. the LoRA rows (zoo/bench_lora.py)
+        for name, key, make in source.rows(cfg, zoo, seed, val, cache, work, result, log):
+            folder = work / "extra-rows" / f"seed{seed}" / name.replace(":", "-")
+            evaluate_row(name, folder if scored(key) else make(folder), key)
+            shutil.rmtree(folder, ignore_errors=True)
     result.seconds["evaluate"] = round(eval_seconds, 1)
     result.seconds["merge"] = round(merge_seconds, 1)
     result.seconds["select"] = round(select_seconds, 1)
@@ -399,7 +409,8 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
 def row_order(names: list[str]) -> list[str]:
     def rank(name: str) -> tuple:
         kind = name.split(":")[0]
-        return ({"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5, "route": 6}[kind],)
+        order = {"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5, "route": 6}
+        return (order.get(kind, len(order)),)  # extra rows (cfg.extra_rows) last, in the order they came
     return sorted(names, key=rank)  # stable: experts and merges keep their order
 
 
@@ -527,10 +538,12 @@ def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[st
         for skill in heldout:
             gains = [r.scores["multitask"]["mc"][skill] - r.scores["base"]["mc"][skill] for r in results]
             parts.append(f"| {skill} | " + " | ".join(f"{g:+.3f}" for g in gains) + f" | {min(gains):+.3f} |")
+    for source in cfg.extra_rows:
+        parts += source.section(results, trained, heldout, cfg.generation)
     parts += ["", "## Chosen hyperparameters", "", "| method | " +
               " | ".join(f"seed {r.seed}" for r in results) + " |",
               "|---" * (len(results) + 1) + "|"]
-    for method in cfg.methods:
+    for method in [*cfg.methods, *(k for k in results[0].chosen if k not in cfg.methods)]:  # then LoRA rows
         cells = [json.dumps(r.chosen.get(method, {})) for r in results]
         parts.append(f"| {method} | " + " | ".join(cells) + " |")
     parts += ["", "## Timings (seconds, this run; cached work counts as zero)", "",

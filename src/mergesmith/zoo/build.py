@@ -375,6 +375,29 @@ def build_lora(folder: Path, base: Path, size: ZooSize, seed: int, finetune_seed
                  "built_with": environment()})
 
 
+def build_lora_pool(zoo: Zoo, device: Optional[str] = None, progress: bool = True) -> dict[str, Path]:
+    """One LoRA adapter per trained skill of ``zoo`` (``<ft>/lora/<skill>``), building those missing.
+
+    Not part of ``build_zoo``: six more adapters would add about a minute to the default build on
+    two idle cores (10-14 s each), which only the LoRA rows of the benchmark need. Each is trained
+    exactly as ``build_zoo`` trains the manifest's LoRA experts (same seeds, same settings, which
+    the fine-tuning folder's key already hashes), so the two it lists are reused as they are.
+    """
+    spec = get_size(zoo.size, resolve_device(device))
+    pool = {skill: zoo.root / "lora" / skill for skill in zoo.trained}
+    missing = [skill for skill, path in pool.items() if not path.exists()]
+    if not missing:
+        return pool
+    require_extras("mergesmith bench --lora", "zoo")
+    timings: dict[str, float] = {}
+    with OutputLock(zoo.base.parent, wait=True):  # as build_zoo: builds of this world take turns
+        for skill in missing:
+            _stage(pool[skill], f"lora:{skill}",
+                   lambda t, s=skill: build_lora(t, zoo.base, spec, zoo.seed, zoo.finetune_seed, s, progress),
+                   timings, progress)
+    return pool
+
+
 # ----------------------------------------------------------------------------- driver
 
 

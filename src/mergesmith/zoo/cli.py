@@ -145,6 +145,10 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
     p.add_argument("--routers", default="", metavar="KINDS",
                    help="comma-separated router kinds (centroid, classifier, perplexity): add a route:<kind> row "
                         "per kind, a router over the full experts fitted on their train splits (docs/route.md)")
+    p.add_argument("--lora", default="", metavar="ROWS",
+                   help="'all' or comma-separated LoRA rows (pool, concat, ties, knots_ties, core_ties, core_tsv, "
+                        "fold_ties, fold_tsv_m, extract): the zoo's LoRA pool merged in adapter space and as folded "
+                        "models, the experts extracted as adapters at three ranks (docs/lora.md)")
     p.add_argument("--no-generation", action="store_true",
                    help="skip the generation table (multiple choice only)")
     p.add_argument("--calibration-answers", action="store_true",
@@ -197,6 +201,7 @@ def run_study_cli(args: argparse.Namespace) -> int:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     from mergesmith.zoo.bench import BenchConfig, parse_methods, run_bench
+    from mergesmith.zoo.bench_lora import LoraRows, parse_lora_rows
     from mergesmith.zoo.bench_route import parse_routers
     from mergesmith.zoo.model import SIZES
 
@@ -207,6 +212,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                       device=args.device or SIZES[args.size].device, limit=args.limit, val_limit=args.val_limit,
                       batch_size=args.batch_size, generation=not args.no_generation,
                       calibration_answers=args.calibration_answers, routers=parse_routers(args.routers),
+                      extra_rows=(LoraRows(parse_lora_rows(args.lora)),) if args.lora else (),
                       command="mergesmith " + " ".join(sys.argv[1:]))
     text = run_bench(cfg)
     print(text)

@@ -38,7 +38,8 @@ def materialize_lora(adapter: Path, base: Path, out: Path) -> Path:
 
     The result is an ordinary checkpoint, so the evaluation harness and the merge
     engine read it like any full expert. Uses PEFT's own ``merge_and_unload``: the
-    reference for what the adapter means.
+    reference for what the adapter means. The tokenizer is the base's: a merged or extracted
+    adapter folder carries none.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,5 +50,5 @@ def materialize_lora(adapter: Path, base: Path, out: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
