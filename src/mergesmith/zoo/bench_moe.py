@@ -84,7 +84,8 @@ def moe_config(zoo: Any, kind: str, ties_point: dict | None = None) -> dict:
         "experts": [{"source_model": str(zoo.experts[s]), "positive_prompts": gate_prompts(zoo, s, n)}
                     for s in zoo.trained]}
     if kind == "trained+shared-ties":
-        config["shared_tensors"] = {"merge_method": "ties", "parameters": dict(ties_point or {})}
+        # as the bench's ties row: every expert at weight 1 (the TIES mean), its density and lambda
+        config["shared_tensors"] = {"merge_method": "ties", "parameters": {**(ties_point or {}), "weight": 1.0}}
     return config
 
 

@@ -1,7 +1,7 @@
 """Routed rows of the benchmark (``route:<kind>``, docs/route.md): a router over the zoo's experts.
 
-One expert per trained skill, each fitted on its skill's train split (test data is never read
-while fitting), no fallback. ``mergesmith bench --routers centroid,classifier,perplexity,oracle``
+One expert per trained skill, each fitted on the first ``FIT_ITEMS`` items of its skill's train
+split (test data is never read while fitting), no fallback. ``mergesmith bench --routers centroid,classifier,perplexity,oracle``
 adds the rows to the table, each with:
 
 - routing accuracy: per trained skill, the share of its test items (multiple choice) sent to its
@@ -30,14 +30,40 @@ from mergesmith.errors import InputError
 from mergesmith.route.routers import KINDS
 
 BENCH_ROUTERS = KINDS
+# Train items per skill the bench's routers are fitted on. The default zoo's train files hold 2000
+# to 4000 items each, and the base's features over all of them took over ten minutes per router on
+# the shared machine; the first 256 of each (2048 prompts, eight classes, 192-wide features at the
+# default size) suit a centroid or a linear classifier. Set for run time, never on test.
+FIT_ITEMS = 256
 
 
-def route_recipe(zoo, kind: str, heldout_owner: Optional[dict[str, str]] = None) -> dict:
-    """The routing recipe of ``route:<kind>``; for the oracle, ``heldout_owner`` names the expert that
-    answers each held-out skill (see the module docstring)."""
+def fit_files(zoo, folder: Path) -> dict[str, Path]:
+    """The first ``FIT_ITEMS`` lines of each trained skill's train file, written under ``folder``
+    as ``train/gen/<skill>.jsonl`` (the file name is the task name the router learns)."""
+    files = {}
+    for s in zoo.trained:
+        source = Path(zoo.tasks["train"]["gen"][s])
+        target = folder / "train" / "gen" / source.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with source.open(encoding="utf-8") as f:
+                lines = [line for _, line in zip(range(FIT_ITEMS), f)]
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text("".join(lines), encoding="utf-8")
+            tmp.replace(target)
+        files[s] = target
+    return files
+
+
+def route_recipe(zoo, kind: str, heldout_owner: Optional[dict[str, str]] = None,
+                 data: Optional[dict[str, Path]] = None) -> dict:
+    """The routing recipe of ``route:<kind>``, each expert fitted on ``data[skill]`` (default: its
+    whole train file); for the oracle, ``heldout_owner`` names the expert that answers each held-out
+    skill (see the module docstring)."""
     experts = []
     for s in zoo.trained:
-        expert = {"name": s, "model": str(zoo.experts[s]), "data": [str(zoo.tasks["train"]["gen"][s])]}
+        expert = {"name": s, "model": str(zoo.experts[s]),
+                  "data": [str(data[s] if data else zoo.tasks["train"]["gen"][s])]}
         if kind == "oracle":
             expert["tasks"] = [s, *sorted(h for h, owner in (heldout_owner or {}).items() if owner == s)]
         experts.append(expert)
@@ -80,12 +106,13 @@ def run_route_rows(kinds: tuple[str, ...], zoo, seed: int, work: Path, device: s
     for kind in kinds:
         t0 = time.time()
         owners = oracle_owners(val_heldout(), zoo.heldout) if kind == "oracle" else None
-        recipe = route_recipe(zoo, kind, owners)
-        key = f"{zoo.root}|route|{json.dumps(recipe, sort_keys=True)}"
+        data = fit_files(zoo, work / "routed" / "data" / zoo.root.name)
+        recipe = route_recipe(zoo, kind, owners, data)
+        key = f"{zoo.root}|route|{json.dumps(recipe, sort_keys=True)}|fit_items={FIT_ITEMS}"
         folder = work / "routed" / f"seed{seed}" / kind
         build_key = f"{key}|build"
         if not (scored(key) and cache._path(build_key).exists()):
-            build_route_row(zoo, kind, folder, device, owners)
+            build_route_row(zoo, kind, folder, device, owners, data)
         build = cache.get_or_run(build_key, lambda: {"build_seconds": time.time() - t0})
         evaluated = timed(folder, key)
         shutil.rmtree(folder, ignore_errors=True)
@@ -99,12 +126,13 @@ def run_route_rows(kinds: tuple[str, ...], zoo, seed: int, work: Path, device: s
     return rows
 
 
-def build_route_row(zoo, kind: str, folder: Path, device: str, heldout_owner: Optional[dict[str, str]] = None) -> Path:
+def build_route_row(zoo, kind: str, folder: Path, device: str, heldout_owner: Optional[dict[str, str]] = None,
+                    data: Optional[dict[str, Path]] = None) -> Path:
     """The routed model folder of ``route:<kind>`` for ``zoo``, written to ``folder``."""
     from mergesmith.route.build import RouteOptions, build_routed
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     recipe = folder.parent / f"{folder.name}.yml"
-    recipe.write_text(yaml.safe_dump(route_recipe(zoo, kind, heldout_owner), sort_keys=False), encoding="utf-8")
+    recipe.write_text(yaml.safe_dump(route_recipe(zoo, kind, heldout_owner, data), sort_keys=False), encoding="utf-8")
     build_routed(recipe, folder, options=RouteOptions(overwrite=True, device=device))
     return folder
