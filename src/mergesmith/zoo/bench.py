@@ -448,7 +448,8 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
 def row_order(names: list[str]) -> list[str]:
     def rank(name: str) -> tuple:
         kind = name.split(":")[0]
-        return ({"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5, "route": 6, "moe": 7}[kind],)
+        return ({"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5, "route": 6,
+                 "moe": 7}[kind],)
     return sorted(names, key=rank)  # stable: experts and merges keep their order
 
 

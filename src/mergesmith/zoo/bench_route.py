@@ -1,8 +1,8 @@
 """Routed rows of the benchmark (``route:<kind>``, docs/route.md): a router over the zoo's experts.
 
 One expert per trained skill, each fitted on the first ``FIT_ITEMS`` items of its skill's train
-split (test data is never read while fitting), no fallback. ``mergesmith bench --routers centroid,classifier,perplexity,oracle``
-adds the rows to the table, each with:
+split (test data is never read while fitting), no fallback.
+``mergesmith bench --routers centroid,classifier,perplexity,oracle`` adds the rows to the table, each with:
 
 - routing accuracy: per trained skill, the share of its test items (multiple choice) sent to its
   own expert, and their mean over the trained skills;
