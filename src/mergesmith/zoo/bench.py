@@ -107,6 +107,8 @@ class SeedResult:
     chosen: dict[str, dict] = field(default_factory=dict)
     validation: dict[str, list] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # route:* and moe:* rows: routing accuracy, held-out shares, cost, wall time against one model
+    whole: dict[str, dict] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- merging
@@ -165,11 +167,19 @@ def load_task_set(files: list[Path], form: str, limit: Optional[int]):
 
 def score(model: Path, tasks, device: str, batch_size: int) -> dict[str, float]:
     """Headline score per task: accuracy (multiple choice) or exact match (generation)."""
+    return timed_score(model, tasks, device, batch_size)["scores"]
+
+
+def timed_score(model: Path, tasks, device: str, batch_size: int) -> dict:
+    """``score``'s scores, the evaluation's wall seconds and, for a routed model folder, its routing
+    report (which expert answered each task's items: ``share_by_task``)."""
     from mergesmith.evaluate import evaluate
 
+    start = time.monotonic()
     result = evaluate(str(model), tasks, batch_size=batch_size, device=device, progress=False,
                       bootstrap=0)
-    return {t.name: float(t.score) for t in result.tasks}
+    return {"scores": {t.name: float(t.score) for t in result.tasks}, "seconds": time.monotonic() - start,
+            "routed": result.settings.get("routed")}
 
 
 def task_set_key(tasks) -> str:
@@ -234,6 +244,7 @@ class BenchConfig:
     # function that writes the row's model into a folder and returns it), and ``section(results, trained,
     # heldout, generation)``, its lines of table.md.
     extra_rows: tuple = ()
+    moe: tuple[str, ...] = ()  # moe:<kind> rows (zoo/bench_moe.py)
 
 
 def method_problems(methods: tuple[str, ...]) -> list[str]:
@@ -355,15 +366,12 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
         avg = mean(result.scores[f"merge:{method}"]["mc"][s] for s in zoo.trained)
         log(f"seed {seed}: {method:16s} chose {best or '-'}; test avg over trained skills "
             f"{avg:.3f} ({time.time() - t0:.0f}s)")
-    for kind in cfg.routers:  # routed rows: a router over the full experts (docs/route.md)
-        from mergesmith.zoo.bench_route import build_route_row, route_recipe
-
-        key = f"{zoo.root}|route|{json.dumps(route_recipe(zoo, kind), sort_keys=True)}"
-        folder = work / "routed" / f"seed{seed}" / kind
-        if not scored(key):
-            build_route_row(zoo, kind, folder, cfg.device)
-        evaluate_row(f"route:{kind}", folder, key)
-        shutil.rmtree(folder, ignore_errors=True)
+    if cfg.routers or cfg.moe:  # experts kept whole (docs/route.md, docs/moe.md)
+        t0 = time.time()
+        result.whole = whole_rows(cfg, zoo, seed, work, cache, test, limits, val, merges, result, log)
+        for name in result.whole:
+            result.scores[name] = {form: scores for form, scores in result.whole[name].pop("scores").items()}
+        eval_seconds += time.time() - t0
     for source in cfg.extra_rows:  # e.g. the LoRA rows (zoo/bench_lora.py)
         for name, key, make in source.rows(cfg, zoo, seed, val, cache, work, result, log):
             folder = work / "extra-rows" / f"seed{seed}" / name.replace(":", "-")
@@ -374,6 +382,47 @@ def run_seed(cfg: BenchConfig, seed: int, work: Path, log: Callable[[str], None]
     result.seconds["select"] = round(select_seconds, 1)
     result.seconds["total"] = round(time.time() - start, 1)
     return result
+
+
+def whole_rows(cfg: BenchConfig, zoo, seed: int, work: Path, cache: EvalCache, test: dict, limits: str, val,
+               merges: Path, result: SeedResult, log: Callable[[str], None]) -> dict[str, dict]:
+    """The route:<kind> and moe:<kind> rows: their scores (``scores``) and what else each reports.
+
+    Their evaluations are cached with their wall seconds (and the routing report of a routed
+    folder), so ``wall_x``, the row's evaluation time over the base's on the same test tasks, is
+    the ratio of two measured runs, whenever they ran."""
+    from mergesmith.zoo.bench_moe import run_moe_rows
+    from mergesmith.zoo.bench_route import run_route_rows
+
+    def timed(path: Path, key: str) -> dict:
+        return {form: cache.get_or_run(f"{key}|test|{form}|{limits}|timed",
+                                       lambda tasks=tasks: timed_score(path, tasks, cfg.device, cfg.batch_size))
+                for form, tasks in test.items()}
+
+    def scored(key: str) -> bool:
+        return all(cache._path(f"{key}|test|{form}|{limits}|timed").exists() for form in test)
+
+    one_model = sum(v["seconds"] for v in timed(zoo.base, f"{zoo.base}|one-model").values())
+    rows = run_route_rows(cfg.routers, zoo, seed, work, cfg.device, cache, timed, scored,
+                          val_heldout=lambda: heldout_validation(cfg, zoo, cache), log=log)
+
+    def ties_point() -> dict:  # the point the ties row chose on validation (cached: no work twice)
+        return select(cfg, zoo, "ties", seed, val, cache, merges, log)[0]
+
+    rows.update(run_moe_rows(cfg.moe, zoo, seed, work, cfg.device, cache, timed, scored, ties_point, log))
+    for row in rows.values():
+        row["wall_x"] = row["eval_seconds"] / one_model if one_model > 0 else float("nan")
+    return rows
+
+
+def heldout_validation(cfg: BenchConfig, zoo, cache: EvalCache) -> dict[str, dict[str, float]]:
+    """Every expert's validation accuracy (multiple choice) on each held-out skill: the oracle's
+    choice for a skill no expert was trained on (zoo/bench_route.py)."""
+    tasks = load_task_set(zoo.task_files("validation", "mc", list(zoo.heldout)), "mc", cfg.val_limit)
+    key = task_set_key(tasks)
+    return {skill: cache.get_or_run(f"{path}|validation-heldout|limit={cfg.val_limit}|{key}",
+                                    lambda path=path: score(path, tasks, cfg.device, cfg.batch_size))
+            for skill, path in zoo.experts.items() if skill in zoo.trained}
 
 
 def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache, merges: Path,
@@ -409,7 +458,8 @@ def select(cfg: BenchConfig, zoo, method: str, seed: int, val, cache: EvalCache,
 def row_order(names: list[str]) -> list[str]:
     def rank(name: str) -> tuple:
         kind = name.split(":")[0]
-        order = {"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5, "route": 6}
+        order = {"base": 0, "expert": 1, "lora": 2, "distractor": 3, "multitask": 4, "merge": 5, "route": 6,
+                 "moe": 7}
         return (order.get(kind, len(order)),)  # extra rows (cfg.extra_rows) last, in the order they came
     return sorted(names, key=rank)  # stable: experts and merges keep their order
 
@@ -481,6 +531,57 @@ def plot(path: Path, rows: dict[str, dict]) -> None:
     plt.close(fig)
 
 
+def whole_section(results: list[SeedResult], mc: dict, gen: Optional[dict], heldout: tuple[str, ...],
+                  spread: bool) -> list[str]:
+    """The route:* and moe:* rows beside the best merge: accuracy, routing, cost, wall time."""
+    def cell(values: list[float]) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        m = mean(values)
+        return f"{m:.3f} ± {statistics.stdev(values):.3f}" if spread and len(values) > 1 else f"{m:.3f}"
+
+    def pair(table: Optional[dict], name: str, key: str) -> str:
+        if table is None or name not in table:
+            return "-"
+        m, sd = table[name][key]
+        return f"{m:.3f} ± {sd:.3f}" if spread else f"{m:.3f}"
+
+    merges = [n for n in mc if n.startswith("merge:")]
+    best = max(merges, key=lambda n: mc[n]["avg_trained"][0]) if merges else None
+    names = ([best] if best else []) + ["multitask", *results[0].whole]
+    lines = ["", "## Experts kept whole: routed models and mixtures of experts", "",
+             "Routing accuracy: the share of a trained skill's test items (route) or test tokens, "
+             "top-1, mean over layers (moe) sent to that skill's expert, mean over the trained skills. "
+             "params_x and active_x: parameters, and parameters active per token, over the base's. "
+             "wall_x: the row's test evaluation time over the base's (same tasks, this machine). "
+             "route:oracle is an upper bound, not a router (held-out skills: the best expert on validation).",
+             "", "| row | avg_trained | avg_heldout | gen avg_trained | gen avg_heldout | routing accuracy | "
+             "params_x | active_x | wall_x |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        w = [r.whole.get(name, {}) for r in results]
+        lines.append(f"| {name} | {pair(mc, name, 'avg_trained')} | {pair(mc, name, 'avg_heldout')} | "
+                     f"{pair(gen, name, 'avg_trained')} | {pair(gen, name, 'avg_heldout')} | "
+                     f"{cell([x.get('routing_accuracy') for x in w])} | {cell([x.get('params_x') for x in w])} | "
+                     f"{cell([x.get('active_params_x') for x in w])} | {cell([x.get('wall_x') for x in w])} |")
+    routed = [n for n in results[0].whole if "heldout_shares" in results[0].whole[n]]
+    if routed and heldout:
+        lines += ["", "Held-out skills: where the routers send them (share of test items, mean over seeds; "
+                      "experts with at least 0.10)", "", "| row | " + " | ".join(heldout) + " |",
+                  "|---" * (len(heldout) + 1) + "|"]
+        for name in routed:
+            cells = []
+            for h in heldout:
+                shares: dict[str, float] = {}
+                for r in results:
+                    for expert, v in r.whole[name]["heldout_shares"].get(h, {}).items():
+                        shares[expert] = shares.get(expert, 0.0) + v / len(results)
+                top = sorted(shares.items(), key=lambda kv: -kv[1])
+                cells.append(", ".join(f"{e} {v:.2f}" for e, v in top if v >= 0.1) or "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[str, ...],
                   heldout: tuple[str, ...], seconds: dict) -> str:
     skills = (*trained, *heldout)
@@ -531,6 +632,8 @@ def write_outputs(cfg: BenchConfig, results: list[SeedResult], trained: tuple[st
                   f"{multi['avg_heldout'][0]:.3f}, base {base['avg_heldout'][0]:.3f}; gap to multitask "
                   f"{multi['avg_heldout'][0] - top_heldout:.3f}, gain over the base "
                   f"{top_heldout - base['avg_heldout'][0]:.3f}."]
+    if results[0].whole:
+        parts += whole_section(results, mc, gen if cfg.generation else None, heldout, spread)
     if heldout:
         parts += ["", "## Held-out skills: multitask against base (multiple choice, per seed)", "",
                   "| skill | " + " | ".join(f"seed {r.seed}" for r in results) + " | min |",

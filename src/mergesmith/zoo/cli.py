@@ -143,8 +143,13 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
                    help="validation items per task for choosing hyperparameters (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--routers", default="", metavar="KINDS",
-                   help="comma-separated router kinds (centroid, classifier, perplexity): add a route:<kind> row "
-                        "per kind, a router over the full experts fitted on their train splits (docs/route.md)")
+                   help="comma-separated router kinds (centroid, classifier, perplexity, oracle): add a route:<kind> "
+                        "row per kind, a router over the full experts fitted on their train splits, with routing "
+                        "accuracy, held-out shares and wall time; oracle is the upper bound (docs/route.md)")
+    p.add_argument("--moe", default="", metavar="KINDS",
+                   help="comma-separated mixture-of-experts rows (hidden, ridge, trained, trained+shared-ties): add "
+                        "a moe:<kind> row per kind, the experts as one Mixtral, top-2, gates from their train splits, "
+                        "with routing accuracy and cost (docs/moe.md)")
     p.add_argument("--lora", default="", metavar="ROWS",
                    help="'all' or comma-separated LoRA rows (pool, concat, ties, knots_ties, core_ties, core_tsv, "
                         "fold_ties, fold_tsv_m, extract): the zoo's LoRA pool merged in adapter space and as folded "
@@ -202,6 +207,7 @@ def run_study_cli(args: argparse.Namespace) -> int:
 def run_bench_cli(args: argparse.Namespace) -> int:
     from mergesmith.zoo.bench import BenchConfig, parse_methods, run_bench
     from mergesmith.zoo.bench_lora import LoraRows, parse_lora_rows
+    from mergesmith.zoo.bench_moe import parse_moe
     from mergesmith.zoo.bench_route import parse_routers
     from mergesmith.zoo.model import SIZES
 
@@ -213,6 +219,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, generation=not args.no_generation,
                       calibration_answers=args.calibration_answers, routers=parse_routers(args.routers),
                       extra_rows=(LoraRows(parse_lora_rows(args.lora)),) if args.lora else (),
+                      moe=parse_moe(args.moe),
                       command="mergesmith " + " ".join(sys.argv[1:]))
     text = run_bench(cfg)
     print(text)
