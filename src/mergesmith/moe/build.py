@@ -153,9 +153,10 @@ def produce(plan: MoEPlan, t: MoETensor, gates: torch.Tensor, seed: int, positio
     if expert is not None and (expert.noise_scale is not None or residual_scale is not None):
         tensor = expert_tensor(tensor, expert.noise_scale, residual_scale,
                                torch.Generator().manual_seed(seed * 1_000_003 + position))
-    out = tensor.to(plan.out_dtype).contiguous()
-    checkpoint.release(t.source)
-    return out
+    # In the stored dtype this is a view of the mapped file: the caller releases its pages once
+    # the tensor is written (``write_moe``), not before, or the writer would fault them in again
+    # and they would stay resident: at 1.1B the whole of the experts' MLPs, 6.7 GiB.
+    return tensor.to(plan.out_dtype).contiguous()
 
 
 def expert_tensor(tensor: torch.Tensor, noise_scale: Optional[float], residual_scale: Optional[float],
@@ -177,6 +178,8 @@ def write_moe(plan: MoEPlan, gates: torch.Tensor, out_dir: Path, options: MoEOpt
         for position, t in enumerate(tqdm(plan.tensors, desc="moe tensors", unit="tensor",
                                           disable=not options.progress)):
             writer.write(t.name, produce(plan, t, gates, options.random_seed, position))
+            if t.router is None and not t.merged:
+                plan.models[t.model].checkpoint.release(t.source)
         writer.write_file("config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (plan.base.path / name).is_file():
