@@ -148,3 +148,15 @@ def test_zoo_builds_of_one_world_take_turns(tmp_path, monkeypatch, capfd):
     worker.join(30)
     assert results == ["built"] and calls[0] >= released
     assert "waiting for another mergesmith run" in capfd.readouterr().err
+
+
+def test_bench_no_progress_reaches_the_config(tmp_path, monkeypatch):
+    """``--no-progress`` turns the bench's bars off (its log lines stay), as every long command's."""
+    import mergesmith.zoo.bench as bench_module
+
+    seen = []
+    monkeypatch.setattr(bench_module, "run_bench", lambda cfg: seen.append(cfg.progress) or "")
+    for extra, expected in (((), True), (("--no-progress",), False)):
+        assert main(["bench", "--size", "test", "--methods", "linear", "--cache", str(tmp_path / "c"),
+                     "--out", str(tmp_path / "out"), *extra]) == 0
+        assert seen[-1] is expected

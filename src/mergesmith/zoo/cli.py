@@ -156,6 +156,7 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
                         "models, the experts extracted as adapters at three ranks (docs/lora.md)")
     p.add_argument("--no-generation", action="store_true",
                    help="skip the generation table (multiple choice only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
     p.add_argument("--calibration-answers", action="store_true",
                    help="the data-aware rows (regmean, regmean_plusplus, fisher, dam) calibrate on each expert's "
                         "train prompts followed by their answers, as the experts were fine-tuned, not on prompts "
@@ -219,7 +220,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, generation=not args.no_generation,
                       calibration_answers=args.calibration_answers, routers=parse_routers(args.routers),
                       extra_rows=(LoraRows(parse_lora_rows(args.lora)),) if args.lora else (),
-                      moe=parse_moe(args.moe),
+                      moe=parse_moe(args.moe), progress=not args.no_progress,
                       command="mergesmith " + " ".join(sys.argv[1:]))
     text = run_bench(cfg)
     print(text)
