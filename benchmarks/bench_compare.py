@@ -111,13 +111,9 @@ def run_side(side: Side | None, bench: str, recipe_path: Path, out: Path, base: 
         cmd, env = peer_command(bench, recipe_path, out, base, experts), {}
     else:
         cmd, env = [*side.command, str(recipe_path), str(out), "--no-progress"], side.env
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        return timed(cmd, log)
+        return timed(cmd, log, env)
     finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         shutil.rmtree(out, ignore_errors=True)
 
 

@@ -83,11 +83,13 @@ def build_checkpoints(workdir: Path, args) -> tuple[Path, list[Path]]:
     return paths[0], paths[1:]
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run under /usr/bin/time -v; return (wall seconds, peak RSS in GiB)."""
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
+    """Run under /usr/bin/time -v (``env``: variables added to this process's); return (wall
+    seconds, peak RSS in GiB)."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, **env} if env else None)
     wall = time.perf_counter() - start
     text = log.read_text()
     if proc.returncode != 0:

@@ -155,7 +155,7 @@ def produce(plan: MoEPlan, t: MoETensor, gates: torch.Tensor, seed: int, positio
                                torch.Generator().manual_seed(seed * 1_000_003 + position))
     # In the stored dtype this is a view of the mapped file: the caller releases its pages once
     # the tensor is written (``write_moe``), not before, or the writer would fault them in again
-    # and they would stay resident: at 1.1B the whole of the experts' MLPs, 6.7 GiB.
+    # and they would stay resident.
     return tensor.to(plan.out_dtype).contiguous()
 
 
