@@ -53,6 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: the cores divided among the workers)")
     p.add_argument("--batch-size", type=int, default=16, help="items per forward pass (default 16)")
+    p.add_argument("--reference", action="append", default=[], metavar="MODEL", dest="references",
+                   help="a model to compare the best recipe with, evaluated in full on the validation (and test) "
+                        "tasks: a model folder, MODEL+ADAPTER, or a routed folder (mergesmith route); with "
+                        "--fitness irt its answers also calibrate the item fit. Repeat for several")
     p.add_argument("--no-model", action="store_true", help="do not write the merged best model to OUT/model")
     p.add_argument("--no-progress", action="store_true", help="print nothing while searching")
     p.set_defaults(func=run_search)
@@ -67,7 +71,7 @@ def run_search(args: argparse.Namespace) -> int:
                             population=args.population, threads=args.threads, batch_size=args.batch_size,
                             save_model=not args.no_model, progress=not args.no_progress, fitness=args.fitness,
                             irt_calibration=args.irt_calibration, irt_holdout_every=args.irt_holdout_every,
-                            rerank=args.rerank)
+                            rerank=args.rerank, references=args.references)
     result = search(args.space, args.out, options)
     s = result.summary
     if result.best is None:
@@ -84,6 +88,13 @@ def run_search(args: argparse.Namespace) -> int:
         if isinstance(final, dict) and final.get("macro") is not None:
             print(f"full {label}: mean accuracy {final['macro']:.4f}" + ("" if final["complete"] else
                                                                          " (partial: the budget ran out)"))
+    best_validation = ((s.get("final") or {}).get("validation") or {}).get("macro")
+    for reference in s.get("references") or []:
+        validation = reference.get("validation") or {}
+        if validation.get("macro") is not None:
+            print(f"reference {reference['model']}: full validation mean accuracy {validation['macro']:.4f}"
+                  + ("" if validation["complete"] else " (partial: the budget ran out)")
+                  + ("" if best_validation is None else f" (best recipe {best_validation:.4f})"))
     irt = s.get("irt")
     if irt and irt.get("mae") is not None:
         print(f"IRT estimate: mean absolute error {irt['mae']:.4f} against full evaluation on {irt['held_back']} "

@@ -60,3 +60,14 @@ def weighted_fitness(scores: dict[str, Optional[float]], weights: dict[str, floa
 def task_scores(result: Any) -> dict[str, Optional[float]]:
     """Per-task headline scores of a harness ``EvalResult``."""
     return {t.name: t.score for t in result.tasks}
+
+
+def answers_of(result: Any) -> dict[str, list[list]]:
+    """Each scored item's headline score, by task: ``{task: [[item position, score], ...]}`` (for
+    multiple choice, 1.0 right or 0.0 wrong): what the IRT fit takes from an evaluation."""
+    headline = {t.name: t.headline for t in result.tasks}
+    answers: dict[str, list[list]] = {}
+    for p in result.predictions:
+        if p.scores:
+            answers.setdefault(p.task, []).append([p.position, float(p.scores[headline[p.task]])])
+    return answers

@@ -74,6 +74,7 @@ class SearchOptions:
     irt_calibration: int = 8  # candidates evaluated in full before the items are fitted
     irt_holdout_every: int = 5  # then every n-th candidate is evaluated in full to measure the error
     rerank: int = 0  # the top K candidates by fitness are evaluated in full at the end, and the best kept
+    references: list[str] = field(default_factory=list)  # models evaluated in full beside the search (references.py)
 
 
 @dataclass
@@ -101,6 +102,8 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
                 "optimizer": options.optimizer, "seed": options.seed, "per_task": per_task,
                 "fitness": options.fitness,
                 "genes": [g.name for g in space.genes]}
+    if options.references:
+        settings["references"] = list(options.references)
     records, optimizer, elapsed_before = _start_or_resume(out, settings, space, options, len(tasks))
     log = _Log(options.progress)
     for note in space.notes:
@@ -110,12 +113,21 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
         f"{options.workers} worker(s), budget {options.budget_s:.0f} s")
 
     irt = _irt_state(out, tasks, fitness_tasks, weights, options) if options.fitness == "irt" else None
+    from mergesmith.search.references import evaluate_references, public
     from mergesmith.search.workers import LocalPool, make_pool
+
+    references: list[dict] = []
+    timings: dict[str, float] = {}
+    if options.references:
+        refs_start = time.monotonic()
+        references = evaluate_references(options.references, tasks, test_tasks, weights, deadline, out,
+                                         options.batch_size, log)
+        timings["references_s"] = time.monotonic() - refs_start
 
     pool_start = time.monotonic()
     pool = make_pool(fitness_tasks, options.workers, options.ray_address, options.threads, options.batch_size,
                      full_tasks=tasks if irt is not None or options.rerank else None)
-    timings = {"start_workers_s": time.monotonic() - pool_start}
+    timings["start_workers_s"] = time.monotonic() - pool_start
     validation_items = sum(len(t.items) for t in tasks)
     full_items = validation_items + sum(len(t.items) for t in test_tasks)
     stop_reason = "budget"
@@ -124,6 +136,9 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
     loop_start = time.monotonic()
     try:
         if irt is not None and not irt.responses:
+            for reference in references:  # --reference models calibrate the item fit too
+                if reference.get("answers"):
+                    irt.add_reference(reference)
             _evaluate_references(space, pool, irt, deadline, out, log)
             timings["irt_references_s"] = time.monotonic() - loop_start
             loop_start = time.monotonic()
@@ -147,6 +162,8 @@ def search(space_path: Union[str, Path], out_dir: Union[str, Path], options: Opt
     summary["throughput"] = _throughput(records[before:], timings["loop_s"], options.workers)
     if irt is not None:
         summary["irt"] = irt.report()
+    if references:
+        summary["references"] = public(references)
     summary.update(stop_reason=stop_reason, search_s=round(search_s, 3), budget_s=options.budget_s,
                    candidates=len(records), notes=space.notes, **{k: round(v, 3) for k, v in timings.items()})
     summary["seconds"] = round(time.monotonic() - started, 3)
@@ -245,6 +262,10 @@ def _check(space_path: Union[str, Path], out: Optional[Path], options: SearchOpt
         problems.append(f"{out}: --resume, but it holds {pickled}, search state that an older mergesmith "
                         "pickled and this version no longer reads (it keeps its state as JSON); start a new --out "
                         f"(the old {TRACE} keeps its candidates)")
+    if options.references:
+        from mergesmith.search.references import reference_problems
+
+        problems += reference_problems(list(options.references))
     if problems:
         raise InputError(problems)
     assert space is not None
@@ -264,7 +285,8 @@ def _start_or_resume(out: Path, settings: dict, space: SearchSpace, options: Sea
     state = out / STATE
     if options.resume:
         saved = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).is_file() else {}
-        changed = [k for k in ("space_sha256", "tasks", "optimizer", "seed", "per_task", "fitness", "genes")
+        changed = [k for k in ("space_sha256", "tasks", "optimizer", "seed", "per_task", "fitness", "genes",
+                               "references")
                    if saved.get(k) != settings.get(k)]
         if changed:
             raise InputError(f"{out}: --resume, but {', '.join(changed)} differ from the interrupted search's "

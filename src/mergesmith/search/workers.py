@@ -17,7 +17,7 @@ from typing import Any, Optional
 from mergesmith.errors import InputError
 from mergesmith.extras import require_extras
 from mergesmith.search.candidate import ResidentMerger
-from mergesmith.search.fitness import task_scores
+from mergesmith.search.fitness import answers_of, task_scores
 
 
 class Scorer:
@@ -45,12 +45,7 @@ class Scorer:
         started = time.perf_counter()
         result = self.merger.evaluate(tasks, batch_size=self.batch_size)
         eval_s = time.perf_counter() - started - (self.merger.setup_s - setup_before)
-        answers: dict[str, list] = {}
-        for p in result.predictions:
-            if p.scores:
-                headline = next(t.headline for t in result.tasks if t.name == p.task)
-                answers.setdefault(p.task, []).append([p.position, float(p.scores[headline])])
-        return {"index": index, "status": "ok", "scores": task_scores(result), "answers": answers,
+        return {"index": index, "status": "ok", "scores": task_scores(result), "answers": answers_of(result),
                 "merge_s": merge_s, "setup_s": self.merger.setup_s, "eval_s": eval_s,
                 "items": sum(len(t.items) for t in tasks), "full": full, "worker": self.pid,
                 "input_bytes": self.merger.cache.nbytes}
