@@ -64,7 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(ap)
     ap.add_argument("--gate-mode", default="hidden", help="mergekit's default, hidden")
-    ap.add_argument("--prompt-dtype", default="float32", help="mergesmith's --prompt-dtype (mergekit: bfloat16)")
+    ap.add_argument("--prompt-dtype", default="bfloat16",
+                    help="mergesmith's --prompt-dtype (default bfloat16, its default and mergekit's precision)")
     ap.add_argument("--skip-mergekit", action="store_true")
     args = ap.parse_args()
     args.dtype = torch.bfloat16

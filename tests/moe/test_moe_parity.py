@@ -61,7 +61,7 @@ def both(config: dict, tmp_path, monkeypatch=None, float32: bool = False):
     """Build ``config`` with mergesmith and with mergekit: (router pairs (ours, theirs), our logits,
     their logits). mergekit writes Mixtral routers under ``mlp.``, transformers 5 saves them under
     ``block_sparse_moe.``; both load the same."""
-    ours = build_moe(config, tmp_path / "ours", progress=False)
+    ours = build_moe(config, tmp_path / "ours", progress=False, prompt_dtype="float32" if float32 else "bfloat16")
     theirs = run_mergekit(config, tmp_path / "theirs", float32=float32, monkeypatch=monkeypatch)
     shared = bool(config.get("shared_experts"))
     names = [ours.plan.arch.router_name(i) for i in range(2)] + \
@@ -139,14 +139,16 @@ def test_hidden_avg_ignores_padding(experts):
 
 
 def test_hidden_in_bfloat16_like_mergekit(experts, tmp_path):
-    """With the prompt pass in bfloat16 too, the remaining difference is where the states are
-    averaged (mergekit in bfloat16, we in float32), and the predicted peak halves."""
+    """With the prompt pass in bfloat16 (our default, as mergekit), the remaining difference is where
+    the states are averaged (mergekit in bfloat16, we in float32). The predicted peak of a float32
+    file loaded in bfloat16 is the bfloat16 model plus the file's pages read while converting."""
     base, fts = experts("llama", 2)
     config = moe_config(base, fts, gate_mode="hidden")
-    ours = build_moe(config, tmp_path / "ours", progress=False, prompt_dtype="bfloat16")
+    ours = build_moe(config, tmp_path / "ours", progress=False)
+    assert ours.plan.prompt_dtype == torch.bfloat16
     theirs = run_mergekit(config, tmp_path / "theirs")
-    float32_plan = build_moe(config, tmp_path / "x", dry_run=True).plan
-    assert ours.plan.gate_pass_bytes() * 2 == float32_plan.gate_pass_bytes()
+    float32_plan = build_moe(config, tmp_path / "x", dry_run=True, prompt_dtype="float32").plan
+    assert ours.plan.gate_pass_bytes() * 2 == float32_plan.gate_pass_bytes() * 3  # the experts are float32
     for i in range(2):
         a = load_state(ours.out_dir)[ours.plan.arch.router_name(i)]
         b = load_state(theirs)[f"model.layers.{i}.mlp.gate.weight"]

@@ -23,9 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--random-seed", type=int, default=0,
                    help="seed of random gates and of experts' noise_scale noise (default 0)")
-    p.add_argument("--prompt-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="the base model's dtype while the gate prompts run: float32 (default) or bfloat16 "
-                        "(mergekit's numerics, half the memory)")
+    p.add_argument("--prompt-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="the base model's dtype while the gate prompts run: bfloat16 (default: mergekit-moe's "
+                        "numerics, half the memory of float32) or float32 (more exact states, twice the memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_moe)
 

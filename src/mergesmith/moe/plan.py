@@ -87,8 +87,8 @@ class MoEPlan:
         return sum(math.prod(t.shape) for t in self.tensors) * self.out_dtype.itemsize
 
     def gate_pass_bytes(self) -> int:
-        """What the prompt pass holds: the base model in ``prompt_dtype`` (hidden modes, ridge) or its
-        embedding (float32); arrow, two MLPs of one layer and their delta's Gram."""
+        """What the prompt pass holds: the base model in ``prompt_dtype`` (hidden modes, ridge), plus
+        the file's pages of the tensors converted while it loads, or its embedding (float32); arrow, two MLPs of one layer and their delta's Gram."""
         if self.config.gate_mode in RANDOM_MODES:
             return 0
         infos = self.base.checkpoint.infos
@@ -97,7 +97,11 @@ class MoEPlan:
             return (8 * cfg["intermediate_size"] + 2 * cfg["hidden_size"]) * cfg["hidden_size"] * 4
         if mode == "cheap_embed":
             return infos["model.embed_tokens.weight"].numel * 4
-        model = sum(i.numel for n, i in infos.items() if not is_skipped(n)) * self.prompt_dtype.itemsize
+        kept = [i for n, i in infos.items() if not is_skipped(n)]
+        model = sum(i.numel for i in kept) * self.prompt_dtype.itemsize
+        # Converting while loading (a float32 file for a bfloat16 pass) reads every page of the file
+        # while the converted copy is built: both are resident at the end of the load.
+        model += sum(i.nbytes for i in kept if i.dtype != self.prompt_dtype)
         if mode == "ridge":  # per expert and layer, the Gram of its MLP inputs in float64
             return model + len(self.config.experts) * self.layers * self.hidden ** 2 * 8
         return model

@@ -100,7 +100,9 @@ def build_moe_row(zoo: Any, kind: str, config: dict, folder: Path, device: str, 
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     built = folder if not kind.startswith("trained") else folder.parent / f"{folder.name}-untrained"
-    build_moe(config, built, options=MoEOptions(device=device, overwrite=True, progress=False, random_seed=seed))
+    # float32 prompt pass: the zoo's models are float32, and the measured rows (docs/moe.md) were built so
+    build_moe(config, built, options=MoEOptions(device=device, overwrite=True, progress=False, random_seed=seed,
+                                                prompt_dtype="float32"))
     if built != folder:
         s = settings_for(zoo.size)
         train_routers(built, train_files(zoo), folder,
