@@ -306,3 +306,31 @@ def test_command_line(pair, tmp_path, capsys):
     assert "approximated (zero)" in capsys.readouterr().out
     assert main(["tokensurgeon", str(model), str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_dry_run_reads_no_weight_and_writes_nothing(pair, tmp_path, monkeypatch, capsys):
+    from mergesmith.checkpoint.reader import Checkpoint
+
+    model, donor = pair
+    done = tokensurgeon(model, donor, tmp_path / "real", quiet())
+    (tmp_path / "exists").mkdir()
+
+    def refuse(*args, **kw):
+        raise AssertionError("a dry run read a weight")
+
+    monkeypatch.setattr(Checkpoint, "read", refuse)
+    planned = tokensurgeon(model, donor, tmp_path / "exists", quiet(dry_run=True))
+    assert planned.report["dry_run"] and list((tmp_path / "exists").iterdir()) == []
+    assert {k: v for k, v in planned.report.items() if k not in ("dry_run", "predicted_peak_bytes")} == \
+        {**done.report, "model": str(model), "donor": str(donor)}
+    # at least the rebuilt vocabulary matrices, which the run keeps whole until it writes them
+    from safetensors import safe_open
+
+    with safe_open(str(next((tmp_path / "real").glob("*.safetensors"))), "pt") as f:
+        vocab_bytes = sum(f.get_slice(n).get_shape()[0] * f.get_slice(n).get_shape()[1] * 4
+                          for n in planned.report["tensors"])
+    assert planned.report["predicted_peak_bytes"] >= vocab_bytes
+    assert main(["tokensurgeon", str(model), str(donor), str(tmp_path / "exists"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: would write" in out and "predicted peak memory" in out
+    assert list((tmp_path / "exists").iterdir()) == []

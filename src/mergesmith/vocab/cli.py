@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mergesmith.units import parse_size
+from mergesmith.units import human_bytes, parse_size
 
 
 def register(subparsers) -> None:
@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto, for the OMP math (default: cpu)")
     p.add_argument("--out-shard-size", type=parse_size, default="5GB", help="max bytes per output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print where each vocabulary row would come from and the predicted "
+                        "peak memory; read no weight, write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_tokensurgeon)
 
@@ -39,13 +42,18 @@ def run_tokensurgeon(args: argparse.Namespace) -> int:
     options = SurgeonOptions(approximation=args.approximation, k=args.k, byte_match=args.byte_match,
                              prefix_match=args.prefix_match, batch_size=args.batch_size, device=args.device,
                              out_shard_size=args.out_shard_size, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, dry_run=args.dry_run)
     result = tokensurgeon(args.model, args.donor, args.out_dir, options)
     report = result.report
     for name, counts in report["tensors"].items():
         print(f"{name}: {counts['exact']} exact, {counts['byte']} byte, {counts['prefix']} prefix matches; "
               f"{counts['approximated']} approximated ({report['approximation']})"
               + (f", {counts['zero_no_donor_row']} zero (no donor row)" if counts["zero_no_donor_row"] else ""))
+    if args.dry_run:
+        print(f"dry run: would write {result.out_dir} (vocabulary {report['vocab_size']}, {report['shared_tokens']} "
+              f"shared tokens); predicted peak memory {human_bytes(report['predicted_peak_bytes'])}; nothing read "
+              "or written")
+        return 0
     print(f"wrote {result.out_dir} (vocabulary {report['vocab_size']}, {report['shared_tokens']} shared tokens) "
           f"in {result.seconds:.1f} s")
     return 0

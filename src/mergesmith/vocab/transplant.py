@@ -54,6 +54,7 @@ class SurgeonOptions:
     out_shard_size: int = 5 * 10 ** 9
     overwrite: bool = False
     progress: bool = True
+    dry_run: bool = False  # plan, report what each row would come from and the predicted peak; write nothing
 
 
 @dataclass
@@ -187,7 +188,7 @@ def plan_surgery(model_dir: str | Path, donor_dir: str | Path, out_dir: str | Pa
     model_dir, donor_dir, out_dir = Path(model_dir), Path(donor_dir), Path(out_dir)
     problems = option_problems(options)
     problems += output_problems(out_dir, {"MODEL": model_dir, "DONOR": donor_dir})
-    if out_dir.exists() and not options.overwrite:
+    if out_dir.exists() and not options.overwrite and not options.dry_run:
         problems.append(f"{out_dir} exists; pass --overwrite to replace it")
     omp = options.approximation == "omp"
     model = open_folder(model_dir, "MODEL", problems, weights=True)
@@ -258,12 +259,46 @@ def output_generation_config(plan: SurgeryPlan) -> Optional[dict]:
 
 # --- the run ------------------------------------------------------------------------------------
 
+def predicted_peak_bytes(plan: SurgeryPlan) -> int:
+    """What the run holds at its peak, from the headers: every rebuilt vocabulary tensor whole in the
+    model's dtype (they are kept until the write), plus, for the matrix being built, the model's and
+    the donor's matrices as read and, with ``omp``, the shared rows and a batch of targets in float32.
+    The model's other tensors are streamed one at a time (the largest of them counted)."""
+    infos = plan.model.checkpoint.infos
+    built = sum(plan.out_rows * _row_bytes(infos[name]) for name in (*plan.matrices, *plan.auxiliary))
+    working = 0
+    for name, (donor_name, _) in plan.matrices.items():
+        cols = infos[name].shape[1] if len(infos[name].shape) > 1 else 1
+        donor = plan.donor.checkpoint.infos[donor_name].nbytes if donor_name and plan.donor.checkpoint else 0
+        omp = 4 * cols * (2 * len(plan.shared[0]) + plan.options.batch_size) if donor_name else 0
+        working = max(working, infos[name].nbytes + donor + omp)
+    streamed = max((i.nbytes for n, i in infos.items() if n not in plan.matrices and n not in plan.auxiliary),
+                   default=0)
+    return built + max(working, streamed)
+
+
+def _row_bytes(info: Any) -> int:
+    per_row = 1
+    for d in info.shape[1:]:
+        per_row *= d
+    return per_row * info.dtype.itemsize
+
+
 def tokensurgeon(model_dir: str | Path, donor_dir: str | Path, out_dir: str | Path,
                  options: Optional[SurgeonOptions] = None) -> SurgeryResult:
-    """Give the model at ``model_dir`` the tokenizer of ``donor_dir``; the new model goes to ``out_dir``."""
+    """Give the model at ``model_dir`` the tokenizer of ``donor_dir``; the new model goes to ``out_dir``.
+    With ``options.dry_run`` everything is checked and planned from headers and tokenizers, no weight
+    is read and nothing is written: the result's report says what each row would come from."""
     options = options or SurgeonOptions()
     start = time.perf_counter()
     plan = plan_surgery(model_dir, donor_dir, out_dir, options)
+    if options.dry_run:
+        plan.model.checkpoint.close()
+        if plan.donor.checkpoint is not None:
+            plan.donor.checkpoint.close()
+        return SurgeryResult(plan.out_dir, {**report(plan), "dry_run": True,
+                                            "predicted_peak_bytes": predicted_peak_bytes(plan)},
+                             time.perf_counter() - start)
     device = torch.device(resolve_device(options.device))
     try:
         with OutputLock(plan.out_dir):
