@@ -154,6 +154,11 @@ def add_bench_parser(subparsers, add_zoo_options: Callable) -> None:
                    help="'all' or comma-separated LoRA rows (pool, concat, ties, knots_ties, core_ties, core_tsv, "
                         "fold_ties, fold_tsv_m, extract): the zoo's LoRA pool merged in adapter space and as folded "
                         "models, the experts extracted as adapters at three ranks (docs/lora.md)")
+    p.add_argument("--vocab", default="", metavar="ROWS",
+                   help="'all' or comma-separated vocabulary rows (experts, union, base, shared, surgeon): the zoo's "
+                        "two experts with tokenizers of their own, merged with tokenizer_source union or base against "
+                        "the one-tokenizer merge, and the retokenized one given the base's tokenizer back by "
+                        "tokensurgeon (docs/vocab.md)")
     p.add_argument("--no-generation", action="store_true",
                    help="skip the generation table (multiple choice only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
@@ -210,6 +215,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     from mergesmith.zoo.bench_lora import LoraRows, parse_lora_rows
     from mergesmith.zoo.bench_moe import parse_moe
     from mergesmith.zoo.bench_route import parse_routers
+    from mergesmith.zoo.bench_vocab import VocabRows, parse_vocab_rows
     from mergesmith.zoo.model import SIZES
 
     if args.study:
@@ -219,7 +225,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                       device=args.device or SIZES[args.size].device, limit=args.limit, val_limit=args.val_limit,
                       batch_size=args.batch_size, generation=not args.no_generation,
                       calibration_answers=args.calibration_answers, routers=parse_routers(args.routers),
-                      extra_rows=(LoraRows(parse_lora_rows(args.lora)),) if args.lora else (),
+                      extra_rows=((LoraRows(parse_lora_rows(args.lora)),) if args.lora else ())
+                      + ((VocabRows(parse_vocab_rows(args.vocab)),) if args.vocab else ()),
                       moe=parse_moe(args.moe), progress=not args.no_progress,
                       command="mergesmith " + " ".join(sys.argv[1:]))
     text = run_bench(cfg)
