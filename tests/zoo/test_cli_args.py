@@ -45,6 +45,7 @@ def bench(tmp_path, *args):
     (["--methods", "linear,linear"], "linear named more than once"),
     (["--methods", ","], "name at least one method"),
     (["--device", "gpu"], "--device 'gpu': not a device"),
+    (["--vocab", "onion"], "--vocab: onion not a vocabulary row"),
 ])
 def test_bench_refuses_bad_arguments_before_building(tmp_path, capsys, args, message):
     assert bench(tmp_path, *args) == 2

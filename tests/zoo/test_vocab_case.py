@@ -48,6 +48,15 @@ def test_the_experts_are_cached(zoo, vocab_experts):
     assert {k: (p / "model.safetensors").stat().st_mtime_ns for k, p in again.items()} == stamps
 
 
+def test_an_expert_rebuilt_is_the_same(zoo, vocab_experts, tmp_path):
+    """Seeded by the world and fine-tune seeds: the same words, the same weights (same threads)."""
+    spec = V.get_size(zoo.size)
+    V.build_added(tmp_path, zoo.base, spec, zoo.seed, zoo.finetune_seed, progress=False)
+    cached = vocab_experts["added"]
+    assert _tokenizer(tmp_path).get_vocab() == _tokenizer(cached).get_vocab()
+    assert (tmp_path / "model.safetensors").read_bytes() == (cached / "model.safetensors").read_bytes()
+
+
 def test_a_new_row_is_the_mean_of_its_pieces():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
