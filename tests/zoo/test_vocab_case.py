@@ -38,7 +38,8 @@ def test_the_experts_load_with_tokenizers_of_their_own(zoo, vocab_experts):
     assert len(retokenized) == V.vocab_settings(V.get_size(zoo.size))["retokenized_vocab"] != len(base)
     for kind, tokenizer in (("added", added), ("retokenized", retokenized)):
         model = AutoModelForCausalLM.from_pretrained(vocab_experts[kind])
-        assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == _config(vocab_experts[kind])["vocab_size"]
+        rows = model.get_input_embeddings().weight.shape[0]
+        assert rows == len(tokenizer) == _config(vocab_experts[kind])["vocab_size"]
 
 
 def test_the_experts_are_cached(zoo, vocab_experts):

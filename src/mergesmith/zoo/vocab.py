@@ -2,9 +2,10 @@
 
 - ``added``: the base tokenizer plus the ``ADDED_TOKENS`` most frequent words of ``ADDED_SKILL``'s
   train text that the base tokenizer splits into two or more pieces (each added with its leading
-  space, as the words appear after the first one; none that begins another word of the text). The embedding and LM head grow by one row per
-  word; each new row is the mean of the base's rows of the word's pieces (the usual initialisation,
-  Hewitt 2021), then the model is fine-tuned on the skill exactly as that skill's expert is.
+  space, as the words appear after the first one; none that begins another word of the text). The
+  embedding and LM head grow by one row per word; each new row is the mean of the base's rows of the
+  word's pieces (the usual initialisation, Hewitt 2021), then the model is fine-tuned on the skill
+  exactly as that skill's expert is (same steps, same seeds).
 - ``retokenized``: a byte-level BPE tokenizer trained afresh on the world's text (other documents
   than the zoo tokenizer's) with ``RETOKENIZED_VOCAB`` times the zoo's vocabulary size. The base gets
   it by ``tokensurgeon`` (orthogonal matching pursuit); OMP needs a donor with that tokenizer, so a
@@ -21,6 +22,7 @@ and sit in the fine-tuning folder. Every folder is keyed by these settings.
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -31,7 +33,10 @@ from mergesmith.checks import resolve_device
 from mergesmith.extras import require_extras
 from mergesmith.paths import OutputLock
 from mergesmith.zoo import skills as S
+from mergesmith.zoo.build import (TOKENIZER_DOCS, _corpus, _key, _load, _save, _seed_for, _stage, _train_examples,
+                                  _world)
 from mergesmith.zoo.model import ZooSize, count_parameters, get_size, make_model
+from mergesmith.zoo.train import finetune, pretrain
 
 ADDED_SKILL = "facts"  # its names of countries, cities and people split into several pieces
 RETOKENIZED_SKILL = "wordprob"
@@ -92,9 +97,7 @@ def add_tokens(model, tokenizer, words: list[str]) -> None:
 
 
 def build_added(folder: Path, base: Path, size: ZooSize, seed: int, finetune_seed: int, progress: bool) -> None:
-    from mergesmith.zoo.build import _load, _save, _seed_for, _train_examples, _world
-    from mergesmith.zoo.train import finetune
-
+    """The base with ``ADDED_SKILL``'s split words added, fine-tuned on the skill as its expert is."""
     model, tokenizer = _load(base)
     examples = _train_examples(size, _world(size, seed), (ADDED_SKILL,), finetune_seed)
     words = split_words(tokenizer, examples, ADDED_TOKENS)
@@ -110,9 +113,7 @@ def build_added(folder: Path, base: Path, size: ZooSize, seed: int, finetune_see
 
 def build_donor(folder: Path, size: ZooSize, seed: int, progress: bool) -> None:
     """A model of the zoo's shape pretrained from scratch with the retokenized tokenizer."""
-    from mergesmith.zoo.build import TOKENIZER_DOCS, _corpus, _save, _seed_for, _world
     from mergesmith.zoo.tokenizer import train_tokenizer
-    from mergesmith.zoo.train import pretrain
 
     world = _world(size, seed)
     settings = vocab_settings(size)
@@ -129,9 +130,9 @@ def build_donor(folder: Path, size: ZooSize, seed: int, progress: bool) -> None:
 
 def build_retokenized(folder: Path, base: Path, donor: Path, size: ZooSize, seed: int, finetune_seed: int,
                       progress: bool) -> None:
+    """The base given the donor's tokenizer by tokensurgeon (OMP), fine-tuned on ``RETOKENIZED_SKILL``
+    as its expert is."""
     from mergesmith.vocab.transplant import SurgeonOptions, tokensurgeon
-    from mergesmith.zoo.build import _load, _save, _seed_for, _train_examples, _world
-    from mergesmith.zoo.train import finetune
 
     transplanted = folder / "transplanted"
     surgery = tokensurgeon(base, donor, transplanted, SurgeonOptions(approximation="omp", progress=False))
@@ -142,8 +143,6 @@ def build_retokenized(folder: Path, base: Path, donor: Path, size: ZooSize, seed
     log = finetune(model, tokenizer, examples, steps=size.ft_steps, batch=size.ft_batch, lr=size.ft_lr,
                    seed=_seed_for(finetune_seed, role, "data"), desc="vocab:retokenized", device=size.device,
                    progress=progress)
-    import shutil
-
     shutil.rmtree(transplanted)
     _save(model.to("cpu"), tokenizer, folder, log,
           {"role": "vocab:retokenized", "skills": [RETOKENIZED_SKILL], "finetune_seed": finetune_seed,
@@ -153,8 +152,6 @@ def build_retokenized(folder: Path, base: Path, donor: Path, size: ZooSize, seed
 
 def vocab_folders(zoo) -> dict[str, Path]:
     """Where ``build_vocab_experts`` puts the donor and the two experts of ``zoo`` (built or not)."""
-    from mergesmith.zoo.build import _key
-
     key = _key(vocab_settings(get_size(zoo.size)))
     return {"donor": zoo.base.parent / f"vocab-{key}" / "donor",
             "added": zoo.root / f"vocab-{key}" / "added",
@@ -164,8 +161,6 @@ def vocab_folders(zoo) -> dict[str, Path]:
 def build_vocab_experts(zoo, device: Optional[str] = None, progress: bool = True) -> dict[str, Path]:
     """The ``added`` and ``retokenized`` experts of ``zoo`` (and the retokenized donor), building
     those missing; each is saved with its own tokenizer."""
-    from mergesmith.zoo.build import _stage
-
     spec = get_size(zoo.size, resolve_device(device))
     folders = vocab_folders(zoo)
     if all(p.exists() for p in folders.values()):
