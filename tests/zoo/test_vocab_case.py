@@ -122,3 +122,22 @@ def test_vocab_rows_are_checked_by_name():
     assert BV.parse_vocab_rows("union, surgeon") == ("union", "surgeon")
     with pytest.raises(InputError, match="onion, cut not a vocabulary row"):
         BV.parse_vocab_rows("onion,surgeon,cut")
+
+
+def test_the_section_keeps_accuracy_per_seed_over_seeds():
+    skill, trained, heldout = V.RETOKENIZED_SKILL, (V.RETOKENIZED_SKILL, "arithmetic"), ("rule_long",)
+
+    def seed(i: int, expert: float, surgeon: float) -> BN.SeedResult:
+        def row(own: float) -> dict:
+            return {"mc": {skill: own, "arithmetic": 0.5, "rule_long": 0.25}}
+        scores = {f"vocab-expert:retokenized:{skill}": row(expert), "surgeon:omp": row(surgeon),
+                  f"expert:{skill}": row(0.8), "expert:arithmetic": row(0.9)}
+        return BN.SeedResult(seed=i, zoo_root="", scores=scores)
+
+    lines = BV.vocab_section([seed(0, 0.8, 0.4), seed(1, 0.5, 0.5)], trained, heldout, generation=False)
+    assert "| surgeon:omp | 0.750 ± 0.354 | 0.450 ± 0.071 |" in lines  # (0.5 + 1.0) / 2, not 0.9 / 1.3
+    own = "0.650 ± 0.212 | 0.800 ± 0.000"  # the expert's own skill, and the ordinary expert's
+    assert f"| vocab-expert:retokenized:{skill} | 0.575 ± 0.106 | 0.250 ± 0.000 | {own} |" in lines
+    zero = BV.vocab_section([seed(0, 0.0, 0.3)], trained, heldout, generation=False)
+    assert "| surgeon:omp | - | 0.300 |" in zero  # nothing kept of a score of zero
+    assert BV.vocab_section([BN.SeedResult(seed=0, zoo_root="", scores={"base": {}})], trained, heldout, False) == []
