@@ -151,9 +151,11 @@ def vocab_rows(rows: tuple[str, ...], cfg, zoo, seed: int, val, cache, work: Pat
         yield (name, f"{zoo.root}|{json.dumps(recipe, sort_keys=True)}",
                lambda f, r=recipe: merged_model(r, f, cfg.device))
     if "surgeon" in rows:
-        retokenized = experts["retokenized"]
+        from mergesmith.vocab.transplant import SurgeonOptions
+
+        retokenized, k = experts["retokenized"], SurgeonOptions().k
         for approximation in APPROXIMATIONS:
-            yield (f"surgeon:{approximation}", f"{retokenized}|tokensurgeon|{zoo.base}|{approximation}",
+            yield (f"surgeon:{approximation}", f"{retokenized}|tokensurgeon|{zoo.base}|{approximation}|k={k}",
                    lambda f, a=approximation: surgeon_model(retokenized, zoo.base, a, f))
 
 
