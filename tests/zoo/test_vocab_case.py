@@ -90,10 +90,12 @@ def test_union_keeps_the_added_tokens_and_base_does_not(zoo, vocab_experts, tmp_
 
 
 @pytest.mark.parametrize("approximation", BV.APPROXIMATIONS)
-def test_the_surgeon_gives_back_the_bases_vocabulary(zoo, vocab_experts, tmp_path, approximation):
-    out = BV.surgeon_model(vocab_experts["retokenized"], zoo.base, approximation, tmp_path / "out")
-    assert _config(out)["vocab_size"] == _config(zoo.base)["vocab_size"]
-    assert _tokenizer(out).get_vocab() == _tokenizer(zoo.base).get_vocab()
+def test_the_surgeon_gives_the_expert_the_retokenized_vocabulary(zoo, vocab_experts, tmp_path, approximation):
+    donor = V.vocab_folders(zoo)["donor"]
+    out = BV.surgeon_model(zoo.experts[V.RETOKENIZED_SKILL], donor, approximation, tmp_path / "out")
+    assert _config(out)["vocab_size"] == _config(vocab_experts["retokenized"])["vocab_size"]
+    assert _tokenizer(out).get_vocab() == _tokenizer(vocab_experts["retokenized"]).get_vocab()
+    assert _config(out)["vocab_size"] != _config(zoo.base)["vocab_size"]
 
 
 def test_bench_adds_the_vocab_rows(zoo, zoo_cache, vocab_experts, tmp_path, monkeypatch):
@@ -130,14 +132,14 @@ def test_the_section_keeps_accuracy_per_seed_over_seeds():
     def seed(i: int, expert: float, surgeon: float) -> BN.SeedResult:
         def row(own: float) -> dict:
             return {"mc": {skill: own, "arithmetic": 0.5, "rule_long": 0.25}}
-        scores = {f"vocab-expert:retokenized:{skill}": row(expert), "surgeon:omp": row(surgeon),
-                  f"expert:{skill}": row(0.8), "expert:arithmetic": row(0.9)}
+        scores = {f"vocab-expert:retokenized:{skill}": row(0.8), "surgeon:omp": row(surgeon),
+                  f"expert:{skill}": row(expert), "expert:arithmetic": row(0.9)}
         return BN.SeedResult(seed=i, zoo_root="", scores=scores)
 
     lines = BV.vocab_section([seed(0, 0.8, 0.4), seed(1, 0.5, 0.5)], trained, heldout, generation=False)
     assert "| surgeon:omp | 0.750 ± 0.354 | 0.450 ± 0.071 |" in lines  # (0.5 + 1.0) / 2, not 0.9 / 1.3
-    own = "0.650 ± 0.212 | 0.800 ± 0.000"  # the expert's own skill, and the ordinary expert's
-    assert f"| vocab-expert:retokenized:{skill} | 0.575 ± 0.106 | 0.250 ± 0.000 | {own} |" in lines
+    own = "0.800 ± 0.000 | 0.650 ± 0.212"  # the expert's own skill, and the ordinary expert's
+    assert f"| vocab-expert:retokenized:{skill} | 0.650 ± 0.000 | 0.250 ± 0.000 | {own} |" in lines
     zero = BV.vocab_section([seed(0, 0.0, 0.3)], trained, heldout, generation=False)
     assert "| surgeon:omp | - | 0.300 |" in zero  # nothing kept of a score of zero
     assert BV.vocab_section([BN.SeedResult(seed=0, zoo_root="", scores={"base": {}})], trained, heldout, False) == []
