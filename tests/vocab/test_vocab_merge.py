@@ -40,7 +40,12 @@ def spm(tmp_path_factory):
     return vocab_family(tmp_path_factory.mktemp("spm"), kind="sentencepiece")
 
 
-@pytest.mark.parametrize("kind", ["bpe", "spm"])
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return vocab_family(tmp_path_factory.mktemp("gpt2"), kind="gpt2")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "gpt2"])
 def test_union_output_loads_and_encodes_added_tokens_as_one_id(request, tmp_path, kind):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,8 +66,9 @@ def test_union_output_loads_and_encodes_added_tokens_as_one_id(request, tmp_path
     assert model(ids).logits.shape[-1] == len(tok)
     files = {p.name for p in out.iterdir()}
     # the form the inputs had: SentencePiece keeps tokenizer.model and writes no tokenizer.json
-    assert ("tokenizer.model" in files and "tokenizer.json" not in files) if kind == "spm" else \
-        ("tokenizer.json" in files)
+    # GPT-2's file form keeps vocab.json and merges.txt and gets no tokenizer.json
+    form = {"spm": {"tokenizer.model"}, "gpt2": {"vocab.json", "merges.txt"}}.get(kind, {"tokenizer.json"})
+    assert form <= files and (kind == "bpe" or "tokenizer.json" not in files)
 
 
 def test_sentencepiece_union_loads_as_a_sentencepiece_tokenizer(spm, tmp_path):

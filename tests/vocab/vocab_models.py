@@ -34,6 +34,18 @@ def bpe_tokenizer(path: Path, added: list[str] = (), special: list[str] = (), te
     return fast
 
 
+def gpt2_files_tokenizer(path: Path, added: list[str] = (), special: list[str] = ()) -> int:
+    """The byte-level BPE of ``bpe_tokenizer`` in GPT-2's file form: vocab.json and merges.txt, its
+    added tokens in tokenizer_config.json, and no tokenizer.json. Returns the vocabulary size."""
+    fast = bpe_tokenizer(path, added, special)
+    fast.backend_tokenizer.model.save(str(path))  # vocab.json, merges.txt
+    (path / "tokenizer.json").unlink()
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(fast)
+
+
 def sentencepiece_tokenizer(path: Path, added: list[str] = (), special: list[str] = ()) -> int:
     """A SentencePiece BPE model (tokenizer.model, no tokenizer.json: a "slow" tokenizer), its added
     tokens listed in tokenizer_config.json as transformers writes them. Returns the vocabulary size."""
@@ -73,6 +85,8 @@ def vocab_family(root: Path, kind: str = "bpe", experts: tuple[tuple[list[str], 
     def tokenizer(path: Path, added=(), special=()) -> int:
         if kind == "bpe":
             return len(bpe_tokenizer(path, list(added), list(special)))
+        if kind == "gpt2":
+            return gpt2_files_tokenizer(path, list(added), list(special))
         return sentencepiece_tokenizer(path, list(added), list(special))
 
     (root / "tok").mkdir(parents=True, exist_ok=True)
