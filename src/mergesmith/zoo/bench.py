@@ -239,12 +239,16 @@ class BenchConfig:
     # their answers, not prompts alone (calibration.include_answers); adamerging stays prompt-only
     calibration_answers: bool = False
     routers: tuple[str, ...] = ()  # route:<kind> rows (zoo/bench_route.py)
-    # Rows that modules above this one add (zoo/bench_lora.py: ``LoraRows``, ``--lora``): each source has
-    # ``rows(cfg, zoo, seed, val, cache, work, result, log)``, yielding (row name, evaluation cache key, a
-    # function that writes the row's model into a folder and returns it), and ``section(results, trained,
-    # heldout, generation)``, its lines of table.md.
+    # Rows that modules above this one add (zoo/bench_lora.py: ``LoraRows``, ``--lora``; zoo/bench_vocab.py:
+    # ``VocabRows``, ``--vocab``): each source has ``rows(cfg, zoo, seed, val, cache, work, result, log)``,
+    # yielding ``ExtraRow``s (row name, evaluation cache key, a function that writes the row's model into a
+    # folder and returns it), and ``section(results, trained, heldout, generation)``, its lines of table.md.
     extra_rows: tuple = ()
     moe: tuple[str, ...] = ()  # moe:<kind> rows (zoo/bench_moe.py)
+
+
+# One row an ``extra_rows`` source yields: table name, evaluation cache key, writes the model into a folder.
+ExtraRow = tuple[str, str, Callable[[Path], Path]]
 
 
 def method_problems(methods: tuple[str, ...]) -> list[str]:

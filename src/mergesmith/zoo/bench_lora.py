@@ -27,9 +27,12 @@ import shutil
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from mergesmith.errors import InputError
+
+if TYPE_CHECKING:
+    from mergesmith.zoo.bench import ExtraRow as Row
 
 # row -> (merge-lora method, space); the grids are the bench's (zoo/bench.py, GRIDS)
 ADAPTER_ROWS: dict[str, tuple[str, str]] = {
@@ -147,7 +150,6 @@ def extract_options(rank: int):
 # ----------------------------------------------------------------------------- the rows
 
 
-Row = tuple[str, str, Callable[[Path], Path]]  # table name, evaluation cache key, writes the model
 
 
 @dataclass(frozen=True)

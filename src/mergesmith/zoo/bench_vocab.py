@@ -29,9 +29,12 @@ import shutil
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from mergesmith.errors import InputError
+
+if TYPE_CHECKING:
+    from mergesmith.zoo.bench import ExtraRow as Row
 
 VOCAB_METHOD = "task_arithmetic"
 TOKENIZER_SOURCES = ("union", "base")
@@ -93,7 +96,6 @@ def surgeon_model(model: Path, donor: Path, approximation: str, folder: Path) ->
 # ----------------------------------------------------------------------------- the rows
 
 
-Row = tuple[str, str, Callable[[Path], Path]]  # table name, evaluation cache key, writes the model
 
 
 @dataclass(frozen=True)
