@@ -71,3 +71,13 @@ def answers_of(result: Any) -> dict[str, list[list]]:
         if p.scores:
             answers.setdefault(p.task, []).append([p.position, float(p.scores[headline[p.task]])])
     return answers
+
+
+def evaluation_summary(result: Any, weights: Optional[dict[str, float]]) -> dict[str, Any]:
+    """One full evaluation as the search's summary reports it: ``macro``, per-task ``scores``,
+    ``complete`` (no item left not run) and ``weighted``, the fitness of those scores with
+    ``weights`` (None without weights, or unless every task was scored)."""
+    scores = task_scores(result)
+    return {"macro": result.macro, "scores": scores, "complete": all(t.n_not_run == 0 for t in result.tasks),
+            "weighted": weighted_fitness(scores, weights) if weights is not None and
+            all(v is not None for v in scores.values()) else None}

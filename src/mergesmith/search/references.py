@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mergesmith.errors import InputError
-from mergesmith.search.fitness import answers_of, task_scores, weighted_fitness
+from mergesmith.search.fitness import answers_of, evaluation_summary
 
 INDEX = "references.json"
 
@@ -74,7 +74,7 @@ def evaluate_references(refs: list[str], tasks: list, test_tasks: list, weights:
             result = evaluate(ref, group, batch_size=batch_size, progress=False, bootstrap=0,
                               deadline=deadline)
             result.save(out / "references" / str(k) / label)
-            record[label] = summarize(result, weights if label == "validation" else None)
+            record[label] = evaluation_summary(result, weights if label == "validation" else None)
             if label == "validation":
                 record["answers"] = answers_of(result)
             if result.settings.get("routed"):
@@ -87,16 +87,6 @@ def evaluate_references(refs: list[str], tasks: list, test_tasks: list, weights:
             + f" in {record['seconds']:.1f} s")
     (out / INDEX).write_text(json.dumps({"refs": list(refs), "records": records}) + "\n")
     return records
-
-
-def summarize(result: Any, weights: dict[str, float] | None) -> dict[str, Any]:
-    """The scores of one evaluation as the summary reports them (``weighted``: the search's
-    fitness of these scores, validation only, None unless every task was scored)."""
-    scores = task_scores(result)
-    complete = all(t.n_not_run == 0 for t in result.tasks)
-    return {"macro": result.macro, "scores": scores, "complete": complete,
-            "weighted": weighted_fitness(scores, weights) if weights is not None and
-            all(s is not None for s in scores.values()) else None}
 
 
 def public(records: list[dict]) -> list[dict]:

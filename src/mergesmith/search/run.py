@@ -36,7 +36,7 @@ import yaml
 
 from mergesmith.errors import InputError
 from mergesmith.extras import extra_problems
-from mergesmith.search.fitness import stratified_subsample, task_scores, weighted_fitness
+from mergesmith.search.fitness import evaluation_summary, stratified_subsample, weighted_fitness
 from mergesmith.search.optimizers import (OPTIMIZERS, default_batch, load_optimizer, make_optimizer, read_state,
                                           save_optimizer, write_state)
 from mergesmith.search.space import SearchSpace, load_space, space_problems
@@ -601,11 +601,7 @@ def _finish(space: SearchSpace, records: list[dict], out: Path, tasks: list, tes
         merge_s = done["merge_s"]
         for label, result in done["results"].items():
             result.save(out / "final" / label)
-            scored = [t for t in result.tasks if t.score is not None]
-            final[label] = {"macro": result.macro, "scores": task_scores(result),
-                            "complete": all(t.n_not_run == 0 for t in result.tasks),
-                            "weighted": weighted_fitness(task_scores(result), weights) if label == "validation"
-                            and len(scored) == len(result.tasks) else None}
+            final[label] = evaluation_summary(result, weights if label == "validation" else None)
         final["merge_s"] = round(merge_s, 3)
     summary["final"] = final
     if "validation" in final and final["validation"]["macro"] is not None:
