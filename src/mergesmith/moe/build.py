@@ -37,7 +37,7 @@ class MoEOptions:
     overwrite: bool = False
     progress: bool = True
     random_seed: int = 0  # random gates and expert noise
-    prompt_dtype: str = "bfloat16"  # the base model's dtype in the prompt pass: mergekit-moe's; float32 costs twice the memory
+    prompt_dtype: str = "bfloat16"  # the base's dtype in the prompt pass, as mergekit-moe's (float32: twice the memory)
 
 
 @dataclass

@@ -88,7 +88,8 @@ class MoEPlan:
 
     def gate_pass_bytes(self) -> int:
         """What the prompt pass holds: the base model in ``prompt_dtype`` (hidden modes, ridge), plus
-        the file's pages of the tensors converted while it loads, or its embedding (float32); arrow, two MLPs of one layer and their delta's Gram."""
+        the file's pages of the tensors converted while it loads; cheap_embed, its embedding (float32);
+        arrow, two MLPs of one layer and their delta's Gram."""
         if self.config.gate_mode in RANDOM_MODES:
             return 0
         infos = self.base.checkpoint.infos

@@ -16,6 +16,7 @@ matrix's rows came from).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,10 +279,7 @@ def predicted_peak_bytes(plan: SurgeryPlan) -> int:
 
 
 def _row_bytes(info: Any) -> int:
-    per_row = 1
-    for d in info.shape[1:]:
-        per_row *= d
-    return per_row * info.dtype.itemsize
+    return math.prod(info.shape[1:]) * info.dtype.itemsize
 
 
 def tokensurgeon(model_dir: str | Path, donor_dir: str | Path, out_dir: str | Path,
